@@ -1,0 +1,364 @@
+"""`telemetry-nb` subcommands: thin wiring of settings, servers and the pipeline layers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from telemetry_nb import __version__
+from telemetry_nb.config import Settings, redact
+
+log = logging.getLogger("telemetry_nb")
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as `error: …` with a non-zero exit, no traceback."""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "uvicorn.access", "psycopg.pool"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace, **extra) -> Settings:
+    overrides = {
+        "redis_url": getattr(args, "redis_url", None), "database_url": getattr(args, "database_url", None),
+        "stream": getattr(args, "stream", None), "group": getattr(args, "group", None),
+        "home": Path(args.home) if getattr(args, "home", None) else None,
+        "metrics_port": getattr(args, "metrics_port", None), "batch_size": getattr(args, "batch_size", None),
+    }
+    overrides.update(extra)
+    return Settings.from_env(**overrides)
+
+
+def _with_servers(settings: Settings, need_db: bool = True) -> Settings:
+    """Fill empty URLs from the embedded servers (started on demand)."""
+    from dataclasses import replace
+
+    from telemetry_nb.embedded import resolve_urls
+
+    if settings.redis_url and (settings.database_url or not need_db):
+        return settings
+    redis_url, database_url = resolve_urls(settings.redis_url, settings.database_url if need_db else "x",
+                                           settings.home)
+    return replace(settings, redis_url=redis_url, database_url=database_url if need_db else settings.database_url)
+
+
+def _on_signals(stop) -> None:
+    def handler(signum, frame):
+        log.info("Received %s; stopping after the current batch", signal.Signals(signum).name)
+        stop()
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _check_csv(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"CSV file not found: {path}")
+    if not p.is_file():
+        raise CliError(f"not a file: {path}")
+    if not os.access(p, os.R_OK):
+        raise CliError(f"CSV file is not readable (permission denied): {path}")
+    try:
+        with open(p, "rb") as fh:
+            fh.read(1)
+    except OSError as err:
+        raise CliError(f"cannot read CSV file {path}: {err.strerror}") from None
+    return p
+
+
+def _start_metrics(settings: Settings, metrics, ready) -> None:
+    if settings.metrics_port:
+        from telemetry_nb.telemetry import serve_metrics
+        serve_metrics(settings.metrics_port, metrics, ready)
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from tqdm import tqdm
+
+    from telemetry_nb.sources.generate import generate_rows, parse_duration, row_count, write_csv
+
+    try:
+        duration, interval = parse_duration(args.duration), parse_duration(args.interval)
+        start = datetime.fromisoformat(args.start) if args.start else None
+        rows = generate_rows(args.hosts, args.gpus_per_host, duration, interval, start=start, seed=args.seed,
+                             idle_fraction=args.idle_fraction)
+        total = row_count(args.hosts, args.gpus_per_host, duration, interval)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    with tqdm(total=total, unit="rows", unit_scale=True, disable=None, desc="generate") as bar:
+        n = write_csv(args.out, rows, progress=bar.update)
+    log.info("Wrote %d rows (%d GPUs on %d hosts) to %s", n, args.hosts * args.gpus_per_host, args.hosts, args.out)
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from telemetry_nb.queue import Queue, connect
+    from telemetry_nb.sources.dcgm_csv import HeaderError, read_samples
+    from telemetry_nb.streamer import Streamer, parse_shard
+    from telemetry_nb.telemetry import PipelineMetrics
+
+    path = _check_csv(args.csv)
+    extra = {"high_water": args.high_water}
+    if args.shard:
+        try:
+            extra["shard_index"], extra["shard_count"] = parse_shard(args.shard)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+    settings = _settings(args, **extra)
+    if not 0 <= settings.shard_index < max(settings.shard_count, 1):
+        raise CliError(f"invalid shard {settings.shard_index}/{settings.shard_count}: need 0 <= I < N")
+    try:  # validate the header before touching Redis: a bad file publishes nothing
+        next(iter(read_samples(path, with_labels=False)), None)
+    except HeaderError as err:
+        raise CliError(f"{path}: {err}") from None
+    settings = _with_servers(settings, need_db=False)
+    log.info("Streaming %s to %s stream %r (shard %d/%d, batch %d rows)", path, redact(settings.redis_url),
+             settings.stream, settings.shard_index, settings.shard_count, settings.batch_size)
+    client = connect(settings.redis_url)
+    queue = Queue(client, settings.stream, settings.group, settings.consumer,
+                  dead_stream=settings.dead_stream, rejected_stream=settings.rejected_stream)
+    metrics = PipelineMetrics()
+    with tqdm(unit="rows", unit_scale=True, disable=None, desc="stream") as bar:
+        streamer = Streamer(queue, settings, metrics=metrics, progress=bar.update)
+        streamer.source_name = str(path)
+        _on_signals(streamer.stop)
+        _start_metrics(settings, metrics, lambda: _redis_ready(client))
+        summary = streamer.run(lambda: read_samples(path, with_labels=False), loop=args.loop,
+                               timestamps=args.timestamps, rate=args.rate)
+    print(f"published={summary.published} rejected={summary.rejected}")
+    return 0
+
+
+def _redis_ready(client) -> tuple[bool, str]:
+    try:
+        client.ping()
+        return True, "redis ok"
+    except Exception as err:  # noqa: BLE001
+        return False, f"redis: {err}"
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from telemetry_nb.collector import Collector
+    from telemetry_nb.queue import Queue, connect
+    from telemetry_nb.telemetry import PipelineMetrics
+
+    extra = {"visibility_timeout_s": args.visibility_timeout, "max_deliveries": args.max_deliveries,
+             "read_count": args.read_count}
+    if args.consumer:
+        extra["consumer"] = args.consumer
+    settings = _with_servers(_settings(args, **extra))
+    log.info("Collecting %s stream %r (group %r, consumer %r) into %s", redact(settings.redis_url),
+             settings.stream, settings.group, settings.consumer, redact(settings.database_url))
+    client = connect(settings.redis_url)
+    queue = Queue(client, settings.stream, settings.group, settings.consumer,
+                  dead_stream=settings.dead_stream, rejected_stream=settings.rejected_stream)
+    metrics = PipelineMetrics()
+    collector = Collector(queue, settings.database_url, settings, metrics=metrics)
+    _on_signals(collector.stop)
+    _start_metrics(settings, metrics, lambda: _redis_ready(client))
+    totals = collector.run(drain=args.drain)
+    print(" ".join(f"{k}={v}" for k, v in totals.items()))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from telemetry_nb.api import create_app
+
+    settings = _with_servers(_settings(args))
+    log.info("API on http://%s:%d (docs at /docs) over %s", args.host, args.port, redact(settings.database_url))
+    uvicorn.run(create_app(settings.database_url, settings.redis_url), host=args.host, port=args.port,
+                log_level="warning")
+    return 0
+
+
+def cmd_embedded(args: argparse.Namespace) -> int:
+    from telemetry_nb.embedded import Embedded
+
+    emb = Embedded(_settings(args).home, host=args.host)
+    if args.action == "start":
+        env = emb.env()
+        print(f"Redis:      {env['REDIS_URL']}\nPostgreSQL: {env['DATABASE_URL']}")
+    elif args.action == "stop":
+        emb.stop()
+        print("stopped")
+    elif args.action == "status":
+        status = emb.status()
+        print(json.dumps(status, indent=2))
+        return 0 if status["redis"]["running"] and status["postgresql"]["running"] else 3
+    elif args.action == "env":
+        env = emb.env()
+        print(f"export REDIS_URL={env['REDIS_URL']} DATABASE_URL={env['DATABASE_URL']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from telemetry_nb.demo import run_demo
+
+    return run_demo(args, _settings(args))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from telemetry_nb.queue import Queue, connect
+    from telemetry_nb.store import Reader
+    from telemetry_nb.store import connect as db_connect
+
+    settings = _with_servers(_settings(args))
+    ok = True
+    try:
+        q = Queue(connect(settings.redis_url, timeout_s=5), settings.stream, settings.group)
+        q.r.ping()
+        print(f"redis      ok   {redact(settings.redis_url)} backlog={q.backlog()} dead={q.dead_count()} "
+              f"rejected={q.rejected_count()}")
+    except Exception as err:  # noqa: BLE001
+        ok = False
+        print(f"redis      FAIL {redact(settings.redis_url)}: {err}")
+    try:
+        with db_connect(settings.database_url, autocommit=True) as conn:
+            s = Reader(conn).summary()
+        print(f"postgresql ok   {redact(settings.database_url)} schema={s['schema_version']} rows={s['rows']} "
+              f"gpus={s['gpus']} newest={s['newest']}")
+    except Exception as err:  # noqa: BLE001
+        ok = False
+        print(f"postgresql FAIL {redact(settings.database_url)}: {str(err).strip()}")
+    return 0 if ok else 1
+
+
+# -- parser ------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, *, db: bool = True, redis: bool = True) -> None:
+    if redis:
+        p.add_argument("--redis-url", help="Redis URL (redis://, rediss://, unix://); default $REDIS_URL "
+                                           "or the embedded server")
+        p.add_argument("--stream", help="stream name (default $TELEMETRY_STREAM or 'telemetry')")
+    if db:
+        p.add_argument("--database-url", help="PostgreSQL URL; default $DATABASE_URL or the embedded server")
+    p.add_argument("--home", help="data folder of the embedded servers (default $TELEMETRY_NB_HOME "
+                                  "or ./.telemetry-nb)")
+    p.add_argument("--log-level", default=os.environ.get("TELEMETRY_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="telemetry-nb",
+        description="GPU telemetry pipeline: DCGM CSV -> Redis Streams -> PostgreSQL -> REST API -> notebooks.",
+        epilog="Without REDIS_URL/DATABASE_URL every command uses the embedded servers under ./.telemetry-nb.")
+    parser.add_argument("--version", action="version", version=f"telemetry-nb {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="run everything on embedded servers with sample data (the main job)",
+                       description="Start the embedded servers, generate sample data unless --csv is given, and "
+                                   "run streamer (live replay) + collector + API (+ dashboard) until Ctrl-C.")
+    p.add_argument("--csv", help="DCGM CSV to replay (default: generated sample data)")
+    p.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    p.add_argument("--dashboard-port", type=int, default=8866, help="Voilà dashboard port (default 8866)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the Voilà dashboard")
+    p.add_argument("--hosts", type=int, default=4, help="hosts in the generated sample (default 4)")
+    p.add_argument("--gpus-per-host", type=int, default=8, help="GPUs per generated host (default 8)")
+    _common(p, db=False, redis=False)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="write a synthetic DCGM CSV export",
+                       description="Write synthetic dcgm-exporter CSV rows: every GPU reports 10 metrics per tick.")
+    p.add_argument("--hosts", type=int, default=4, help="number of hosts (default 4)")
+    p.add_argument("--gpus-per-host", type=int, default=8, help="GPUs per host (default 8)")
+    p.add_argument("--duration", default="10m", help="time span, e.g. 90s, 10m, 2h (default 10m)")
+    p.add_argument("--interval", default="1s", help="sampling interval (default 1s)")
+    p.add_argument("--start", help="first timestamp, ISO 8601 (default now)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--idle-fraction", type=float, default=0.3, help="share of idle GPUs (default 0.3)")
+    p.add_argument("--out", required=True, help="output CSV path")
+    p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("stream", help="publish a DCGM CSV to the Redis stream",
+                       description="Read a DCGM CSV export and publish it in batches to a Redis stream. "
+                                   "Ends with a 'published=N rejected=M' line.")
+    p.add_argument("--csv", required=True, help="DCGM CSV export to read")
+    p.add_argument("--loop", action="store_true", help="replay the file forever")
+    p.add_argument("--timestamps", choices=("source", "now"), default="source",
+                   help="keep source timestamps, or re-stamp to now keeping their spacing (live replay)")
+    p.add_argument("--rate", type=float, help="maximum rows per second")
+    p.add_argument("--shard", help="I/N: publish only GPUs of shard I of N (default $TELEMETRY_SHARD_INDEX/"
+                                   "$TELEMETRY_SHARD_COUNT or 0/1)")
+    p.add_argument("--batch-size", type=int, help="rows per stream entry (default 1000)")
+    p.add_argument("--high-water", type=int, help="wait while more entries than this are unacknowledged "
+                                                  "(default 2000; 0 disables)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics and /health on this port (default off)")
+    _common(p, db=False)
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("collect", help="consume the stream into PostgreSQL",
+                       description="Consume the stream as a consumer-group member; write each batch in one "
+                                   "transaction, then acknowledge it.")
+    p.add_argument("--drain", action="store_true", help="exit 0 once no undelivered or pending entries remain")
+    p.add_argument("--group", help="consumer group (default $TELEMETRY_GROUP or 'collectors')")
+    p.add_argument("--consumer", help="consumer name (default hostname-pid)")
+    p.add_argument("--visibility-timeout", type=float, help="claim entries idle longer than this, seconds "
+                                                            "(default 60)")
+    p.add_argument("--max-deliveries", type=int, help="dead-letter entries delivered more often (default 5)")
+    p.add_argument("--read-count", type=int, help="entries per read and transaction (default 20)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics and /health on this port (default off)")
+    _common(p)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("serve", help="run the REST API gateway",
+                       description="Serve the GPU inventory and telemetry over REST (OpenAPI at /openapi.json).")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    _common(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("embedded", help="start/stop/status/env of the embedded Redis and PostgreSQL",
+                       description="Manage the embedded servers. `eval \"$(telemetry-nb embedded env)\"` "
+                                   "exports their URLs for other processes.")
+    p.add_argument("action", choices=("start", "stop", "status", "env"))
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    _common(p, db=False, redis=False)
+    p.set_defaults(func=cmd_embedded)
+
+    p = sub.add_parser("check", help="check that Redis and PostgreSQL are reachable and show backlog and rows",
+                       description="Health check: exit 0 when both servers answer, 1 otherwise.")
+    _common(p)
+    p.set_defaults(func=cmd_check)
+
+    from telemetry_nb import dashboard_cli
+    dashboard_cli.add_parser(sub, _common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "log_level", "INFO"))
+    try:
+        return args.func(args) or 0
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Queue → store → ack: a consumer-group member that commits before it acknowledges.
+
+Each read of up to `read_count` entries becomes one PostgreSQL transaction (thousands of rows);
+the next read from Redis runs in a thread while the current one is being written. On start it
+re-reads its own pending entries; it periodically claims entries other (dead) collectors left
+idle past the visibility timeout; an entry that cannot be decoded or written, or that was delivered
+more than `max_deliveries` times, moves to `<stream>:dead` with its error.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as stdqueue
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg
+
+from telemetry_nb import store
+from telemetry_nb.backoff import Backoff, retry
+from telemetry_nb.codec import Batch, CodecError, decode
+from telemetry_nb.config import Settings
+from telemetry_nb.queue import REDIS_ERRORS, Entry, Queue
+from telemetry_nb.telemetry import PipelineMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Collector:
+    """Consume `queue` into the database at `database_url`; `run()` until stopped or drained."""
+
+    def __init__(self, queue: Queue, database_url: str, settings: Settings, *,
+                 metrics: PipelineMetrics | None = None, clock: Callable[[], float] = time.monotonic):
+        self.queue = queue
+        self.database_url = database_url
+        self.settings = settings
+        self.metrics = metrics or PipelineMetrics()
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self._conn: psycopg.Connection | None = None
+        self._writer: store.Writer | None = None
+        self.totals = {"consumed": 0, "stored": 0, "dead": 0, "lost": 0}
+        self._leftover: list[Entry] = []
+
+    # -- dependencies, with retry ----------------------------------------------------------------
+    def _redis(self, fn, what: str = "Redis"):
+        return retry(fn, what=what, errors=REDIS_ERRORS, log=log, backoff=Backoff(self.settings.retry_max_s),
+                     on_retry=lambda e: self.metrics.retries.labels("redis").inc(),
+                     should_stop=self.stop_event.is_set)
+
+    def _db_writer(self) -> store.Writer:
+        if self._writer is None:
+            def open_writer() -> store.Writer:
+                conn = store.connect(self.database_url)
+                try:
+                    store.migrate(conn)
+                    return store.Writer(conn)
+                except BaseException:
+                    conn.close()
+                    raise
+            self._writer = retry(open_writer, what="PostgreSQL", errors=store.RETRYABLE, log=log,
+                                 backoff=Backoff(self.settings.retry_max_s),
+                                 on_retry=lambda e: self.metrics.retries.labels("postgresql").inc(),
+                                 should_stop=self.stop_event.is_set)
+            self._conn = self._writer.conn
+        return self._writer
+
+    def _drop_db(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 (already broken)
+                pass
+        self._conn = self._writer = None
+
+    def close(self) -> None:
+        self._drop_db()
+
+    # -- processing ------------------------------------------------------------------------------
+    def process(self, entries: list[Entry]) -> int:
+        """Decode, write in one transaction, then ack; returns rows stored. Retries the DB until it works."""
+        if not entries:
+            return 0
+        good: list[tuple[bytes, Batch]] = []
+        for eid, fields in entries:
+            try:
+                good.append((eid, decode(fields)))
+            except CodecError as err:
+                self._dead(eid, fields, str(err))
+        if not good:
+            return 0
+        stored = self._write(good, {eid: fields for eid, fields in entries})
+        return stored
+
+    def _write(self, good: list[tuple[bytes, Batch]], raw: dict[bytes, dict]) -> int:
+        backoff = Backoff(self.settings.retry_max_s)
+        while True:
+            writer = self._db_writer()
+            started = self.clock()
+            try:
+                result = writer.write([b for _, b in good])
+            except store.RETRYABLE as err:
+                self._drop_db()
+                if self.stop_event.is_set():
+                    raise
+                delay = backoff.next_delay()
+                self.metrics.retries.labels("postgresql").inc()
+                log.warning("PostgreSQL unavailable (%s: %s); %d entries stay pending; retrying in %.1fs",
+                            type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "",
+                            len(good), delay)
+                backoff.sleep(delay)
+                continue
+            except psycopg.Error as err:
+                if len(good) > 1:
+                    log.warning("Batch write failed (%s); retrying its %d entries one by one", err, len(good))
+                    return sum(self._write([g], raw) for g in good)
+                eid = good[0][0]
+                self._dead(eid, raw[eid], f"database rejected the batch: {type(err).__name__}: {err}".strip())
+                return 0
+            break
+        elapsed = self.clock() - started
+        self.metrics.batch_seconds.observe(elapsed)
+        ids = [eid for eid, _ in good]
+        self._redis(lambda: self.queue.ack(ids), what="Redis (ack after commit)")
+        self.metrics.consumed.inc(result.consumed)
+        self.metrics.stored.inc(result.stored)
+        self.metrics.duplicates.inc(result.consumed - result.stored)
+        self.totals["consumed"] += result.consumed
+        self.totals["stored"] += result.stored
+        log.info("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %.0f ms",
+                 result.consumed, len(ids), result.stored, result.consumed - result.stored, elapsed * 1000)
+        return result.stored
+
+    def _dead(self, eid: bytes, fields: dict, error: str, deliveries: int = 0) -> None:
+        log.error("Dead-lettering entry %s to %s: %s", eid.decode(), self.queue.dead_stream, error)
+        self._redis(lambda: self.queue.dead_letter(eid, fields, error, deliveries))
+        self.metrics.dead.inc()
+        self.totals["dead"] += 1
+
+    # -- recovery --------------------------------------------------------------------------------
+    def recover_own(self) -> None:
+        """Re-process entries this consumer name read before a restart but never acked."""
+        while not self.stop_event.is_set():
+            entries = self._redis(lambda: self.queue.read(self.settings.read_count, pending=True))
+            if not entries:
+                return
+            log.info("Recovering %d pending entries of consumer %s", len(entries), self.queue.consumer)
+            self.process(self._screen(entries))
+
+    def claim_stale(self) -> int:
+        """Claim and process entries idle past the visibility timeout; returns how many were claimed."""
+        total = 0
+        cursor: bytes | str = b"0-0"
+        while not self.stop_event.is_set():
+            claimed = self._redis(lambda c=cursor: self.queue.claim_stale(
+                int(self.settings.visibility_timeout_s * 1000), self.settings.read_count, c))
+            if claimed.deleted:
+                self.metrics.lost.inc(len(claimed.deleted))
+                self.totals["lost"] += len(claimed.deleted)
+                log.error("DATA LOSS: %d pending entries were deleted from %s before being acknowledged: %s",
+                          len(claimed.deleted), self.queue.stream,
+                          ", ".join(d.decode() if isinstance(d, bytes) else str(d) for d in claimed.deleted[:10]))
+            if claimed.entries:
+                log.info("Claimed %d entries idle for more than %.0fs from other consumers",
+                         len(claimed.entries), self.settings.visibility_timeout_s)
+                self.metrics.claimed.inc(len(claimed.entries))
+                total += len(claimed.entries)
+                self.process(self._screen(claimed.entries))
+            cursor = claimed.cursor
+            if cursor in (b"0-0", "0-0"):
+                break
+        return total
+
+    def _screen(self, entries: list[Entry]) -> list[Entry]:
+        """Dead-letter redelivered entries that have already failed `max_deliveries` times."""
+        counts = self._redis(lambda: self.queue.deliveries([eid for eid, _ in entries]))
+        keep = []
+        for eid, fields in entries:
+            n = counts.get(eid, 1)
+            if n > self.settings.max_deliveries:
+                self._dead(eid, fields, f"delivered {n} times without being acknowledged "
+                           f"(limit {self.settings.max_deliveries}): a collector failed on it each time", n)
+            else:
+                keep.append((eid, fields))
+        return keep
+
+    # -- main loop -------------------------------------------------------------------------------
+    def _reader(self, out: stdqueue.Queue) -> None:
+        while not self.stop_event.is_set():
+            try:
+                entries = self._redis(lambda: self.queue.read(self.settings.read_count, self.settings.block_ms))
+            except REDIS_ERRORS:
+                break
+            while not self.stop_event.is_set():
+                try:
+                    out.put(entries, timeout=0.5)
+                    break
+                except stdqueue.Full:
+                    continue
+            else:
+                if entries:
+                    self._leftover.extend(entries)
+        try:
+            out.put_nowait(None)
+        except stdqueue.Full:
+            pass
+
+    def run(self, *, drain: bool = False) -> dict[str, int]:
+        """Consume until `stop()`; with `drain`, until no undelivered or pending entries remain."""
+        self._redis(self.queue.ensure_group)
+        self._db_writer()
+        self.recover_own()
+        prefetched: stdqueue.Queue = stdqueue.Queue(maxsize=2)
+        reader = threading.Thread(target=self._reader, args=(prefetched,), daemon=True, name="stream-reader")
+        reader.start()
+        next_sweep = self.clock()
+        sweep_every = max(1.0, self.settings.visibility_timeout_s / 2)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    entries = prefetched.get(timeout=self.settings.block_ms / 1000 + 1)
+                except stdqueue.Empty:
+                    entries = []
+                if entries is None:
+                    break
+                if entries:
+                    self.process(entries)
+                now = self.clock()
+                if not entries or now >= next_sweep:
+                    next_sweep = now + sweep_every
+                    self.claim_stale()
+                    self._redis(self.queue.safe_trim)
+                    self.metrics.lag.set(self._redis(self.queue.backlog))
+                    if not entries and drain and self._drained():
+                        log.info("Drained: no undelivered or pending entries remain in %s", self.queue.stream)
+                        break
+        finally:
+            self.stop_event.set()
+            reader.join(timeout=self.settings.block_ms / 1000 + 5)
+            while not prefetched.empty():
+                self._leftover.extend(prefetched.get_nowait() or [])
+            if self._leftover:
+                log.info("Writing %d entries read before the stop", len(self._leftover))
+                try:
+                    self.process(self._leftover)
+                except Exception as err:  # noqa: BLE001 (they stay pending and will be claimed)
+                    log.warning("Could not write them (%s); they stay pending for another collector", err)
+            self.close()
+        log.info("Collector done: consumed=%d stored=%d dead=%d lost=%d", self.totals["consumed"],
+                 self.totals["stored"], self.totals["dead"], self.totals["lost"])
+        return dict(self.totals)
+
+    def _drained(self) -> bool:
+        backlog = self._redis(self.queue.backlog)
+        if backlog:
+            log.info("Draining: %d entries still undelivered or pending (claimable after %.0fs idle)",
+                     backlog, self.settings.visibility_timeout_s)
+        return backlog == 0
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -1,0 +1,116 @@
+"""Settings from environment variables, with CLI flags layered on top: the one typed place for config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+
+def _env_int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def _env_float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
+
+
+def with_password(url: str, password: str | None) -> str:
+    """Put `password` into `url` unless the URL already carries one (passwords live in Secrets, not URLs)."""
+    if not url or not password:
+        return url
+    parts = urlsplit(url)
+    if parts.password or parts.scheme.startswith("unix"):
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by `***`, for log lines."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a streamer, collector or API process needs to find its servers and size its work.
+
+    Empty `redis_url`/`database_url` mean "use the embedded servers under `home`".
+    """
+
+    redis_url: str = ""
+    database_url: str = ""
+    stream: str = "telemetry"
+    group: str = "collectors"
+    consumer: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+    batch_size: int = 1000
+    read_count: int = 20
+    block_ms: int = 1000
+    visibility_timeout_s: float = 60.0
+    max_deliveries: int = 5
+    high_water: int = 2000
+    retry_max_s: float = 30.0
+    metrics_port: int = 0
+    home: Path = Path(".telemetry-nb")
+    shard_index: int = 0
+    shard_count: int = 1
+
+    @property
+    def dead_stream(self) -> str:
+        """Entries that failed too many deliveries land here, with their error."""
+        return f"{self.stream}:dead"
+
+    @property
+    def rejected_stream(self) -> str:
+        """Rows the streamer could not parse land here, with line number and reason."""
+        return f"{self.stream}:rejected"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read `REDIS_URL`, `DATABASE_URL`, `TELEMETRY_*` from `env` (default os.environ); non-None overrides win."""
+        env = dict(os.environ if env is None else env)
+        settings = cls(
+            redis_url=with_password(env.get("REDIS_URL", ""), env.get("REDIS_PASSWORD")),
+            database_url=env.get("DATABASE_URL", ""),
+            stream=env.get("TELEMETRY_STREAM") or "telemetry",
+            group=env.get("TELEMETRY_GROUP") or "collectors",
+            batch_size=_env_int(env, "TELEMETRY_BATCH_SIZE", 1000),
+            read_count=_env_int(env, "TELEMETRY_READ_COUNT", 20),
+            block_ms=_env_int(env, "TELEMETRY_BLOCK_MS", 1000),
+            visibility_timeout_s=_env_float(env, "TELEMETRY_VISIBILITY_TIMEOUT", 60.0),
+            max_deliveries=_env_int(env, "TELEMETRY_MAX_DELIVERIES", 5),
+            high_water=_env_int(env, "TELEMETRY_HIGH_WATER", 2000),
+            retry_max_s=_env_float(env, "TELEMETRY_RETRY_MAX", 30.0),
+            metrics_port=_env_int(env, "TELEMETRY_METRICS_PORT", 0),
+            home=Path(env.get("TELEMETRY_NB_HOME") or ".telemetry-nb"),
+            shard_index=_env_int(env, "TELEMETRY_SHARD_INDEX", 0),
+            shard_count=_env_int(env, "TELEMETRY_SHARD_COUNT", 1),
+        )
+        if env.get("TELEMETRY_CONSUMER"):
+            settings = replace(settings, consumer=env["TELEMETRY_CONSUMER"])
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

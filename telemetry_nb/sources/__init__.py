@@ -1,0 +1,1 @@
+"""Where samples come from: DCGM CSV exports and the synthetic generator."""

@@ -1,0 +1,187 @@
+"""Stream `Sample`/`Rejected` from a dcgm-exporter CSV export, by header name, in constant memory.
+
+Handles what real exports contain: any column order, extra columns, BOM, CRLF, quoted fields,
+fractional seconds (down to nanoseconds), `Z` or numeric offsets, epoch seconds/milliseconds,
+repeated header rows from concatenated files, blank lines and junk rows (rejected, never fatal).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from telemetry_nb.model import Rejected, Sample
+
+REQUIRED = ("timestamp", "metric_name", "gpu_id", "uuid", "Hostname", "value")
+OPTIONAL = ("device", "modelName", "container", "pod", "namespace", "labels_raw")
+HEADER = (
+    "timestamp", "metric_name", "gpu_id", "device", "uuid", "modelName",
+    "Hostname", "container", "pod", "namespace", "value", "labels_raw",
+)
+
+csv.field_size_limit(1 << 24)
+
+
+class HeaderError(ValueError):
+    """The file's header lacks required columns; nothing in it can be read."""
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_.:-]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+_UNESCAPE = re.compile(r"\\(.)")
+
+
+def parse_labels(raw: str) -> dict[str, str]:
+    """Prometheus label syntax `k="v",k2="v2"` (with `\\"`, `\\\\`, `\\n` escapes) into a dict.
+
+    Unparseable remainders are kept whole under the key `_unparsed` instead of failing the row.
+    """
+    labels: dict[str, str] = {}
+    pos = 0
+    raw = raw.strip()
+    while pos < len(raw):
+        m = _LABEL.match(raw, pos)
+        if not m:
+            labels["_unparsed"] = raw[pos:]
+            break
+        labels[m.group(1)] = _UNESCAPE.sub(lambda e: "\n" if e.group(1) == "n" else e.group(1), m.group(2))
+        pos = m.end()
+    return labels
+
+
+def parse_timestamp(text: str) -> datetime:
+    """RFC 3339 / ISO 8601 (Z, offsets, any fraction; naive means UTC) or epoch s/ms → aware UTC datetime."""
+    s = text.strip()
+    if not s:
+        raise ValueError("empty timestamp")
+    if s[0].isdigit() and s.replace(".", "", 1).isdigit():
+        epoch = float(s)
+        if epoch > 1e11:
+            epoch /= 1000.0
+        return datetime.fromtimestamp(epoch, UTC)
+    s = _FRACTION.sub(r"\1", s)
+    try:
+        ts = datetime.fromisoformat(s)
+    except ValueError:
+        raise ValueError(f"unparseable timestamp {text!r}") from None
+    if ts.tzinfo is None:
+        return ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC)
+
+
+def _parse_value(text: str) -> float:
+    s = text.strip()
+    if not s:
+        raise ValueError("empty value")
+    try:
+        value = float(s)
+    except ValueError:
+        raise ValueError(f"non-numeric value {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite value {text!r}")
+    return value
+
+
+def _column_index(header: list[str]) -> dict[str, int]:
+    wanted = {name.lower(): name for name in REQUIRED + OPTIONAL}
+    index: dict[str, int] = {}
+    for i, col in enumerate(header):
+        key = col.strip().lstrip("\ufeff").lower()
+        if key in wanted and wanted[key] not in index:
+            index[wanted[key]] = i
+    missing = [name for name in REQUIRED if name not in index]
+    if missing:
+        raise HeaderError(
+            f"CSV header is missing required column(s): {', '.join(missing)} "
+            f"(found: {', '.join(c.strip() for c in header) or 'nothing'})"
+        )
+    return index
+
+
+def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> Iterator[Sample | Rejected]:
+    """Yield a `Sample` for every good row and a `Rejected` for every bad one, in file order.
+
+    Raises `HeaderError` before yielding anything when a required column is missing.
+    `with_labels=False` skips parsing `labels_raw` (the pipeline does not store labels).
+    """
+    if isinstance(source, str | Path):
+        with open(source, encoding="utf-8-sig", newline="", errors="replace") as fh:
+            yield from read_samples(fh, with_labels=with_labels)
+        return
+    reader = csv.reader(source)
+    try:
+        header = next(reader)
+        while not any(c.strip() for c in header):
+            header = next(reader)
+    except StopIteration:
+        raise HeaderError("CSV file is empty: no header row") from None
+    idx = _column_index(header)
+    width = len(header)
+    header_key = [c.strip().lstrip("\ufeff").lower() for c in header]
+    i_ts, i_metric, i_gpu, i_uuid = idx["timestamp"], idx["metric_name"], idx["gpu_id"], idx["uuid"]
+    i_host, i_value = idx["Hostname"], idx["value"]
+    i_opt = {name: idx.get(name) for name in OPTIONAL}
+    ts_cache: dict[str, datetime] = {}
+    prev_line = reader.line_num
+
+    for row in reader:
+        line = prev_line + 1
+        prev_line = reader.line_num
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        try:
+            if len(row) != width:
+                if [c.strip().lower() for c in row] == header_key:
+                    raise ValueError("repeated header row")
+                raise ValueError(f"expected {width} fields, got {len(row)}")
+            uuid = row[i_uuid].strip()
+            if not uuid:
+                raise ValueError("empty uuid")
+            metric = row[i_metric].strip()
+            if not metric:
+                raise ValueError("empty metric_name")
+            raw_ts = row[i_ts]
+            ts = ts_cache.get(raw_ts)
+            if ts is None:
+                if raw_ts.strip().lower() == "timestamp":
+                    raise ValueError("repeated header row")
+                ts = parse_timestamp(raw_ts)
+                if len(ts_cache) > 4096:
+                    ts_cache.clear()
+                ts_cache[raw_ts] = ts
+            value = _parse_value(row[i_value])
+            gpu_raw = row[i_gpu].strip()
+            try:
+                gpu_index = int(gpu_raw) if gpu_raw else None
+            except ValueError:
+                raise ValueError(f"non-integer gpu_id {gpu_raw!r}") from None
+            opt = {name: (row[i].strip() if i is not None else "") for name, i in i_opt.items()}
+        except ValueError as err:
+            yield Rejected(line=line, reason=str(err), raw=_raw(row))
+            continue
+        yield Sample(
+            uuid=uuid,
+            metric=metric,
+            ts=ts,
+            value=value,
+            hostname=row[i_host].strip(),
+            gpu_index=gpu_index,
+            device=opt["device"],
+            model_name=opt["modelName"],
+            container=opt["container"],
+            pod=opt["pod"],
+            namespace=opt["namespace"],
+            labels=parse_labels(opt["labels_raw"]) if with_labels and opt["labels_raw"] else {},
+        )
+
+
+def _raw(row: list[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(row)
+    return buf.getvalue()[:4096]

@@ -1,0 +1,274 @@
+"""PostgreSQL: schema and migrations, the idempotent bulk write, and the queries the API needs.
+
+Rows are narrow (`gpu_id int, metric_id smallint, ts, value, workload_id`) with primary key
+(gpu_id, ts, metric_id): it makes a replayed row a no-op (`ON CONFLICT DO NOTHING`) and it is the
+index behind the API's per-GPU, time-ordered, cursor-paginated reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import psycopg
+from psycopg.rows import dict_row
+
+from telemetry_nb.codec import Batch
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+    CREATE TABLE IF NOT EXISTS gpus (
+        id serial PRIMARY KEY,
+        uuid text NOT NULL UNIQUE,
+        hostname text NOT NULL DEFAULT '',
+        gpu_index int,
+        device text NOT NULL DEFAULT '',
+        model_name text NOT NULL DEFAULT '',
+        first_seen timestamptz,
+        last_seen timestamptz
+    );
+    CREATE INDEX IF NOT EXISTS gpus_hostname ON gpus (hostname);
+    CREATE TABLE IF NOT EXISTS metrics (
+        id smallserial PRIMARY KEY,
+        name text NOT NULL UNIQUE
+    );
+    CREATE TABLE IF NOT EXISTS workloads (
+        id serial PRIMARY KEY,
+        namespace text NOT NULL DEFAULT '',
+        pod text NOT NULL DEFAULT '',
+        container text NOT NULL DEFAULT '',
+        UNIQUE (namespace, pod, container)
+    );
+    CREATE TABLE IF NOT EXISTS telemetry (
+        gpu_id int NOT NULL,
+        ts timestamptz NOT NULL,
+        metric_id smallint NOT NULL,
+        value double precision NOT NULL,
+        workload_id int,
+        PRIMARY KEY (gpu_id, ts, metric_id)
+    );
+    """),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+_MIGRATION_LOCK = 0x7E1E_4E7B  # advisory lock id: collectors starting together migrate one at a time
+
+STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS staging (
+    uuid text, metric text, ts timestamptz, value double precision,
+    namespace text, pod text, container text
+) ON COMMIT DELETE ROWS
+"""
+
+INSERT_TELEMETRY = """
+INSERT INTO telemetry (gpu_id, ts, metric_id, value, workload_id)
+SELECT g.id, s.ts, m.id, s.value, w.id
+FROM staging s
+JOIN gpus g ON g.uuid = s.uuid
+JOIN metrics m ON m.name = s.metric
+LEFT JOIN workloads w ON w.namespace = s.namespace AND w.pod = s.pod AND w.container = s.container
+ON CONFLICT DO NOTHING
+"""
+
+RETRYABLE = (psycopg.OperationalError, psycopg.errors.DeadlockDetected,
+             psycopg.errors.SerializationFailure, psycopg.InterfaceError)
+DATA_ERRORS = (psycopg.DataError, psycopg.errors.InvalidTextRepresentation)
+
+
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    """A connection with a short connect timeout, so outages surface as retryable errors."""
+    kwargs.setdefault("connect_timeout", 10)
+    return psycopg.connect(url, **kwargs)
+
+
+def migrate(conn: psycopg.Connection) -> int:
+    """Apply pending migrations once, under an advisory lock; returns the schema version."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version int PRIMARY KEY, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        for version, sql in MIGRATIONS:
+            if version > current:
+                log.info("Applying schema migration %d", version)
+                conn.execute(sql)
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+                current = version
+    return current
+
+
+@dataclass
+class WriteResult:
+    consumed: int
+    stored: int
+
+
+class Writer:
+    """The collector's write path: many batches → one transaction → exactly-once rows."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+        conn.execute(STAGING)
+        conn.commit()
+
+    def write(self, batches: Sequence[Batch]) -> WriteResult:
+        """Write `batches` in one transaction; raises on failure with nothing committed."""
+        gpus: dict[str, list] = {}
+        metrics: set[str] = set()
+        workloads: set[tuple[str, str, str]] = set()
+        consumed = 0
+        for b in batches:
+            consumed += b.n
+            metrics.update(b.metrics)
+            workloads.update(tuple(w) for w in b.workloads)
+            for g in b.gpus:
+                seen = gpus.get(g[0])
+                if seen is None:
+                    gpus[g[0]] = list(g)
+                else:
+                    seen[1:5] = g[1:5]
+                    seen[5] = min(seen[5], g[5])
+                    seen[6] = max(seen[6], g[6])
+        ordered = sorted(gpus.values())
+        cols = list(zip(*ordered, strict=True)) if ordered else [[]] * 7
+        conn = self.conn
+        with conn.transaction():
+            with conn.cursor() as cur:
+                cur.execute("INSERT INTO metrics (name) SELECT unnest(%s::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
+                            (sorted(metrics),))
+                if workloads:
+                    w = sorted(workloads)
+                    cur.execute("INSERT INTO workloads (namespace, pod, container) "
+                                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]) ORDER BY 1, 2, 3 "
+                                "ON CONFLICT DO NOTHING", [list(c) for c in zip(*w, strict=True)])
+                cur.execute(
+                    "INSERT INTO gpus (uuid, hostname, gpu_index, device, model_name, first_seen, last_seen) "
+                    "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], "
+                    "%s::timestamptz[], %s::timestamptz[]) ORDER BY 1 ON CONFLICT (uuid) DO NOTHING",
+                    [list(c) for c in cols])
+                with cur.copy("COPY staging FROM STDIN") as copy:
+                    for b in batches:
+                        copy.write(b.rows)
+                cur.execute(INSERT_TELEMETRY)
+                stored = cur.rowcount
+                cur.execute(
+                    "UPDATE gpus SET hostname = u.hostname, gpu_index = u.gpu_index, device = u.device, "
+                    "model_name = u.model_name, first_seen = LEAST(gpus.first_seen, u.first_seen), "
+                    "last_seen = GREATEST(gpus.last_seen, u.last_seen) "
+                    "FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], "
+                    "%s::timestamptz[], %s::timestamptz[]) "
+                    "AS u(uuid, hostname, gpu_index, device, model_name, first_seen, last_seen) "
+                    "WHERE gpus.uuid = u.uuid AND (gpus.last_seen < u.last_seen OR gpus.first_seen > u.first_seen "
+                    "OR (gpus.hostname, gpus.gpu_index, gpus.device, gpus.model_name) IS DISTINCT FROM "
+                    "(u.hostname, u.gpu_index, u.device, u.model_name))",
+                    [list(c) for c in cols])
+        return WriteResult(consumed=consumed, stored=stored)
+
+
+# -- reads --------------------------------------------------------------------------------------
+GPU_COLUMNS = "uuid, hostname, gpu_index, device, model_name, first_seen, last_seen"
+
+
+class Reader:
+    """The read queries behind the API and the checks; every call uses a connection from `conn`."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+
+    def _all(self, sql: str, params: Sequence | dict = ()) -> list[dict]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+    def list_gpus(self, *, hostname: str | None = None, model_name: str | None = None,
+                  after: str | None = None, limit: int = 100) -> list[dict]:
+        """GPUs ordered by uuid, after the cursor `after`, at most `limit` + 1 (to tell if more follow)."""
+        where, params = [], []
+        if hostname:
+            where.append("hostname = %s")
+            params.append(hostname)
+        if model_name:
+            where.append("model_name = %s")
+            params.append(model_name)
+        if after:
+            where.append("uuid > %s")
+            params.append(after)
+        sql = f"SELECT {GPU_COLUMNS} FROM gpus"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return self._all(sql + " ORDER BY uuid LIMIT %s", [*params, limit + 1])
+
+    def get_gpu(self, uuid: str) -> dict | None:
+        rows = self._all(f"SELECT id, {GPU_COLUMNS} FROM gpus WHERE uuid = %s", (uuid,))
+        return rows[0] if rows else None
+
+    def metric_ids(self, names: Sequence[str]) -> dict[str, int]:
+        rows = self._all("SELECT id, name FROM metrics WHERE name = ANY(%s)", (list(names),))
+        return {r["name"]: r["id"] for r in rows}
+
+    def telemetry(self, gpu_id: int, *, start: datetime | None, end: datetime | None,
+                  metric_ids: Sequence[int] | None, after: tuple[datetime, int] | None, limit: int) -> list[dict]:
+        """Rows of one GPU with start ≤ ts ≤ end, ordered by (ts, metric), after the keyset cursor."""
+        where = ["t.gpu_id = %s"]
+        params: list = [gpu_id]
+        if start is not None:
+            where.append("t.ts >= %s")
+            params.append(start)
+        if end is not None:
+            where.append("t.ts <= %s")
+            params.append(end)
+        if metric_ids is not None:
+            where.append("t.metric_id = ANY(%s)")
+            params.append(list(metric_ids))
+        if after is not None:
+            where.append("(t.ts, t.metric_id) > (%s, %s)")
+            params.extend(after)
+        sql = ("SELECT t.ts AS timestamp, m.name AS metric, t.metric_id, t.value FROM telemetry t "
+               "JOIN metrics m ON m.id = t.metric_id WHERE " + " AND ".join(where) +
+               " ORDER BY t.ts, t.metric_id LIMIT %s")
+        return self._all(sql, [*params, limit + 1])
+
+    def aggregate(self, gpu_id: int, metric_ids: Sequence[int], bucket: timedelta, *,
+                  start: datetime | None, end: datetime | None) -> list[dict]:
+        """Per-bucket min/avg/max/count per metric, computed in PostgreSQL (date_bin, PG ≥ 14)."""
+        where = ["t.gpu_id = %s", "t.metric_id = ANY(%s)"]
+        params: list = [bucket, gpu_id, list(metric_ids)]
+        if start is not None:
+            where.append("t.ts >= %s")
+            params.append(start)
+        if end is not None:
+            where.append("t.ts <= %s")
+            params.append(end)
+        sql = ("SELECT date_bin(%s, t.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket, m.name AS metric, "
+               "min(t.value) AS min, avg(t.value) AS avg, max(t.value) AS max, count(*) AS count "
+               "FROM telemetry t JOIN metrics m ON m.id = t.metric_id WHERE " + " AND ".join(where) +
+               " GROUP BY 1, 2 ORDER BY 1, 2")
+        return self._all(sql, params)
+
+    def metric_names(self) -> list[str]:
+        return [r["name"] for r in self._all("SELECT name FROM metrics ORDER BY name")]
+
+    def metric_counts(self) -> list[dict]:
+        return self._all("SELECT m.name, coalesce(c.n, 0) AS rows FROM metrics m LEFT JOIN "
+                         "(SELECT metric_id, count(*) AS n FROM telemetry GROUP BY metric_id) c "
+                         "ON c.metric_id = m.id ORDER BY m.name")
+
+    def summary(self) -> dict:
+        """Schema version, row and GPU counts, newest sample time: what a deployment check looks at."""
+        rows = self._all("SELECT (SELECT max(version) FROM schema_version) AS schema_version, "
+                         "(SELECT count(*) FROM telemetry) AS rows, (SELECT count(*) FROM gpus) AS gpus, "
+                         "(SELECT max(last_seen) FROM gpus) AS newest")
+        return rows[0]
+
+    def delete_gpu(self, uuid: str) -> int:
+        """Remove a GPU and all its rows (canary clean-up); returns the number of telemetry rows removed."""
+        with self.conn.transaction():
+            gpu = self.get_gpu(uuid)
+            if gpu is None:
+                return 0
+            n = self.conn.execute("DELETE FROM telemetry WHERE gpu_id = %s", (gpu["id"],)).rowcount
+            self.conn.execute("DELETE FROM gpus WHERE id = %s", (gpu["id"],))
+        return n

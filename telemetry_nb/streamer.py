@@ -1,0 +1,220 @@
+"""Source → queue: batch samples into stream entries, with pacing, re-stamping, sharding, backpressure.
+
+Publishing never skips a row: a Redis outage is retried with backoff (a retried pipeline may add an
+entry twice, which the idempotent database write absorbs). Rejected rows go to `<stream>:rejected`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from telemetry_nb import codec
+from telemetry_nb.backoff import Backoff, retry
+from telemetry_nb.config import Settings
+from telemetry_nb.model import Rejected, Sample
+from telemetry_nb.queue import REDIS_ERRORS, Queue
+from telemetry_nb.telemetry import PipelineMetrics
+
+log = logging.getLogger(__name__)
+MAX_LOGGED_REJECTS = 100
+
+
+def shard_of(uuid: str, count: int) -> int:
+    """Stable shard of a GPU: the same uuid always lands on the same one of `count` streamers."""
+    return zlib.crc32(uuid.encode()) % count if count > 1 else 0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` (0 ≤ I < N) → (I, N)."""
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise ValueError(f"invalid shard {text!r}: use I/N, e.g. 0/3") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"invalid shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+@dataclass
+class Summary:
+    published: int = 0
+    rejected: int = 0
+    entries: int = 0
+    passes: int = 0
+
+
+class Streamer:
+    """Publish samples from a source to `queue` in entries of `settings.batch_size` rows."""
+
+    def __init__(self, queue: Queue, settings: Settings, *, metrics: PipelineMetrics | None = None,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 pipeline_depth: int = 10, progress: Callable[[int], None] | None = None):
+        self.queue = queue
+        self.settings = settings
+        self.metrics = metrics or PipelineMetrics()
+        self.clock = clock
+        self.sleep = sleep
+        self.pipeline_depth = pipeline_depth
+        self.progress = progress
+        self.stop_event = threading.Event()
+        self.summary = Summary()
+        self._pending: list[dict[bytes, bytes]] = []
+        self._pending_rows = 0
+        self._rejects: list[Rejected] = []
+        self._started = 0.0
+        self._last_backpressure_check = 0.0
+        self.source_name = ""
+
+    def _redis(self, fn, what: str = "Redis"):
+        return retry(fn, what=what, errors=REDIS_ERRORS, log=log, backoff=Backoff(self.settings.retry_max_s),
+                     on_retry=lambda e: self.metrics.retries.labels("redis").inc(),
+                     should_stop=self.stop_event.is_set)
+
+    def run(self, source: Callable[[], Iterable[Sample | Rejected]], *, loop: bool = False,
+            timestamps: str = "source", rate: float | None = None) -> Summary:
+        """Publish one pass of `source()` (or forever with `loop`), then flush; returns the totals."""
+        if timestamps not in ("source", "now"):
+            raise ValueError("timestamps must be 'source' or 'now'")
+        self._redis(self.queue.ensure_group)
+        self._started = self.clock()
+        next_start: datetime | None = None
+        try:
+            while not self.stop_event.is_set():
+                last = self._one_pass(source(), timestamps, rate, next_start)
+                self.summary.passes += 1
+                if not loop or last is None:
+                    break
+                next_start = last + timedelta(seconds=1)
+        finally:
+            self.flush()
+        log.info("Streamer done: published=%d rejected=%d entries=%d passes=%d", self.summary.published,
+                 self.summary.rejected, self.summary.entries, self.summary.passes)
+        return self.summary
+
+    def _one_pass(self, rows: Iterable[Sample | Rejected], timestamps: str, rate: float | None,
+                  not_before: datetime | None) -> datetime | None:
+        shard_i, shard_n = self.settings.shard_index, self.settings.shard_count
+        batch: list[Sample] = []
+        size = self.settings.batch_size
+        offset: timedelta | None = None
+        last: datetime | None = None
+        for row in _with_stop(rows, self.stop_event):
+            if isinstance(row, Rejected):
+                self._reject(row)
+                continue
+            if shard_n > 1 and shard_of(row.uuid, shard_n) != shard_i:
+                continue
+            if timestamps == "now":
+                if offset is None:
+                    start = datetime.now(UTC)
+                    if not_before is not None and start < not_before:
+                        start = not_before
+                    offset = start - row.ts
+                row.ts = row.ts + offset
+                wait = row.ts.timestamp() - self.clock()
+                if wait > 0:
+                    self._emit(batch)
+                    batch = []
+                    self.flush()
+                    self._sleep(wait)
+            if last is None or row.ts > last:
+                last = row.ts
+            batch.append(row)
+            if len(batch) >= size:
+                self._emit(batch)
+                batch = []
+                if rate:
+                    self._pace(rate)
+        self._emit(batch)
+        return last
+
+    def _emit(self, batch: list[Sample]) -> None:
+        if not batch:
+            return
+        self._pending.append(codec.encode(batch))
+        self._pending_rows += len(batch)
+        if len(self._pending) >= self.pipeline_depth:
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish buffered entries and rejected rows (pipelined), waiting out backpressure first."""
+        if self._rejects:
+            rejects, self._rejects = self._rejects, []
+            self._redis(lambda: self.queue.reject(rejects, self.source_name))
+        if not self._pending:
+            return
+        self._wait_for_consumers()
+        entries, rows = self._pending, self._pending_rows
+        self._pending, self._pending_rows = [], 0
+        self._redis(lambda: self.queue.publish(entries))
+        self.summary.published += rows
+        self.summary.entries += len(entries)
+        self.metrics.published.inc(rows)
+        if self.progress is not None:
+            self.progress(rows)
+        log.info("Published %d rows in %d entries (%d total) to %s", rows, len(entries), self.summary.published,
+                 self.queue.stream)
+
+    def _reject(self, row: Rejected) -> None:
+        self.summary.rejected += 1
+        self.metrics.rejected.inc()
+        if self.summary.rejected <= MAX_LOGGED_REJECTS:
+            log.warning("Rejected line %d: %s", row.line, row.reason)
+        elif self.summary.rejected == MAX_LOGGED_REJECTS + 1:
+            log.warning("More rejected rows: no longer logging each one; all are in %s", self.queue.rejected_stream)
+        self._rejects.append(row)
+        if len(self._rejects) >= 1000:
+            self.flush()
+
+    def _wait_for_consumers(self) -> None:
+        high = self.settings.high_water
+        if high <= 0:
+            return
+        now = self.clock()
+        if now - self._last_backpressure_check < 0.2:
+            return
+        self._last_backpressure_check = now
+        backlog = self._redis(self.queue.backlog)
+        if backlog <= high:
+            return
+        self._redis(self.queue.safe_trim)
+        waited = False
+        while not self.stop_event.is_set():
+            backlog = self._redis(self.queue.backlog)
+            self.metrics.lag.set(backlog)
+            if backlog <= high * 0.8:
+                break
+            if not waited:
+                log.info("Backpressure: %d entries unacknowledged by group %r (high-water %d); waiting",
+                         backlog, self.queue.group, high)
+                self.metrics.backpressure.inc()
+                waited = True
+            self._sleep(0.2)
+        if waited:
+            log.info("Backpressure released: %d entries unacknowledged", backlog)
+
+    def _pace(self, rate: float) -> None:
+        due = self._started + (self.summary.published + self._pending_rows) / rate
+        wait = due - self.clock()
+        if wait > 0:
+            self.flush()
+            self._sleep(wait)
+
+    def _sleep(self, seconds: float) -> None:
+        self.stop_event.wait(seconds) if self.sleep is time.sleep else self.sleep(seconds)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+def _with_stop(rows: Iterable, stop: threading.Event) -> Iterator:
+    for i, row in enumerate(rows):
+        if i % 1000 == 0 and stop.is_set():
+            return
+        yield row

@@ -1,0 +1,78 @@
+"""The pipeline's own Prometheus metrics, and a tiny HTTP server for /metrics, /health and /ready."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+
+class PipelineMetrics:
+    """Counters and gauges for streamers and collectors, in a registry of their own (injectable in tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.published = Counter("telemetry_rows_published", "Rows published to the stream", registry=r)
+        self.rejected = Counter("telemetry_rows_rejected", "Source rows rejected by the parser", registry=r)
+        self.consumed = Counter("telemetry_rows_consumed", "Rows read from the stream", registry=r)
+        self.stored = Counter("telemetry_rows_stored", "New rows committed to PostgreSQL", registry=r)
+        self.duplicates = Counter("telemetry_rows_duplicate", "Rows already stored (redelivery/replay)",
+                                  registry=r)
+        self.dead = Counter("telemetry_entries_dead_lettered", "Stream entries moved to the dead-letter stream",
+                            registry=r)
+        self.lost = Counter("telemetry_entries_lost", "Pending entries deleted from the stream before ack",
+                            registry=r)
+        self.claimed = Counter("telemetry_entries_claimed", "Stale entries claimed from other consumers",
+                               registry=r)
+        self.retries = Counter("telemetry_retries", "Retries after a dependency failure", ["dependency"],
+                               registry=r)
+        self.lag = Gauge("telemetry_consumer_lag", "Stream entries not yet acknowledged by the group",
+                         registry=r)
+        self.backpressure = Counter("telemetry_backpressure_waits", "Times the streamer waited for the consumers",
+                                    registry=r)
+        self.batch_seconds = Histogram("telemetry_batch_seconds", "Time to write one transaction of batches",
+                                       registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def serve_metrics(port: int, metrics: PipelineMetrics, ready: Callable[[], tuple[bool, str]],
+                  host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Serve /metrics, /health (process alive) and /ready (dependencies reachable) in a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server API)
+            if self.path.startswith("/metrics"):
+                self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif self.path.startswith("/health"):
+                self._send(200, b'{"status":"ok"}', "application/json")
+            elif self.path.startswith("/ready"):
+                ok, detail = ready()
+                body = ('{"status":"%s","detail":"%s"}' % ("ready" if ok else "not ready",
+                                                           detail.replace('"', "'"))).encode()
+                self._send(200 if ok else 503, body, "application/json")
+            else:
+                self._send(404, b'{"detail":"not found"}', "application/json")
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics-http").start()
+    log.info("Serving /metrics, /health and /ready on port %d", server.server_address[1])
+    return server
