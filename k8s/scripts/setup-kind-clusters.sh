@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Create (or delete) the two local kind clusters used to try the cross-cluster layout:
+# an EDGE cluster for the streamers and a CENTRAL cluster for collectors, API and PostgreSQL,
+# and load the telemetry-nb image into both.
+set -euo pipefail
+
+PROG=$(basename -- "$0")
+SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd -- "$SCRIPT_DIR/../.." && pwd)
+
+EDGE_NAME=telemetry-edge
+CENTRAL_NAME=telemetry-central
+IMAGE=telemetry-nb:dev
+NODE_IMAGE=""
+BUILD=true
+DRY_RUN=false
+COMMAND=""
+
+usage() {
+  cat <<EOF
+Usage: $PROG [options] <command>
+
+Local kind clusters for the cross-cluster deployment (k8s/scripts/deploy-cross-cluster.sh).
+
+Commands:
+  create-all    create the edge and central clusters, build the image and load it into both
+  load-image    build the image (unless --no-build) and load it into both clusters
+  delete-all    delete both clusters
+  central-ip    print the central node's address on the "kind" docker network (how the edge
+                cluster reaches a NodePort of the central one)
+
+Options:
+  --edge-name NAME      edge cluster name      (default: $EDGE_NAME; context kind-NAME)
+  --central-name NAME   central cluster name   (default: $CENTRAL_NAME; context kind-NAME)
+  --image TAG           image to build and load (default: $IMAGE)
+  --node-image IMG      kindest/node image (Kubernetes >= 1.29 needed for the pod-index label)
+  --no-build            load an image you built yourself instead of running docker build
+  --dry-run             print every docker/kind command (prefixed "+ ") and run none;
+                        works without docker or kind installed
+  -h, --help            show this help
+
+Exit status: 0 ok, 1 usage error, 2 a required tool (docker, kind) is missing.
+EOF
+}
+
+die() { echo "error: $*" >&2; exit 1; }
+need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
+
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    --edge-name) need_value "$@"; EDGE_NAME=$2; shift 2 ;;
+    --central-name) need_value "$@"; CENTRAL_NAME=$2; shift 2 ;;
+    --image) need_value "$@"; IMAGE=$2; shift 2 ;;
+    --node-image) need_value "$@"; NODE_IMAGE=$2; shift 2 ;;
+    --no-build) BUILD=false; shift ;;
+    --dry-run) DRY_RUN=true; shift ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *)
+      [[ -z $COMMAND ]] || die "one command at a time (got '$COMMAND' and '$1')"
+      COMMAND=$1; shift ;;
+  esac
+done
+
+[[ -n $COMMAND ]] || { usage >&2; exit 1; }
+case $COMMAND in
+  create-all|load-image|delete-all|central-ip) ;;
+  *) die "unknown command '$COMMAND' (see --help)" ;;
+esac
+
+require_tools() {
+  $DRY_RUN && return 0
+  local tool
+  for tool in "$@"; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      echo "error: $tool not found in PATH (needed for $COMMAND)" >&2
+      exit 2
+    fi
+  done
+}
+
+run() {
+  printf '+'
+  printf ' %q' "$@"
+  printf '\n'
+  $DRY_RUN || "$@"
+}
+
+cluster_exists() {
+  $DRY_RUN && return 1
+  kind get clusters 2>/dev/null | grep -qxF -- "$1"
+}
+
+create_cluster() {
+  local name=$1
+  if cluster_exists "$name"; then
+    echo "# kind cluster $name exists, keeping it" >&2
+    return 0
+  fi
+  local args=(kind create cluster --name "$name" --wait 180s)
+  [[ -z $NODE_IMAGE ]] || args+=(--image "$NODE_IMAGE")
+  run "${args[@]}"
+}
+
+build_image() {
+  if $BUILD; then
+    # BuildKit: it reads k8s/Dockerfile.dockerignore next to the Dockerfile.
+    run env DOCKER_BUILDKIT=1 docker build -f "$REPO_ROOT/k8s/Dockerfile" -t "$IMAGE" "$REPO_ROOT"
+  fi
+}
+
+load_image() {
+  local name
+  for name in "$EDGE_NAME" "$CENTRAL_NAME"; do
+    run kind load docker-image "$IMAGE" --name "$name"
+  done
+}
+
+case $COMMAND in
+  create-all)
+    require_tools docker kind
+    create_cluster "$EDGE_NAME"
+    create_cluster "$CENTRAL_NAME"
+    build_image
+    load_image
+    echo "# contexts: kind-$EDGE_NAME (edge), kind-$CENTRAL_NAME (central)" >&2
+    ;;
+  load-image)
+    require_tools docker kind
+    build_image
+    load_image
+    ;;
+  delete-all)
+    require_tools docker kind
+    run kind delete cluster --name "$EDGE_NAME"
+    run kind delete cluster --name "$CENTRAL_NAME"
+    ;;
+  central-ip)
+    require_tools docker
+    # Only the address goes to stdout, so $( ... central-ip) can capture it.
+    if $DRY_RUN; then
+      run docker inspect -f '{{ .NetworkSettings.Networks.kind.IPAddress }}' "$CENTRAL_NAME-control-plane"
+    else
+      docker inspect -f '{{ .NetworkSettings.Networks.kind.IPAddress }}' "$CENTRAL_NAME-control-plane"
+    fi
+    ;;
+esac
