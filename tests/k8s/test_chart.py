@@ -651,12 +651,15 @@ def test_streamer_command_probes_and_default_input(render):
 
 def test_default_sample_csv_parses_with_the_package(render):
     """The CSV the chart ships for the same-cluster default is one the streamer can read."""
-    try:
-        from telemetry_nb.sources.dcgm_csv import read_samples
-        from telemetry_nb.model import Rejected
-    except ImportError as err:
-        pytest.skip(f"telemetry_nb parser not importable here: {err}")
     import io
+
+    try:
+        from telemetry_nb.model import Rejected
+        from telemetry_nb.sources.dcgm_csv import read_samples
+    except ImportError as err:
+        read_samples = None
+        reason = f"telemetry_nb's CSV parser is not importable: {err}"
+    require(read_samples is not None, reason if read_samples is None else "")
 
     text = render("same-cluster").get("ConfigMap", f"{PREFIX}-input")["data"]["input.csv"]
     rows = list(read_samples(io.StringIO(text)))
