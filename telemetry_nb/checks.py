@@ -1,0 +1,310 @@
+"""Deployment checks behind notebooks/01_deployment_check.ipynb: API, Redis, PostgreSQL, Kubernetes.
+
+Every check returns `CheckResult(name, status, detail)` with status 'pass', 'fail' or 'skip'. A check
+that cannot run because the one before it failed (no Redis → no lag) is a 'skip' naming the reason,
+so the failed list names the root cause, not its echoes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from telemetry_nb.config import redact
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+COMPONENTS = ("streamer", "collector", "api-gateway")
+APP_LABEL = "app.kubernetes.io/name=telemetry-pipeline"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != FAIL
+
+
+def _err(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}"[:300]
+
+
+def _bound(name: str, value: float, limit: float | None, what: str) -> CheckResult:
+    if limit is None:
+        return CheckResult(name, PASS, f"{what}={value} (no limit set)")
+    status = PASS if value <= limit else FAIL
+    return CheckResult(name, status, f"{what}={value} {'<=' if status == PASS else '>'} {limit}")
+
+
+# -- API -----------------------------------------------------------------------------------------
+def check_api(api_url: str | None, *, timeout: float = 10.0) -> list[CheckResult]:
+    """`/health` answers 200 and `/ready` answers 200 (it reports 503 with the failed dependencies)."""
+    if not api_url:
+        return [CheckResult("api", SKIP, "not requested (api_url not set)")]
+    from telemetry_nb.client import APIError, TelemetryClient
+
+    out = []
+    with TelemetryClient(api_url, timeout=timeout) as api:
+        try:
+            body = api.health()
+            out.append(CheckResult("api.health", PASS, f"{api_url}/health: {body.get('status', body)}"))
+        except APIError as err:
+            out.append(CheckResult("api.health", FAIL, str(err)))
+            out.append(CheckResult("api.ready", SKIP, "skipped: /health failed"))
+            return out
+        try:
+            body = api.ready()
+            out.append(CheckResult("api.ready", PASS, f"{api_url}/ready: {json.dumps(body.get('checks', body))}"))
+        except APIError as err:
+            failed = err.body.get("failed") if isinstance(err.body, dict) else None
+            detail = f"{api_url}/ready -> HTTP {err.status}" + (f": failed {failed}" if failed else f": {err.detail}")
+            out.append(CheckResult("api.ready", FAIL, detail))
+    return out
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *, max_lag: int | None = 1000,
+                max_pending: int | None = None, max_dead: int | None = None, min_consumers: int = 1,
+                consumer_idle_s: float = 60.0, timeout: float = 5.0) -> list[CheckResult]:
+    """Reachable; stream and group exist; active consumers; backlog and pending ≤ limits; dead letters.
+
+    Lag and pending count stream *entries* (each a batch of up to `batch_size` rows). `max_pending`
+    defaults to `max_lag`. A consumer is active when it talked to Redis in the last `consumer_idle_s`.
+    """
+    if not redis_url:
+        return [CheckResult("redis", SKIP, "not requested (redis_url not set)")]
+    import redis
+
+    from telemetry_nb.queue import Queue, connect
+
+    names = ["redis.stream", "redis.group", "redis.consumers", "redis.lag", "redis.pending", "redis.dead_letter"]
+    try:
+        client = connect(redis_url, timeout_s=timeout)
+        info = client.info("server")
+    except (redis.RedisError, OSError) as err:
+        return [CheckResult("redis.reachable", FAIL, f"{redact(redis_url)}: {_err(err)}"),
+                *(CheckResult(n, SKIP, "skipped: Redis unreachable") for n in names)]
+    out = [CheckResult("redis.reachable", PASS, f"{redact(redis_url)} (Redis {info.get('redis_version', '?')})")]
+    q = Queue(client, stream, group)
+    try:
+        if not client.exists(stream) or client.type(stream) not in (b"stream", "stream"):
+            out.append(CheckResult("redis.stream", FAIL, f"stream {stream!r} does not exist"))
+            out += [CheckResult(n, SKIP, f"skipped: no stream {stream!r}") for n in names[1:-1]]
+        else:
+            out.append(CheckResult("redis.stream", PASS, f"stream {stream!r}: {client.xlen(stream)} entries"))
+            groups = {_s(g["name"]): g for g in q.groups()}
+            if group not in groups:
+                out.append(CheckResult("redis.group", FAIL, f"consumer group {group!r} not on stream {stream!r} "
+                                                            f"(groups: {sorted(groups) or 'none'})"))
+                out += [CheckResult(n, SKIP, f"skipped: no group {group!r}") for n in names[2:-1]]
+            else:
+                out.append(CheckResult("redis.group", PASS, f"group {group!r} exists"))
+                consumers = client.xinfo_consumers(stream, group)
+                active = [c for c in consumers if int(c.get("idle", 0)) <= consumer_idle_s * 1000]
+                detail = (f"{len(active)} active of {len(consumers)} consumers "
+                          f"(active = seen in the last {consumer_idle_s:g}s; need >= {min_consumers})")
+                out.append(CheckResult("redis.consumers", PASS if len(active) >= min_consumers else FAIL, detail))
+                pending = int(groups[group]["pending"])
+                backlog = _undelivered(client, q, stream, groups[group]) + pending
+                out.append(_bound("redis.lag", backlog, max_lag, "backlog entries"))
+                out.append(_bound("redis.pending", pending, max_lag if max_pending is None else max_pending,
+                                  "pending entries"))
+        dead = q.dead_count()
+        detail = f"{dead} entries in {q.dead_stream}"
+        if dead:
+            last = q.read_dead(1)[0]
+            detail += f"; newest error: {last.get('error', '')[:160]}"
+        status = FAIL if max_dead is not None and dead > max_dead else PASS
+        if max_dead is not None:
+            detail += f" ({'<=' if status == PASS else '>'} max_dead {max_dead})"
+        out.append(CheckResult("redis.dead_letter", status, detail))
+    except (redis.RedisError, OSError) as err:
+        done = {r.name for r in out}
+        out += [CheckResult(n, FAIL, f"Redis error: {_err(err)}") for n in names if n not in done]
+    finally:
+        client.close()
+    return out
+
+
+def _undelivered(client, q, stream: str, group_info: dict) -> int:
+    """Entries not yet delivered to the group: exact 0 when the group has seen the newest entry (any Redis),
+    else Redis 7's `lag`, else the queue's estimate (XLEN less pending, which counts untrimmed entries)."""
+    last = client.xinfo_stream(stream).get("last-generated-id")
+    if last is not None and _s(last) == _s(group_info.get("last-delivered-id", b"")):
+        return 0
+    return q.undelivered()
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+def check_postgres(database_url: str | None, *, max_staleness_s: float | None = 300.0, min_rows: int = 1,
+                   now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> list[CheckResult]:
+    """Reachable; schema version is this code's; rows ≥ `min_rows`; newest `last_seen` ≤ `max_staleness_s` old.
+
+    `max_staleness_s` None or 0 turns the freshness check off (replayed historical data).
+    """
+    if not database_url:
+        return [CheckResult("postgres", SKIP, "not requested (database_url not set)")]
+    import psycopg
+
+    from telemetry_nb import store
+
+    names = ["postgres.schema", "postgres.rows", "postgres.freshness"]
+    try:
+        with store.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]
+            try:
+                s = store.Reader(conn).summary()
+            except psycopg.errors.UndefinedTable as err:
+                return [CheckResult("postgres.reachable", PASS, f"{redact(database_url)} (PostgreSQL {version})"),
+                        CheckResult("postgres.schema", FAIL, f"schema missing ({_err(err)}); has a collector run?"),
+                        *(CheckResult(n, SKIP, "skipped: no schema") for n in names[1:])]
+    except psycopg.Error as err:
+        return [CheckResult("postgres.reachable", FAIL, f"{redact(database_url)}: {_err(err)}"),
+                *(CheckResult(n, SKIP, "skipped: PostgreSQL unreachable") for n in names)]
+    out = [CheckResult("postgres.reachable", PASS, f"{redact(database_url)} (PostgreSQL {version})")]
+    want = store.SCHEMA_VERSION
+    out.append(CheckResult("postgres.schema", PASS if s["schema_version"] == want else FAIL,
+                           f"schema version {s['schema_version']} (this code expects {want})"))
+    out.append(CheckResult("postgres.rows", PASS if s["rows"] >= min_rows else FAIL,
+                           f"{s['rows']} telemetry rows, {s['gpus']} GPUs (need >= {min_rows} rows)"))
+    newest = s["newest"]
+    if not max_staleness_s:
+        out.append(CheckResult("postgres.freshness", SKIP, f"disabled (max_staleness_s={max_staleness_s!r}); "
+                                                           f"newest sample {_iso(newest)}"))
+    elif newest is None:
+        out.append(CheckResult("postgres.freshness", FAIL, "no GPU has reported yet"))
+    else:
+        age = (now() - newest).total_seconds()
+        status = PASS if age <= max_staleness_s else FAIL
+        op = "<=" if status == PASS else ">"
+        out.append(CheckResult("postgres.freshness", status,
+                               f"newest sample {_iso(newest)} is {age:.0f}s old ({op} {max_staleness_s:g}s)"))
+    return out
+
+
+def _iso(ts: datetime | None) -> str:
+    return ts.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if ts else "none"
+
+
+# -- Kubernetes ----------------------------------------------------------------------------------
+def check_kubernetes(kube_context: str | None, namespace: str | None = None,
+                     expected: Mapping[str, int] | None = None, *, core_api: Any = None) -> list[CheckResult]:
+    """Ready pods per component (`app.kubernetes.io/component=…`) ≥ `expected[component]`.
+
+    `kube_context` "in-cluster" uses the pod's service account; None/"" skips the section.
+    `core_api` (a `CoreV1Api`) is for tests.
+    """
+    expected = dict(expected or {c: 1 for c in COMPONENTS})
+    if not kube_context and core_api is None:
+        return [CheckResult("kubernetes", SKIP, "not requested (kube_context not set)")]
+    try:
+        api = core_api or _core_api(kube_context)
+        ns = namespace or _default_namespace(kube_context)
+        pods = api.list_namespaced_pod(ns, label_selector=APP_LABEL, _request_timeout=15).items
+    except Exception as err:  # noqa: BLE001 (config, auth, network: all mean "cannot check")
+        return [CheckResult("kubernetes.api", FAIL, f"context {kube_context!r}: {_err(err)}"),
+                *(CheckResult(f"kubernetes.{c}", SKIP, "skipped: Kubernetes API unavailable") for c in expected)]
+    out = [CheckResult("kubernetes.api", PASS, f"context {kube_context!r}, namespace {ns!r}: "
+                                                f"{len(pods)} telemetry-pipeline pods")]
+    for component, want in expected.items():
+        mine = [p for p in pods if (p.metadata.labels or {}).get("app.kubernetes.io/component") == component]
+        ready = [p for p in mine if _pod_ready(p)]
+        not_ready = [f"{p.metadata.name} ({p.status.phase})" for p in mine if not _pod_ready(p)]
+        detail = f"{len(ready)}/{len(mine)} pods ready (need >= {want})"
+        if not_ready:
+            detail += f"; not ready: {', '.join(not_ready[:5])}"
+        out.append(CheckResult(f"kubernetes.{component}", PASS if len(ready) >= int(want) else FAIL, detail))
+    return out
+
+
+def _core_api(kube_context: str):
+    from kubernetes import client, config
+
+    if kube_context == "in-cluster":
+        config.load_incluster_config()
+    else:
+        config.load_kube_config(context=kube_context)
+    return client.CoreV1Api()
+
+
+def _default_namespace(kube_context: str | None) -> str:
+    if kube_context == "in-cluster":
+        try:
+            return Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
+        except OSError:
+            return "default"
+    try:
+        from kubernetes import config
+
+        contexts, active = config.list_kube_config_contexts()
+        ctx = next((c for c in contexts if c["name"] == kube_context), active)
+        return ctx.get("context", {}).get("namespace") or "default"
+    except Exception:  # noqa: BLE001
+        return "default"
+
+
+def _pod_ready(pod) -> bool:
+    if pod.metadata.deletion_timestamp is not None or pod.status.phase != "Running":
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
+
+
+# -- all of it -----------------------------------------------------------------------------------
+def run_all(*, api_url: str | None = None, redis_url: str | None = None, database_url: str | None = None,
+            stream: str = "telemetry", group: str = "collectors", kube_context: str | None = None,
+            namespace: str | None = None, expected: Mapping[str, int] | None = None, max_lag: int | None = 1000,
+            max_pending: int | None = None, max_dead: int | None = None, min_consumers: int = 1,
+            max_staleness_s: float | None = 300.0) -> list[CheckResult]:
+    """Every section, in order API → Redis → PostgreSQL → Kubernetes."""
+    return [*check_api(api_url),
+            *check_redis(redis_url, stream, group, max_lag=max_lag, max_pending=max_pending, max_dead=max_dead,
+                         min_consumers=min_consumers),
+            *check_postgres(database_url, max_staleness_s=max_staleness_s),
+            *check_kubernetes(kube_context, namespace, expected)]
+
+
+def failed(results: Sequence[CheckResult]) -> list[str]:
+    return [r.name for r in results if r.status == FAIL]
+
+
+def to_frame(results: Sequence[CheckResult]):
+    import pandas as pd
+
+    return pd.DataFrame([asdict(r) for r in results], columns=["name", "status", "detail"]).rename(
+        columns={"name": "check"})
+
+
+def write_report(results: Sequence[CheckResult], path: str | Path, parameters: Mapping[str, Any] | None = None) -> dict:
+    """Write the JSON report (`ok`, `failed`, `checks`, `parameters` with URLs redacted); returns it."""
+    params = {k: (redact(v) if isinstance(v, str) and "://" in v else v) for k, v in (parameters or {}).items()}
+    report = {"generated_at": _iso(datetime.now(UTC)), "ok": not failed(results), "failed": failed(results),
+              "counts": {s: sum(r.status == s for r in results) for s in (PASS, FAIL, SKIP)},
+              "checks": [asdict(r) for r in results], "parameters": params}
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return report
+
+
+def assert_passed(results: Sequence[CheckResult]) -> None:
+    """Raise `AssertionError("failed checks: a, b")` when any check failed (papermill exits non-zero)."""
+    names = failed(results)
+    if names:
+        details = "; ".join(f"{r.name}: {r.detail}" for r in results if r.status == FAIL)
+        raise AssertionError(f"failed checks: {', '.join(names)} ({details})")
+

@@ -1,0 +1,226 @@
+"""A typed client of the telemetry-nb REST API (httpx), for notebooks, the dashboard and checks.
+
+Every list call follows `next_cursor` until the last page; a non-2xx answer raises `APIError` carrying
+the status and the API's own `detail` text, so a notebook shows *why* a request failed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+TimeArg = datetime | str | None
+
+
+class APIError(RuntimeError):
+    """A request the API answered with a non-2xx status (or did not answer at all: `status` 0)."""
+
+    def __init__(self, method: str, url: str, status: int, detail: str, body: Any = None):
+        self.method, self.url, self.status, self.detail, self.body = method, url, status, detail, body
+        where = f"{method} {url}"
+        super().__init__(f"{where} -> HTTP {status}: {detail}" if status else f"{where} failed: {detail}")
+
+
+def parse_ts(text: str | None) -> datetime | None:
+    """RFC 3339 from the API (`...Z`) → aware UTC datetime."""
+    if not text:
+        return None
+    ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def format_ts(ts: TimeArg) -> str | None:
+    """A datetime (naive = UTC) or an RFC 3339 string → the API's query text."""
+    if ts is None or ts == "":
+        return None
+    if isinstance(ts, str):
+        return ts
+    if hasattr(ts, "to_pydatetime"):  # pandas.Timestamp
+        ts = ts.to_pydatetime()
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    uuid: str
+    hostname: str
+    gpu_index: int | None
+    device: str
+    model_name: str
+    first_seen: datetime | None
+    last_seen: datetime | None
+
+    @classmethod
+    def from_json(cls, d: dict) -> Gpu:
+        return cls(uuid=d["uuid"], hostname=d.get("hostname") or "", gpu_index=d.get("gpu_index"),
+                   device=d.get("device") or "", model_name=d.get("model_name") or "",
+                   first_seen=parse_ts(d.get("first_seen")), last_seen=parse_ts(d.get("last_seen")))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One stored sample of one GPU."""
+
+    timestamp: datetime
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    gpu: Gpu
+    items: list[Point]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Server-side aggregate of one metric over one time bucket."""
+
+    bucket: datetime
+    metric: str
+    min: float
+    avg: float
+    max: float
+    count: int
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    gpu: Gpu
+    bucket_seconds: float
+    items: list[Bucket]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str
+    rows: int
+
+
+class TelemetryClient:
+    """`TelemetryClient(api_url)`; the URL defaults to $TELEMETRY_API_URL, then http://127.0.0.1:8000."""
+
+    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None):
+        self.base_url = (base_url or os.environ.get("TELEMETRY_API_URL") or DEFAULT_API_URL).rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> TelemetryClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TelemetryClient({self.base_url!r})"
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _get(self, path: str, params: dict | list | None = None, *, ok: Sequence[int] = ()) -> tuple[int, Any]:
+        if isinstance(params, dict):
+            params = [(k, v) for k, v in params.items() if v is not None]
+        try:
+            resp = self._http.get(path, params=params)
+        except httpx.HTTPError as err:
+            raise APIError("GET", f"{self.base_url}{path}", 0, f"{type(err).__name__}: {err}") from None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        if resp.is_success or resp.status_code in ok:
+            return resp.status_code, body
+        detail = body.get("detail") if isinstance(body, dict) else None
+        if not isinstance(detail, str):
+            detail = str(detail if detail is not None else body)[:500] or resp.reason_phrase
+        raise APIError("GET", str(resp.request.url), resp.status_code, detail, body)
+
+    def _pages(self, path: str, params: list[tuple[str, Any]]) -> Iterator[dict]:
+        cursor = None
+        while True:
+            _, body = self._get(path, params + ([("cursor", cursor)] if cursor else []))
+            yield body
+            cursor = body.get("next_cursor")
+            if not cursor:
+                return
+
+    # -- service -------------------------------------------------------------------------------
+    def health(self) -> dict:
+        """`GET /health`: the process answers."""
+        return self._get("/health")[1]
+
+    def ready(self) -> dict:
+        """`GET /ready`; raises `APIError` (status 503, `body["failed"]` lists what is down) when not ready."""
+        return self._get("/ready")[1]
+
+    def metrics(self) -> list[MetricInfo]:
+        """Metric names present, with their row counts."""
+        return [MetricInfo(m["name"], int(m["rows"])) for m in self._get("/api/v1/metrics")[1]["items"]]
+
+    # -- inventory -----------------------------------------------------------------------------
+    def gpus(self, hostname: str | None = None, model_name: str | None = None, *, page_size: int = 1000) -> list[Gpu]:
+        """Every GPU (optionally of one host / model), all pages."""
+        params = [(k, v) for k, v in (("hostname", hostname), ("model_name", model_name), ("limit", page_size))
+                  if v is not None]
+        return [Gpu.from_json(g) for page in self._pages("/api/v1/gpus", params) for g in page["items"]]
+
+    def gpu(self, uuid: str) -> Gpu:
+        return Gpu.from_json(self._get(f"/api/v1/gpus/{uuid}")[1])
+
+    # -- telemetry -----------------------------------------------------------------------------
+    def telemetry_pages(self, uuid: str, *, start_time: TimeArg = None, end_time: TimeArg = None,
+                        metric: str | Sequence[str] | None = None, page_size: int = 10000) -> Iterator[dict]:
+        """The raw JSON pages of `GET /api/v1/gpus/{uuid}/telemetry` (for callers that build frames fast)."""
+        params: list[tuple[str, Any]] = [("limit", page_size)]
+        params += [(k, v) for k, v in (("start_time", format_ts(start_time)), ("end_time", format_ts(end_time)))
+                   if v is not None]
+        params += [("metric", m) for m in _metrics(metric)]
+        yield from self._pages(f"/api/v1/gpus/{uuid}/telemetry", params)
+
+    def telemetry(self, uuid: str, *, start_time: TimeArg = None, end_time: TimeArg = None,
+                  metric: str | Sequence[str] | None = None, page_size: int = 10000,
+                  max_rows: int | None = None) -> Telemetry:
+        """Samples of one GPU with start_time ≤ ts ≤ end_time, ordered by time, following every cursor.
+
+        `max_rows` stops early (a guard for notebooks: use `aggregate` for long windows).
+        """
+        gpu: Gpu | None = None
+        items: list[Point] = []
+        for page in self.telemetry_pages(uuid, start_time=start_time, end_time=end_time, metric=metric,
+                                         page_size=page_size):
+            gpu = gpu or Gpu.from_json(page["gpu"])
+            items.extend(Point(parse_ts(t["timestamp"]), t["metric"], t["value"]) for t in page["items"])
+            if max_rows is not None and len(items) >= max_rows:
+                del items[max_rows:]
+                break
+        assert gpu is not None
+        return Telemetry(gpu, items)
+
+    def aggregate(self, uuid: str, *, metric: str | Sequence[str] | None = None, bucket: str | float = "1m",
+                  start_time: TimeArg = None, end_time: TimeArg = None) -> Aggregate:
+        """Per-bucket min/avg/max/count computed by PostgreSQL; `bucket` is `30s`, `5m`, … or seconds."""
+        if isinstance(bucket, int | float):
+            bucket = f"{int(bucket)}s" if float(bucket).is_integer() else f"{bucket}s"
+        params: list[tuple[str, Any]] = [("bucket", bucket)]
+        params += [(k, v) for k, v in (("start_time", format_ts(start_time)), ("end_time", format_ts(end_time)))
+                   if v is not None]
+        params += [("metric", m) for m in _metrics(metric)]
+        body = self._get(f"/api/v1/gpus/{uuid}/telemetry/aggregate", params)[1]
+        return Aggregate(Gpu.from_json(body["gpu"]), float(body["bucket_seconds"]),
+                         [Bucket(parse_ts(b["bucket"]), b["metric"], b["min"], b["avg"], b["max"], int(b["count"]))
+                          for b in body["items"]])
+
+
+def _metrics(metric: str | Sequence[str] | None) -> list[str]:
+    if metric is None:
+        return []
+    return [metric] if isinstance(metric, str) else list(metric)
