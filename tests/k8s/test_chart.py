@@ -841,6 +841,12 @@ def papermill_params(command: list[str]) -> dict[str, str]:
     return {command[i + 1]: command[i + 2] for i, arg in enumerate(command) if arg == "-p"}
 
 
+def papermill_yaml(command: list[str]) -> dict[str, Any]:
+    """The `-y` parameters (YAML) of a papermill command line."""
+    (i,) = [i for i, arg in enumerate(command) if arg in ("-y", "--parameters_yaml")]
+    return yaml.safe_load(command[i + 1])
+
+
 def test_helm_test_hook_runs_the_deployment_check_notebook(render):
     rendered = render("same-cluster")
     assert "telemetry-pipeline/templates/tests/deployment-check-job.yaml" in rendered.templates
@@ -859,6 +865,9 @@ def test_helm_test_hook_runs_the_deployment_check_notebook(render):
     assert params["release"] == RELEASE
     assert set(params["expected_components"].split(",")) == {
         "streamer", "collector", "api-gateway", "dashboard", "redis", "postgresql"}
+    assert params["kube_context"] == "in-cluster"
+    assert papermill_yaml(cmd) == {"expected": {"streamer": 2, "collector": 2, "api-gateway": 2, "dashboard": 1,
+                                                "redis": 1, "postgresql": 1}}
     rendered.get("Service", API_SVC)
     # Its account may list the release's pods, nothing more.
     sa = spec["serviceAccountName"]
@@ -873,6 +882,9 @@ def test_helm_test_hook_on_edge_checks_streamers_only(render):
     params = papermill_params(main_container(hook)["command"])
     assert params["api_url"] == ""
     assert params["expected_components"] == "streamer"
+    assert papermill_yaml(main_container(hook)["command"]) == {"expected": {"streamer": 4}}
+    hook = render("ingress-hpa-networkpolicy").one("deployment-check")
+    assert papermill_yaml(main_container(hook)["command"])["expected"]["collector"] == 3  # the HPA's minimum
 
 
 def test_helm_test_can_be_disabled(render):
