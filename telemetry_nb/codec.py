@@ -1,49 +1,68 @@
 """One versioned encoding of a batch of samples into a Redis stream entry, and back.
 
-Version 1 puts the rows in PostgreSQL COPY text format (`uuid, metric, ts, value, namespace, pod,
-container`), so a collector writes a batch with no per-row Python work, and carries the batch's GPU
-inventory, metric names and workloads as small JSON side fields for the upserts.
+Version 1 puts the rows in PostgreSQL COPY text format, already in the shape of the `telemetry`
+table (`gpu_id, ts, metric_id, value, workload_id`), so a collector COPYs a batch straight into
+the table with no per-row Python work. The ids are content hashes (`gpu_key`, `metric_key`,
+`workload_key`), so a streamer needs no lookups and every process derives the same id. The batch's
+GPU inventory, metric names and workloads travel as small JSON side fields for the upserts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 
 from telemetry_nb.model import Sample
 from telemetry_nb.sources.dcgm_csv import parse_timestamp
 
 VERSION = b"1"
-_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 class CodecError(ValueError):
     """A stream entry that this version cannot decode; it goes to the dead-letter stream."""
 
 
+@lru_cache(maxsize=65536)
+def gpu_key(uuid: str) -> int:
+    """The GPU's row id: a signed 64-bit hash of its uuid (collisions are caught by the primary key)."""
+    return int.from_bytes(hashlib.blake2b(uuid.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+@lru_cache(maxsize=4096)
+def metric_key(name: str) -> int:
+    """The metric's id: a signed 32-bit hash of its name."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "big", signed=True)
+
+
+@lru_cache(maxsize=65536)
+def workload_key(namespace: str, pod: str, container: str) -> int:
+    """The workload's id: a signed 64-bit hash of (namespace, pod, container)."""
+    raw = f"{namespace}\0{pod}\0{container}".encode()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
+
+
 @dataclass
 class Batch:
-    """A decoded stream entry: `rows` is COPY text; `gpus` rows are (uuid, host, index, device, model, first, last)."""
+    """A decoded entry: `rows` is COPY text; `gpus` rows are (id, uuid, host, index, device, model)."""
 
     n: int
     rows: bytes
     gpus: list[list] = field(default_factory=list)
-    metrics: list[str] = field(default_factory=list)
-    workloads: list[list[str]] = field(default_factory=list)
-
-
-def _esc(text: str) -> str:
-    return text.translate(_ESCAPE)
+    metrics: list[list] = field(default_factory=list)
+    workloads: list[list] = field(default_factory=list)
 
 
 def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
     """Encode samples into the fields of one stream entry (`XADD` takes the dict as is)."""
     lines: list[str] = []
+    append = lines.append
     gpus: dict[str, list] = {}
-    metrics: dict[str, None] = {}
-    workloads: dict[tuple[str, str, str], None] = {}
+    metrics: dict[str, str] = {}
+    workloads: dict[tuple[str, str, str], str] = {}
     ts_text: dict[datetime, str] = {}
     for s in samples:
         ts = ts_text.get(s.ts)
@@ -51,28 +70,26 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
             ts = ts_text[s.ts] = s.ts.isoformat()
         gpu = gpus.get(s.uuid)
         if gpu is None:
-            gpus[s.uuid] = [s.uuid, s.hostname, s.gpu_index, s.device, s.model_name, s.ts, s.ts]
-        else:
-            if s.ts < gpu[5]:
-                gpu[5] = s.ts
-            elif s.ts > gpu[6]:
-                gpu[6] = s.ts
-        metrics[s.metric] = None
+            gpu = gpus[s.uuid] = [str(gpu_key(s.uuid)), s.uuid, s.hostname, s.gpu_index, s.device, s.model_name]
+        mid = metrics.get(s.metric)
+        if mid is None:
+            mid = metrics[s.metric] = str(metric_key(s.metric))
         if s.pod or s.namespace or s.container:
-            workloads[(s.namespace, s.pod, s.container)] = None
-        lines.append(
-            f"{_esc(s.uuid)}\t{_esc(s.metric)}\t{ts}\t{s.value!r}\t"
-            f"{_esc(s.namespace)}\t{_esc(s.pod)}\t{_esc(s.container)}\n"
-        )
+            wkey = (s.namespace, s.pod, s.container)
+            wid = workloads.get(wkey)
+            if wid is None:
+                wid = workloads[wkey] = str(workload_key(*wkey))
+        else:
+            wid = "\\N"
+        append(f"{gpu[0]}\t{ts}\t{mid}\t{s.value!r}\t{wid}\n")
     for gpu in gpus.values():
-        gpu[5] = gpu[5].isoformat()
-        gpu[6] = gpu[6].isoformat()
+        gpu[0] = int(gpu[0])
     return {
         b"v": VERSION,
         b"n": str(len(lines)).encode(),
         b"gpus": json.dumps(list(gpus.values()), separators=(",", ":")).encode(),
-        b"metrics": json.dumps(list(metrics), separators=(",", ":")).encode(),
-        b"workloads": json.dumps([list(w) for w in workloads], separators=(",", ":")).encode(),
+        b"metrics": json.dumps([[int(i), n] for n, i in metrics.items()], separators=(",", ":")).encode(),
+        b"workloads": json.dumps([[int(i), *w] for w, i in workloads.items()], separators=(",", ":")).encode(),
         b"rows": "".join(lines).encode(),
     }
 
@@ -100,20 +117,17 @@ def decode(fields: dict[bytes, bytes]) -> Batch:
     return batch
 
 
-def _unesc(text: str) -> str:
-    if "\\" not in text:
-        return text
-    return text.replace("\\t", "\t").replace("\\n", "\n").replace("\\r", "\r").replace("\\\\", "\\")
-
-
 def decode_samples(batch: Batch) -> list[Sample]:
-    """Rows of a batch back as `Sample`s, with inventory fields filled from the side fields (for tools and tests)."""
+    """Rows of a batch back as `Sample`s, names and inventory filled from the side fields (for tools and tests)."""
     gpus = {g[0]: g for g in batch.gpus}
+    metrics = {m[0]: m[1] for m in batch.metrics}
+    workloads = {w[0]: w[1:] for w in batch.workloads}
     out = []
     for line in batch.rows.decode().splitlines():
-        uuid, metric, ts, value, ns, pod, container = (_unesc(f) for f in line.split("\t"))
-        g = gpus.get(uuid, [uuid, "", None, "", ""])
-        out.append(Sample(uuid=uuid, metric=metric, ts=parse_timestamp(ts), value=float(value),
-                          hostname=g[1], gpu_index=g[2], device=g[3], model_name=g[4],
+        gid, ts, mid, value, wid = line.split("\t")
+        g = gpus[int(gid)]
+        ns, pod, container = workloads[int(wid)] if wid != "\\N" else ("", "", "")
+        out.append(Sample(uuid=g[1], metric=metrics[int(mid)], ts=parse_timestamp(ts), value=float(value),
+                          hostname=g[2], gpu_index=g[3], device=g[4], model_name=g[5],
                           namespace=ns, pod=pod, container=container))
     return out

@@ -186,10 +186,10 @@ class Collector:
         return keep
 
     # -- main loop -------------------------------------------------------------------------------
-    def _reader(self, out: stdqueue.Queue) -> None:
+    def _reader(self, out: stdqueue.Queue, block_ms: int) -> None:
         while not self.stop_event.is_set():
             try:
-                entries = self._redis(lambda: self.queue.read(self.settings.read_count, self.settings.block_ms))
+                entries = self._redis(lambda: self.queue.read(self.settings.read_count, block_ms))
             except REDIS_ERRORS:
                 break
             while not self.stop_event.is_set():
@@ -212,7 +212,9 @@ class Collector:
         self._db_writer()
         self.recover_own()
         prefetched: stdqueue.Queue = stdqueue.Queue(maxsize=2)
-        reader = threading.Thread(target=self._reader, args=(prefetched,), daemon=True, name="stream-reader")
+        block_ms = min(self.settings.block_ms, 200) if drain else self.settings.block_ms
+        reader = threading.Thread(target=self._reader, args=(prefetched, block_ms), daemon=True,
+                                  name="stream-reader")
         reader.start()
         next_sweep = self.clock()
         sweep_every = max(1.0, self.settings.visibility_timeout_s / 2)

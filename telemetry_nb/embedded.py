@@ -185,9 +185,17 @@ class Embedded:
                             PG_SYSTEM_USER], check=True)
         return PG_SYSTEM_USER
 
+    def _as_pg_user(self) -> dict:
+        """subprocess arguments that drop root to the PostgreSQL system user: uid, gid and groups."""
+        user = self._pg_user()
+        if user is None:
+            return {}
+        pw = pwd.getpwnam(user)
+        return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
     def _pg_ctl(self, args: list[str], **kwargs) -> None:
         subprocess.run([str(postgres_bin_dir() / "pg_ctl"), "-D", str(self.pg_dir), *args], check=True,
-                       user=self._pg_user(), stdout=subprocess.DEVNULL, **kwargs)
+                       stdout=subprocess.DEVNULL, cwd="/", **self._as_pg_user(), **kwargs)
 
     def _pg_running(self) -> bool:
         return _pid_alive(self.pg_dir / "postmaster.pid") is not None
@@ -207,8 +215,8 @@ class Embedded:
                 os.chown(self.pg_dir, pw.pw_uid, pw.pw_gid)
             log.info("Initialising embedded PostgreSQL in %s", self.pg_dir)
             subprocess.run([str(bindir / "initdb"), "-D", str(self.pg_dir), "--auth=trust", "-U", "postgres",
-                            "--encoding=UTF8", "--no-sync"], check=True, user=user,
-                           stdout=subprocess.DEVNULL)
+                            "--encoding=UTF8", "--no-sync"], check=True, cwd="/",
+                           stdout=subprocess.DEVNULL, **self._as_pg_user())
             with open(self.pg_dir / "pg_hba.conf", "a") as hba:
                 hba.write("host all all samenet trust\n")
         log.info("Starting embedded PostgreSQL on %s:%d", self.host, state.postgres_port)

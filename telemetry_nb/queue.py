@@ -56,6 +56,7 @@ class Queue:
         self.consumer = consumer
         self.dead_stream = dead_stream or f"{stream}:dead"
         self.rejected_stream = rejected_stream or f"{stream}:rejected"
+        self.r.set_response_callback("XAUTOCLAIM", _raw)
 
     # -- producer side -------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -115,25 +116,35 @@ class Queue:
 
         IDs that are pending but whose entries were deleted from the stream are data loss: they are
         returned in `deleted` (and acked so they stop haunting the PEL) for the caller to count.
+        Redis 7 lists them itself; Redis 6.2 returns nil in their place, so they are found by lookup.
         """
         resp = self.r.execute_command("XAUTOCLAIM", self.stream, self.group, self.consumer,
                                       int(min_idle_ms), cursor, "COUNT", count)
-        next_cursor, raw_entries = resp[0], resp[1]
+        next_cursor, raw_entries = resp[0], resp[1] or []
         deleted = list(resp[2]) if len(resp) > 2 and resp[2] else []
         entries: list[Entry] = []
-        for item in raw_entries or []:
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
-                eid, fields = item
-            else:
-                eid, flat = item[0], item[1]
-                fields = None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
-            if fields is None:
-                deleted.append(eid)
-            else:
-                entries.append((eid, fields))
+        holes = False
+        for item in raw_entries:
+            if item is None or item[1] is None:
+                holes = True
+                continue
+            flat = item[1]
+            entries.append((item[0], dict(zip(flat[::2], flat[1::2], strict=True))))
+        if holes:
+            deleted.extend(self._deleted_among_ours(cursor, next_cursor, {eid for eid, _ in entries}))
         if deleted:
             self.ack(deleted)
         return Claimed(entries=entries, deleted=deleted, cursor=next_cursor)
+
+    def _deleted_among_ours(self, start: bytes | str, end: bytes | str, live: set[bytes]) -> list[bytes]:
+        high = "+" if end in (b"0-0", "0-0") else end
+        rows = self.r.xpending_range(self.stream, self.group, min=start, max=high, count=10000,
+                                     consumername=self.consumer)
+        candidates = [row["message_id"] for row in rows if row["message_id"] not in live]
+        pipe = self.r.pipeline(transaction=False)
+        for eid in candidates:
+            pipe.xrange(self.stream, min=eid, max=eid, count=1)
+        return [eid for eid, found in zip(candidates, pipe.execute(), strict=True) if not found]
 
     def dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], error: str, deliveries: int = 0) -> None:
         """Move an entry to the dead-letter stream with its error, and ack it, atomically."""
@@ -205,6 +216,10 @@ class Queue:
     def read_rejected(self, count: int = 100) -> list[dict[str, str]]:
         """The oldest rejected rows (line, reason, raw, source)."""
         return [_decode(fields) for _, fields in self.r.xrange(self.rejected_stream, count=count)]
+
+
+def _raw(response, **options):
+    return response
 
 
 def _decode(fields: dict[bytes, bytes]) -> dict[str, str]:

@@ -22,35 +22,40 @@ log = logging.getLogger(__name__)
 MIGRATIONS: list[tuple[int, str]] = [
     (1, """
     CREATE TABLE IF NOT EXISTS gpus (
-        id serial PRIMARY KEY,
+        id bigint PRIMARY KEY,
         uuid text NOT NULL UNIQUE,
         hostname text NOT NULL DEFAULT '',
         gpu_index int,
         device text NOT NULL DEFAULT '',
-        model_name text NOT NULL DEFAULT '',
-        first_seen timestamptz,
-        last_seen timestamptz
+        model_name text NOT NULL DEFAULT ''
     );
     CREATE INDEX IF NOT EXISTS gpus_hostname ON gpus (hostname);
     CREATE TABLE IF NOT EXISTS metrics (
-        id smallserial PRIMARY KEY,
+        id int PRIMARY KEY,
         name text NOT NULL UNIQUE
     );
     CREATE TABLE IF NOT EXISTS workloads (
-        id serial PRIMARY KEY,
+        id bigint PRIMARY KEY,
         namespace text NOT NULL DEFAULT '',
         pod text NOT NULL DEFAULT '',
         container text NOT NULL DEFAULT '',
         UNIQUE (namespace, pod, container)
     );
     CREATE TABLE IF NOT EXISTS telemetry (
-        gpu_id int NOT NULL,
+        gpu_id bigint NOT NULL,
         ts timestamptz NOT NULL,
-        metric_id smallint NOT NULL,
+        metric_id int NOT NULL,
         value double precision NOT NULL,
-        workload_id int,
+        workload_id bigint,
         PRIMARY KEY (gpu_id, ts, metric_id)
     );
+    -- first/last seen come from the primary key (two index probes per GPU), not from a column that
+    -- every batch would have to update
+    CREATE OR REPLACE VIEW gpu_inventory AS
+    SELECT g.id, g.uuid, g.hostname, g.gpu_index, g.device, g.model_name,
+           (SELECT t.ts FROM telemetry t WHERE t.gpu_id = g.id ORDER BY t.ts LIMIT 1) AS first_seen,
+           (SELECT t.ts FROM telemetry t WHERE t.gpu_id = g.id ORDER BY t.ts DESC LIMIT 1) AS last_seen
+    FROM gpus g;
     """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -58,24 +63,16 @@ _MIGRATION_LOCK = 0x7E1E_4E7B  # advisory lock id: collectors starting together 
 
 STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS staging (
-    uuid text, metric text, ts timestamptz, value double precision,
-    namespace text, pod text, container text
+    gpu_id bigint, ts timestamptz, metric_id int, value double precision, workload_id bigint
 ) ON COMMIT DELETE ROWS
-"""
-
-INSERT_TELEMETRY = """
-INSERT INTO telemetry (gpu_id, ts, metric_id, value, workload_id)
-SELECT g.id, s.ts, m.id, s.value, w.id
-FROM staging s
-JOIN gpus g ON g.uuid = s.uuid
-JOIN metrics m ON m.name = s.metric
-LEFT JOIN workloads w ON w.namespace = s.namespace AND w.pod = s.pod AND w.container = s.container
-ON CONFLICT DO NOTHING
 """
 
 RETRYABLE = (psycopg.OperationalError, psycopg.errors.DeadlockDetected,
              psycopg.errors.SerializationFailure, psycopg.InterfaceError)
-DATA_ERRORS = (psycopg.DataError, psycopg.errors.InvalidTextRepresentation)
+
+
+class IdCollision(psycopg.DataError):
+    """Two names hashed to the same id: the batch is refused rather than mislabelled."""
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:
@@ -107,65 +104,87 @@ class WriteResult:
 
 
 class Writer:
-    """The collector's write path: many batches → one transaction → exactly-once rows."""
+    """The collector's write path: many batches → one transaction → exactly-once rows.
+
+    Rows are COPYed straight into `telemetry` under a savepoint. Only when that hits a row that is
+    already stored (a redelivery, a replayed file) does the transaction fall back to COPY into a
+    staging table plus `INSERT … ON CONFLICT DO NOTHING`, which is slower but skips duplicates.
+    """
 
     def __init__(self, conn: psycopg.Connection):
         self.conn = conn
         conn.execute(STAGING)
         conn.commit()
+        self._known_metrics: dict[int, str] = {}
+        self._known_workloads: dict[int, tuple] = {}
+        self._known_gpus: dict[int, tuple] = {}
+        self.fallbacks = 0
 
     def write(self, batches: Sequence[Batch]) -> WriteResult:
         """Write `batches` in one transaction; raises on failure with nothing committed."""
-        gpus: dict[str, list] = {}
-        metrics: set[str] = set()
-        workloads: set[tuple[str, str, str]] = set()
+        gpus: dict[int, tuple] = {}
+        metrics: dict[int, str] = {}
+        workloads: dict[int, tuple] = {}
         consumed = 0
         for b in batches:
             consumed += b.n
-            metrics.update(b.metrics)
-            workloads.update(tuple(w) for w in b.workloads)
+            for m in b.metrics:
+                if self._known_metrics.get(m[0]) != m[1]:
+                    metrics[m[0]] = m[1]
+            for w in b.workloads:
+                if w[0] not in self._known_workloads:
+                    workloads[w[0]] = tuple(w)
             for g in b.gpus:
-                seen = gpus.get(g[0])
-                if seen is None:
-                    gpus[g[0]] = list(g)
-                else:
-                    seen[1:5] = g[1:5]
-                    seen[5] = min(seen[5], g[5])
-                    seen[6] = max(seen[6], g[6])
-        ordered = sorted(gpus.values())
-        cols = list(zip(*ordered, strict=True)) if ordered else [[]] * 7
+                meta = tuple(g[:6])
+                if self._known_gpus.get(g[0]) != meta:
+                    gpus[g[0]] = meta
         conn = self.conn
-        with conn.transaction():
-            with conn.cursor() as cur:
-                cur.execute("INSERT INTO metrics (name) SELECT unnest(%s::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
-                            (sorted(metrics),))
-                if workloads:
-                    w = sorted(workloads)
-                    cur.execute("INSERT INTO workloads (namespace, pod, container) "
-                                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]) ORDER BY 1, 2, 3 "
-                                "ON CONFLICT DO NOTHING", [list(c) for c in zip(*w, strict=True)])
+        with conn.transaction(), conn.cursor() as cur:
+            if metrics:
+                self._upsert_metrics(cur, metrics)
+            if workloads:
+                w = sorted(workloads.values())
+                cur.execute("INSERT INTO workloads (id, namespace, pod, container) "
+                            "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) "
+                            "ON CONFLICT DO NOTHING", [list(c) for c in zip(*w, strict=True)])
+            if gpus:
+                cols = [list(c) for c in zip(*sorted(gpus.values()), strict=True)]
                 cur.execute(
-                    "INSERT INTO gpus (uuid, hostname, gpu_index, device, model_name, first_seen, last_seen) "
-                    "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], "
-                    "%s::timestamptz[], %s::timestamptz[]) ORDER BY 1 ON CONFLICT (uuid) DO NOTHING",
-                    [list(c) for c in cols])
-                with cur.copy("COPY staging FROM STDIN") as copy:
-                    for b in batches:
-                        copy.write(b.rows)
-                cur.execute(INSERT_TELEMETRY)
-                stored = cur.rowcount
-                cur.execute(
-                    "UPDATE gpus SET hostname = u.hostname, gpu_index = u.gpu_index, device = u.device, "
-                    "model_name = u.model_name, first_seen = LEAST(gpus.first_seen, u.first_seen), "
-                    "last_seen = GREATEST(gpus.last_seen, u.last_seen) "
-                    "FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], "
-                    "%s::timestamptz[], %s::timestamptz[]) "
-                    "AS u(uuid, hostname, gpu_index, device, model_name, first_seen, last_seen) "
-                    "WHERE gpus.uuid = u.uuid AND (gpus.last_seen < u.last_seen OR gpus.first_seen > u.first_seen "
-                    "OR (gpus.hostname, gpus.gpu_index, gpus.device, gpus.model_name) IS DISTINCT FROM "
-                    "(u.hostname, u.gpu_index, u.device, u.model_name))",
-                    [list(c) for c in cols])
+                    "INSERT INTO gpus AS g (id, uuid, hostname, gpu_index, device, model_name) "
+                    "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[]) "
+                    "ON CONFLICT (uuid) DO UPDATE SET hostname = EXCLUDED.hostname, gpu_index = EXCLUDED.gpu_index, "
+                    "device = EXCLUDED.device, model_name = EXCLUDED.model_name "
+                    "WHERE (g.hostname, g.gpu_index, g.device, g.model_name) IS DISTINCT FROM "
+                    "(EXCLUDED.hostname, EXCLUDED.gpu_index, EXCLUDED.device, EXCLUDED.model_name)", cols)
+            stored = self._copy_rows(cur, batches, consumed)
+        # remember only what is committed, so a rolled-back transaction is redone in full
+        self._known_metrics.update(metrics)
+        self._known_workloads.update(workloads)
+        self._known_gpus.update(gpus)
         return WriteResult(consumed=consumed, stored=stored)
+
+    def _upsert_metrics(self, cur: psycopg.Cursor, metrics: dict[int, str]) -> None:
+        new = metrics
+        cur.execute("INSERT INTO metrics (id, name) SELECT * FROM unnest(%s::int[], %s::text[]) "
+                    "ON CONFLICT DO NOTHING", (sorted(new), [new[i] for i in sorted(new)]))
+        stored = dict(cur.execute("SELECT id, name FROM metrics WHERE id = ANY(%s)", (list(new),)).fetchall())
+        for i, name in new.items():
+            if stored.get(i) != name:
+                raise IdCollision(f"metric {name!r} hashes to id {i}, already used by {stored.get(i)!r}")
+
+    def _copy_rows(self, cur: psycopg.Cursor, batches: Sequence[Batch], consumed: int) -> int:
+        try:
+            with self.conn.transaction(), cur.copy("COPY telemetry FROM STDIN") as copy:
+                for b in batches:
+                    copy.write(b.rows)
+            return consumed
+        except psycopg.errors.UniqueViolation:
+            self.fallbacks += 1
+        with cur.copy("COPY staging FROM STDIN") as copy:
+            for b in batches:
+                copy.write(b.rows)
+        cur.execute("INSERT INTO telemetry SELECT * FROM staging ON CONFLICT DO NOTHING")
+        return cur.rowcount
 
 
 # -- reads --------------------------------------------------------------------------------------
@@ -196,13 +215,13 @@ class Reader:
         if after:
             where.append("uuid > %s")
             params.append(after)
-        sql = f"SELECT {GPU_COLUMNS} FROM gpus"
+        sql = f"SELECT {GPU_COLUMNS} FROM gpu_inventory"
         if where:
             sql += " WHERE " + " AND ".join(where)
         return self._all(sql + " ORDER BY uuid LIMIT %s", [*params, limit + 1])
 
     def get_gpu(self, uuid: str) -> dict | None:
-        rows = self._all(f"SELECT id, {GPU_COLUMNS} FROM gpus WHERE uuid = %s", (uuid,))
+        rows = self._all(f"SELECT id, {GPU_COLUMNS} FROM gpu_inventory WHERE uuid = %s", (uuid,))
         return rows[0] if rows else None
 
     def metric_ids(self, names: Sequence[str]) -> dict[str, int]:
@@ -260,7 +279,7 @@ class Reader:
         """Schema version, row and GPU counts, newest sample time: what a deployment check looks at."""
         rows = self._all("SELECT (SELECT max(version) FROM schema_version) AS schema_version, "
                          "(SELECT count(*) FROM telemetry) AS rows, (SELECT count(*) FROM gpus) AS gpus, "
-                         "(SELECT max(last_seen) FROM gpus) AS newest")
+                         "(SELECT max(last_seen) FROM gpu_inventory) AS newest")
         return rows[0]
 
     def delete_gpu(self, uuid: str) -> int:

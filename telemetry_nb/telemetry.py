@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -56,8 +57,7 @@ def serve_metrics(port: int, metrics: PipelineMetrics, ready: Callable[[], tuple
                 self._send(200, b'{"status":"ok"}', "application/json")
             elif self.path.startswith("/ready"):
                 ok, detail = ready()
-                body = ('{"status":"%s","detail":"%s"}' % ("ready" if ok else "not ready",
-                                                           detail.replace('"', "'"))).encode()
+                body = json.dumps({"status": "ready" if ok else "not ready", "detail": detail}).encode()
                 self._send(200 if ok else 503, body, "application/json")
             else:
                 self._send(404, b'{"detail":"not found"}', "application/json")

@@ -75,19 +75,6 @@ def parse_timestamp(text: str) -> datetime:
     return ts.astimezone(UTC)
 
 
-def _parse_value(text: str) -> float:
-    s = text.strip()
-    if not s:
-        raise ValueError("empty value")
-    try:
-        value = float(s)
-    except ValueError:
-        raise ValueError(f"non-numeric value {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"non-finite value {text!r}")
-    return value
-
-
 def _column_index(header: list[str]) -> dict[str, int]:
     wanted = {name.lower(): name for name in REQUIRED + OPTIONAL}
     index: dict[str, int] = {}
@@ -126,27 +113,27 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
     header_key = [c.strip().lstrip("\ufeff").lower() for c in header]
     i_ts, i_metric, i_gpu, i_uuid = idx["timestamp"], idx["metric_name"], idx["gpu_id"], idx["uuid"]
     i_host, i_value = idx["Hostname"], idx["value"]
-    i_opt = {name: idx.get(name) for name in OPTIONAL}
+    # optional columns that are absent read from an extra empty field appended to each row
+    i_dev, i_model, i_cont, i_pod, i_ns, i_labels = (idx.get(name, width) for name in OPTIONAL)
     ts_cache: dict[str, datetime] = {}
+    gpu_cache: dict[str, int | None] = {}
+    isfinite = math.isfinite
     prev_line = reader.line_num
 
     for row in reader:
         line = prev_line + 1
         prev_line = reader.line_num
-        if not row or (len(row) == 1 and not row[0].strip()):
+        if len(row) != width:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            reason = ("repeated header row" if [c.strip().lower() for c in row] == header_key
+                      else f"expected {width} fields, got {len(row)}")
+            yield Rejected(line=line, reason=reason, raw=_raw(row))
             continue
+        uuid = row[i_uuid]
+        metric = row[i_metric]
+        raw_ts = row[i_ts]
         try:
-            if len(row) != width:
-                if [c.strip().lower() for c in row] == header_key:
-                    raise ValueError("repeated header row")
-                raise ValueError(f"expected {width} fields, got {len(row)}")
-            uuid = row[i_uuid].strip()
-            if not uuid:
-                raise ValueError("empty uuid")
-            metric = row[i_metric].strip()
-            if not metric:
-                raise ValueError("empty metric_name")
-            raw_ts = row[i_ts]
             ts = ts_cache.get(raw_ts)
             if ts is None:
                 if raw_ts.strip().lower() == "timestamp":
@@ -155,30 +142,36 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
                 if len(ts_cache) > 4096:
                     ts_cache.clear()
                 ts_cache[raw_ts] = ts
-            value = _parse_value(row[i_value])
-            gpu_raw = row[i_gpu].strip()
+            if not uuid or uuid[0].isspace() or uuid[-1].isspace():
+                uuid = uuid.strip()
+                if not uuid:
+                    raise ValueError("empty uuid")
+            if not metric or metric[0].isspace() or metric[-1].isspace():
+                metric = metric.strip()
+                if not metric:
+                    raise ValueError("empty metric_name")
             try:
-                gpu_index = int(gpu_raw) if gpu_raw else None
+                value = float(row[i_value])
             except ValueError:
-                raise ValueError(f"non-integer gpu_id {gpu_raw!r}") from None
-            opt = {name: (row[i].strip() if i is not None else "") for name, i in i_opt.items()}
+                raise ValueError(f"non-numeric value {row[i_value]!r}" if row[i_value].strip()
+                                 else "empty value") from None
+            if not isfinite(value):
+                raise ValueError(f"non-finite value {row[i_value]!r}")
+            gpu_raw = row[i_gpu]
+            gpu_index = gpu_cache.get(gpu_raw, -1)
+            if gpu_index == -1:
+                try:
+                    gpu_index = int(gpu_raw) if gpu_raw.strip() else None
+                except ValueError:
+                    raise ValueError(f"non-integer gpu_id {gpu_raw!r}") from None
+                gpu_cache[gpu_raw] = gpu_index
         except ValueError as err:
             yield Rejected(line=line, reason=str(err), raw=_raw(row))
             continue
-        yield Sample(
-            uuid=uuid,
-            metric=metric,
-            ts=ts,
-            value=value,
-            hostname=row[i_host].strip(),
-            gpu_index=gpu_index,
-            device=opt["device"],
-            model_name=opt["modelName"],
-            container=opt["container"],
-            pod=opt["pod"],
-            namespace=opt["namespace"],
-            labels=parse_labels(opt["labels_raw"]) if with_labels and opt["labels_raw"] else {},
-        )
+        row.append("")
+        yield Sample(uuid, metric, ts, value, row[i_host].strip(), gpu_index, row[i_dev].strip(),
+                     row[i_model].strip(), row[i_cont].strip(), row[i_pod].strip(), row[i_ns].strip(),
+                     parse_labels(row[i_labels]) if with_labels and row[i_labels] else {})
 
 
 def _raw(row: list[str]) -> str:

@@ -1,0 +1,147 @@
+"""End-to-end ingest benchmark: streamer → Redis → collector → PostgreSQL, against a raw COPY of the same rows.
+
+    python bench/ingest.py --rows 1000000
+
+Uses $REDIS_URL/$DATABASE_URL or starts embedded servers in a temporary folder. Prints both rates,
+their ratio, and the streamer's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from telemetry_nb.embedded import Embedded  # noqa: E402
+from telemetry_nb.sources.dcgm_csv import read_samples  # noqa: E402
+from telemetry_nb.sources.generate import METRICS, generate_rows, write_csv  # noqa: E402
+
+
+def _db(url: str, name: str) -> str:
+    p = urlsplit(url)
+    return urlunsplit((p.scheme, p.netloc, f"/{name}", p.query, p.fragment))
+
+
+def _cli(*args: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "telemetry_nb.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def raw_copy_rate(admin_url: str, csv_path: Path, rows: int) -> float:
+    """COPY the same rows (as ids) into an identical empty table; returns rows/s of the COPY alone."""
+    name = f"bench_raw_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        gpu_ids: dict[str, int] = {}
+        metric_ids = {m: i + 1 for i, m in enumerate(METRICS)}
+        lines = []
+        for s in read_samples(csv_path, with_labels=False):
+            gid = gpu_ids.setdefault(s.uuid, len(gpu_ids) + 1)
+            lines.append(f"{gid}\t{s.ts.isoformat()}\t{metric_ids.get(s.metric, 99)}\t{s.value!r}\t\\N\n")
+        payload = "".join(lines).encode()
+        with psycopg.connect(_db(admin_url, name)) as conn:
+            conn.execute("CREATE TABLE telemetry (gpu_id int NOT NULL, ts timestamptz NOT NULL, "
+                         "metric_id smallint NOT NULL, value double precision NOT NULL, workload_id int, "
+                         "PRIMARY KEY (gpu_id, ts, metric_id))")
+            conn.commit()
+            started = time.perf_counter()
+            with conn.cursor() as cur, cur.copy("COPY telemetry FROM STDIN") as copy:
+                for i in range(0, len(payload), 1 << 20):
+                    copy.write(payload[i:i + (1 << 20)])
+            conn.commit()
+            elapsed = time.perf_counter() - started
+            assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == rows
+        return rows / elapsed
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collectors: int) -> tuple[float, int]:
+    """Stream the file and collect it until drained; returns (rows/s, streamer peak RSS in KiB)."""
+    name = f"bench_e2e_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    stream = f"bench-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": _db(admin_url, name),
+           "TELEMETRY_STREAM": stream, "TELEMETRY_LOG_LEVEL": "WARNING"}
+    try:
+        subprocess.run([sys.executable, "-c", "from telemetry_nb import store; import os; "
+                        "store.migrate(store.connect(os.environ['DATABASE_URL']))"], env=env, check=True)
+        started = time.perf_counter()
+        streamer = _cli("stream", "--csv", str(csv_path), env=env)
+        workers = [_cli("collect", "--drain", "--consumer", f"bench-{i}", env=env) for i in range(collectors)]
+        _, status, usage = os.wait4(streamer.pid, 0)
+        streamer.returncode = os.waitstatus_to_exitcode(status)
+        if streamer.returncode != 0:
+            raise RuntimeError(f"streamer failed: {streamer.stderr.read()[-2000:]}")
+        peak_kib = usage.ru_maxrss
+        for w in workers:
+            out, err = w.communicate()
+            if w.returncode != 0:
+                raise RuntimeError(f"collector failed: {err[-2000:]}")
+        elapsed = time.perf_counter() - started
+        with psycopg.connect(_db(admin_url, name)) as conn:
+            stored = conn.execute("SELECT count(*) FROM telemetry").fetchone()[0]
+        if stored != rows:
+            raise RuntimeError(f"stored {stored} rows, expected {rows}")
+        return rows / elapsed, peak_kib
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows to ingest (default 1,000,000)")
+    parser.add_argument("--collectors", type=int, default=1, help="collector processes (default 1)")
+    parser.add_argument("--csv", help="reuse this generated CSV instead of generating one")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="tnb-bench-") as tmp:
+        redis_url, db_url = os.environ.get("REDIS_URL", ""), os.environ.get("DATABASE_URL", "")
+        emb = None
+        if not (redis_url and db_url):
+            emb = Embedded(Path(tmp) / "home")
+            env = emb.env()
+            redis_url, db_url = redis_url or env["REDIS_URL"], db_url or env["DATABASE_URL"]
+        admin = _db(db_url, "postgres")
+        try:
+            gpus = 800
+            ticks = max(1, args.rows // (gpus * len(METRICS)))
+            rows = ticks * gpus * len(METRICS)
+            csv_path = Path(args.csv) if args.csv else Path(tmp) / "bench.csv"
+            if not args.csv:
+                t = time.perf_counter()
+                write_csv(csv_path, generate_rows(100, 8, ticks, 1.0, seed=1))
+                print(f"generated {rows:,} rows ({csv_path.stat().st_size / 1e6:.0f} MB) "
+                      f"in {time.perf_counter() - t:.1f}s")
+            # end to end first: a child forked from this process after the raw COPY payload was built
+            # would report that payload in its peak RSS
+            e2e, peak_kib = end_to_end(redis_url, admin, csv_path, rows, args.collectors)
+            raw = raw_copy_rate(admin, csv_path, rows)
+            print(f"raw COPY into (gpu, ts, metric)-keyed table: {raw:,.0f} rows/s")
+            print(f"end to end (stream -> Redis -> {args.collectors} collector(s) -> PostgreSQL, drained): "
+                  f"{e2e:,.0f} rows/s")
+            print(f"ratio end-to-end / raw COPY: {e2e / raw:.2f}x (target >= 0.5x)")
+            print(f"streamer peak RSS: {peak_kib / 1024:.0f} MB (limit 200 MB)")
+        finally:
+            if emb is not None:
+                emb.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
