@@ -1,12 +1,25 @@
-"""`telemetry-nb dashboard`: serve notebooks/dashboard.ipynb with Voilà against an API."""
+"""`telemetry-nb dashboard`: serve notebooks/dashboard.ipynb with Voilà, and the widget app that notebook shows.
+
+The app (`Dashboard`) renders every chart to SVG with vl-convert inside the kernel, so the page needs
+no JavaScript from a CDN: Voilà's own bundled widget manager is all the browser loads. Heavy imports
+(ipywidgets, pandas, altair) happen inside the app, so building the CLI parser stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import html
 import os
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
 from pathlib import Path
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+WINDOWS = ("5m", "15m", "1h", "6h", "24h", "7d")
 
 
 def notebooks_dir() -> Path:
@@ -25,21 +38,228 @@ def voila_command(port: int, host: str = "127.0.0.1", notebook: Path | None = No
             "--show_tracebacks=True"]
 
 
+def _writable_jupyter_dirs(env: dict[str, str]) -> None:
+    """Point Jupyter's runtime/data dirs at /tmp when $HOME is read-only (a hardened container)."""
+    home = Path(env.get("HOME") or Path.home())
+    if os.access(home, os.W_OK):
+        return
+    base = Path(tempfile.gettempdir()) / "telemetry-nb-jupyter"
+    env.setdefault("JUPYTER_RUNTIME_DIR", str(base / "runtime"))
+    env.setdefault("JUPYTER_DATA_DIR", str(base / "data"))
+    env.setdefault("IPYTHONDIR", str(base / "ipython"))
+    env.setdefault("MPLCONFIGDIR", str(base / "mpl"))
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.api_url:
         env["TELEMETRY_API_URL"] = args.api_url
-    env.setdefault("TELEMETRY_API_URL", "http://127.0.0.1:8000")
-    return subprocess.call(voila_command(args.port, args.host, Path(args.notebook) if args.notebook else None),
-                           env=env)
+    env.setdefault("TELEMETRY_API_URL", DEFAULT_API_URL)
+    if args.refresh is not None:
+        env["TELEMETRY_DASHBOARD_REFRESH_S"] = str(args.refresh)
+    _writable_jupyter_dirs(env)
+    try:
+        notebook = Path(args.notebook) if args.notebook else notebooks_dir() / "dashboard.ipynb"
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not notebook.is_file():
+        print(f"error: dashboard notebook not found: {notebook}", file=sys.stderr)
+        return 2
+    print(f"Dashboard on http://{args.host}:{args.port} over API {env['TELEMETRY_API_URL']}", file=sys.stderr,
+          flush=True)
+    return subprocess.call(voila_command(args.port, args.host, notebook), env=env)
 
 
 def add_parser(sub, common) -> None:
     p = sub.add_parser("dashboard", help="serve the Voilà dashboard",
-                       description="Serve notebooks/dashboard.ipynb with Voilà (no code cells shown).")
+                       description="Serve notebooks/dashboard.ipynb with Voilà (no code cells shown, no CDN).")
     p.add_argument("--port", type=int, default=8866, help="port (default 8866)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--api-url", help="API base URL (default $TELEMETRY_API_URL or http://127.0.0.1:8000)")
+    p.add_argument("--api-url", help=f"API base URL (default $TELEMETRY_API_URL or {DEFAULT_API_URL})")
+    p.add_argument("--refresh", type=int, help="auto-refresh period in seconds (default 30; 0 turns it off)")
     p.add_argument("--notebook", help="dashboard notebook (default notebooks/dashboard.ipynb)")
     p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_dashboard)
+
+
+# -- the app the notebook shows ------------------------------------------------------------------
+CSS = """
+<style>
+.tnb-cards{display:flex;gap:12px;flex-wrap:wrap;margin:4px 0 8px 0}
+.tnb-card{border:1px solid #ddd;border-radius:8px;padding:10px 16px;min-width:140px;background:#fafafa}
+.tnb-card .v{font-size:26px;font-weight:600;color:#222}
+.tnb-card .k{font-size:12px;color:#666;text-transform:uppercase;letter-spacing:.04em}
+.tnb-status{font-size:12px;color:#666}
+.tnb-error{color:#a00;background:#fee;border:1px solid #f99;border-radius:6px;padding:8px 12px}
+.tnb-table{border-collapse:collapse;font-size:12px}
+.tnb-table th,.tnb-table td{border-bottom:1px solid #eee;padding:3px 8px;text-align:left}
+</style>
+"""
+
+
+def _cards(items: list[tuple[str, str]]) -> str:
+    cells = "".join(f'<div class="tnb-card"><div class="v">{html.escape(v)}</div><div class="k">{html.escape(k)}'
+                    f"</div></div>" for k, v in items)
+    return f'{CSS}<div class="tnb-cards">{cells}</div>'
+
+
+def _table(df, limit: int = 15) -> str:
+    if df is None or df.empty:
+        return '<p class="tnb-status">none</p>'
+    more = f'<p class="tnb-status">… and {len(df) - limit} more</p>' if len(df) > limit else ""
+    return df.head(limit).to_html(index=False, classes="tnb-table", border=0, float_format=lambda x: f"{x:.1f}") + more
+
+
+class Dashboard:
+    """Fleet overview, pickers (host, GPU, metric, window) and charts as SVG, refreshed every `refresh_s`."""
+
+    def __init__(self, api_url: str | None = None, *, refresh_s: int | None = None, window: str = "15m",
+                 idle_threshold: float = 5.0):
+        import ipywidgets as w
+
+        from telemetry_nb import explore
+        from telemetry_nb.client import TelemetryClient
+
+        self.ex = explore
+        self.api_url = api_url or os.environ.get("TELEMETRY_API_URL") or DEFAULT_API_URL
+        if refresh_s is None:
+            refresh_s = int(os.environ.get("TELEMETRY_DASHBOARD_REFRESH_S") or 30)
+        self.refresh_s = refresh_s
+        self.idle_threshold = idle_threshold
+        self.client = TelemetryClient(self.api_url, timeout=20)
+        self.loaded: dict | None = None
+        self.refreshes = 0
+        self.errors: list[str] = []
+        self._busy = False
+
+        self.status = w.HTML(f'<span class="tnb-status">API {html.escape(self.api_url)}: loading…</span>')
+        self.error = w.HTML("")
+        self.cards = w.HTML(_cards([("GPUs", "…"), ("hosts", "…"), ("utilization now", "…"), ("idle GPUs", "…")]))
+        self.host = w.Dropdown(description="Host", options=[("All hosts", "")], value="",
+                               layout=w.Layout(width="260px"))
+        self.gpu = w.Dropdown(description="GPU", options=[("All GPUs", "")], value="", layout=w.Layout(width="300px"))
+        self.metric = w.Dropdown(description="Metric", options=[(explore.short(explore.UTIL), explore.UTIL)],
+                                 value=explore.UTIL, layout=w.Layout(width="260px"))
+        self.window = w.Dropdown(description="Window", options=list(WINDOWS), value=window,
+                                 layout=w.Layout(width="180px"))
+        self.refresh_button = w.Button(description="Refresh", icon="refresh", layout=w.Layout(width="100px"))
+        self.timer = w.Play(value=0, min=0, max=10**9, step=1, interval=max(refresh_s, 1) * 1000,
+                            show_repeat=False, description="auto-refresh", layout=w.Layout(width="120px"),
+                            tooltip=f"auto-refresh every {refresh_s}s")
+        self.heatmap = w.HTML(layout=w.Layout(overflow="auto"))
+        self.timeseries = w.HTML(layout=w.Layout(overflow="auto"))
+        self.per_host = w.HTML(layout=w.Layout(overflow="auto"))
+        self.idle = w.HTML()
+        controls = [self.host, self.gpu, self.metric, self.window, self.refresh_button]
+        if refresh_s > 0:
+            controls.append(self.timer)
+        self.view = w.VBox([
+            w.HTML("<h2 style='margin:0'>GPU fleet telemetry</h2>"), self.status, self.error, self.cards,
+            w.HBox(controls, layout=w.Layout(flex_flow="row wrap", gap="6px")),
+            self.heatmap, self.timeseries, self.per_host,
+            w.HTML(f"<h4>Idle GPUs (utilization under {idle_threshold:g}% for the whole window)</h4>"), self.idle,
+        ])
+        self.refresh_button.on_click(lambda _: self.refresh(reload=True))
+        self.timer.observe(lambda _: self.refresh(reload=True), names="value")
+        self.window.observe(lambda _: self.refresh(reload=True), names="value")
+        self.host.observe(self._host_changed, names="value")
+        self.gpu.observe(lambda _: self.refresh(reload=False), names="value")
+        self.metric.observe(lambda _: self.refresh(reload=False), names="value")
+
+    # -- data ----------------------------------------------------------------------------------
+    def load(self) -> dict:
+        metric = self.metric.value
+        return self.ex.load_window(self.client, window=self.window.value, target_buckets=60,
+                                   metrics=[metric, *self.ex.CHART_METRICS])
+
+    def _host_changed(self, _change) -> None:
+        self._set_gpu_options()
+        self.refresh(reload=False)
+
+    def _set_gpu_options(self) -> None:
+        if self.loaded is None:
+            return
+        host = self.host.value
+        gpus = [g for g in self.loaded["gpus"] if not host or g.hostname == host]
+        options = [("All GPUs", "")] + [(f"{self.ex.gpu_label(g.hostname, g.gpu_index)}  {g.uuid[:12]}…", g.uuid)
+                                         for g in gpus]
+        keep = self.gpu.value if any(v == self.gpu.value for _, v in options) else ""
+        with self.gpu.hold_trait_notifications():
+            self.gpu.options = options
+            self.gpu.value = keep
+
+    def _set_pickers(self) -> None:
+        hosts = sorted({g.hostname for g in self.loaded["gpus"]})
+        host = self.host.value if self.host.value in hosts else ""
+        with self.host.hold_trait_notifications():
+            self.host.options = [("All hosts", "")] + [(h, h) for h in hosts]
+            self.host.value = host
+        metrics = sorted({m.name for m in self.client.metrics()}) or [self.ex.UTIL]
+        keep = self.metric.value if self.metric.value in metrics else metrics[0]
+        with self.metric.hold_trait_notifications():
+            self.metric.options = [(self.ex.short(m), m) for m in metrics]
+            self.metric.value = keep
+        self._set_gpu_options()
+
+    # -- rendering -----------------------------------------------------------------------------
+    def refresh(self, reload: bool = True) -> None:
+        """Reload from the API (or just re-draw for a new selection) and render; errors show as a banner."""
+        if self._busy:
+            return
+        self._busy = True
+        started = time.monotonic()
+        try:
+            if reload or self.loaded is None or self.metric.value not in self.loaded["metrics"]:
+                self.loaded = self.load()
+                self._set_pickers()
+            self.render()
+            self.error.value = ""
+            self.refreshes += 1
+            stamp = datetime.now(UTC).strftime("%H:%M:%S")
+            auto = f"; auto-refresh every {self.refresh_s}s" if self.refresh_s > 0 else ""
+            self.status.value = (f'<span class="tnb-status">API {html.escape(self.api_url)} · updated {stamp} UTC '
+                                 f"in {time.monotonic() - started:.1f}s{auto}</span>")
+        except Exception as err:  # noqa: BLE001 (shown on the page, the dashboard keeps running)
+            self.errors.append(traceback.format_exc())
+            self.error.value = (f'<div class="tnb-error">Could not refresh from {html.escape(self.api_url)}: '
+                                f"{html.escape(type(err).__name__)}: {html.escape(str(err))}</div>")
+        finally:
+            self._busy = False
+
+    def render(self) -> None:
+        ex, loaded = self.ex, self.loaded
+        df = loaded["data"]
+        s = ex.fleet_summary(loaded, idle_threshold=self.idle_threshold)
+        util_now = "–" if s["utilization_now"] is None else f"{s['utilization_now']:.0f}%"
+        window = f"{loaded['start']:%H:%M}–{loaded['end']:%H:%M} UTC"
+        self.cards.value = _cards([("GPUs reporting", f"{s['reporting_gpus']} / {s['gpus']}"),
+                                   ("hosts reporting", f"{s['reporting_hosts']} / {s['hosts']}"),
+                                   ("utilization now", util_now), ("idle GPUs", str(s["idle_gpus"])),
+                                   ("window", window)])
+        host, uuid, metric = self.host.value, self.gpu.value, self.metric.value
+        scoped = df[df["hostname"] == host] if host else df
+        scoped.attrs.update(df.attrs)
+        where = host or "all hosts"
+        self.heatmap.value = ex.to_svg(ex.utilization_heatmap(scoped, metric, max_rows=3000, width=820).properties(
+            title=f"{ex.short(metric)} per GPU over time — {where}"))
+        if uuid:
+            one = scoped[scoped["uuid"] == uuid]
+            one.attrs.update(df.attrs)
+            ts = ex.metric_timeseries(one, metric, by="gpu", width=820)
+        else:
+            ts = ex.metric_timeseries(scoped, metric, by="hostname", width=820)
+        self.timeseries.value = ex.to_svg(ts)
+        self.per_host.value = ex.to_svg(ex.utilization_per_host(df, width=900))
+        self.idle.value = _table(ex.idle_gpus(df, self.idle_threshold)[["gpu", "uuid", "max_util", "avg_power_w",
+                                                                         "avg_fb_used_mib"]])
+
+    def show(self):
+        """Display the app and draw it once; the Play widget then drives the periodic refresh."""
+        from IPython.display import display
+
+        display(self.view)
+        self.refresh(reload=True)
+        if self.refresh_s > 0:
+            self.timer.playing = True
+        return self

@@ -75,11 +75,16 @@ def parse_timestamp(text: str) -> datetime:
     return ts.astimezone(UTC)
 
 
+def _header_key(col: str) -> str:
+    """Header cell → lookup key; tolerates case, whitespace, a BOM (also before a quote) and stray quotes."""
+    return col.strip().lstrip("\ufeff").strip().strip('"').strip().lower()
+
+
 def _column_index(header: list[str]) -> dict[str, int]:
     wanted = {name.lower(): name for name in REQUIRED + OPTIONAL}
     index: dict[str, int] = {}
     for i, col in enumerate(header):
-        key = col.strip().lstrip("\ufeff").lower()
+        key = _header_key(col)
         if key in wanted and wanted[key] not in index:
             index[wanted[key]] = i
     missing = [name for name in REQUIRED if name not in index]
@@ -110,7 +115,7 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
         raise HeaderError("CSV file is empty: no header row") from None
     idx = _column_index(header)
     width = len(header)
-    header_key = [c.strip().lstrip("\ufeff").lower() for c in header]
+    header_key = [_header_key(c) for c in header]
     i_ts, i_metric, i_gpu, i_uuid = idx["timestamp"], idx["metric_name"], idx["gpu_id"], idx["uuid"]
     i_host, i_value = idx["Hostname"], idx["value"]
     # optional columns that are absent read from an extra empty field appended to each row
@@ -120,13 +125,21 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
     isfinite = math.isfinite
     prev_line = reader.line_num
 
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            line, prev_line = prev_line + 1, reader.line_num
+            yield Rejected(line=line, reason=f"malformed CSV: {err}", raw="")
+            continue
         line = prev_line + 1
         prev_line = reader.line_num
         if len(row) != width:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
-            reason = ("repeated header row" if [c.strip().lower() for c in row] == header_key
+            reason = ("repeated header row" if [_header_key(c) for c in row] == header_key
                       else f"expected {width} fields, got {len(row)}")
             yield Rejected(line=line, reason=reason, raw=_raw(row))
             continue

@@ -1,0 +1,180 @@
+"""The DCGM CSV source: the real export, real-world variations, and every kind of bad row."""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import tracemalloc
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from telemetry_nb.model import Rejected, Sample
+from telemetry_nb.sources.dcgm_csv import HEADER, HeaderError, parse_labels, parse_timestamp, read_samples
+from telemetry_nb.sources.generate import generate_rows, write_csv
+
+
+def _csv(rows: list[list[str]], header=HEADER, quote=csv.QUOTE_MINIMAL, eol="\n") -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=quote, lineterminator=eol)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _row(**over) -> list[str]:
+    base = dict(timestamp="2025-07-18T20:42:34Z", metric_name="DCGM_FI_DEV_GPU_UTIL", gpu_id="3", device="nvidia3",
+                uuid="GPU-abc", modelName="NVIDIA H100 80GB HBM3", Hostname="node-1", container="c", pod="p",
+                namespace="ns", value="42", labels_raw='gpu="3",job="dcgm"')
+    base.update(over)
+    return [base[h] for h in HEADER]
+
+
+def test_real_export_every_row(real_csv):
+    out = list(read_samples(real_csv))
+    samples = [s for s in out if isinstance(s, Sample)]
+    assert len(out) == len(samples) == 2470
+    assert len({s.uuid for s in samples}) == 247
+    assert len({s.hostname for s in samples}) == 31
+    assert len({s.metric for s in samples}) == 10
+    first = samples[0]
+    assert first.uuid == "GPU-5fd4f087-86f3-7a43-b711-4771313afc50"
+    assert first.ts == datetime(2025, 7, 18, 20, 42, 34, tzinfo=UTC)
+    assert first.metric == "DCGM_FI_DEV_GPU_UTIL" and first.value == 0.0 and first.gpu_index == 0
+    assert first.labels["DCGM_FI_DRIVER_VERSION"] == "535.129.03"
+    assert first.labels["instance"] == "mtv5-dgx1-hgpu-031:9400"
+    assert first.labels["modelName"] == "NVIDIA H100 80GB HBM3"
+    # every row agrees with the stdlib csv module's reading of the same file
+    with open(real_csv, newline="", encoding="utf-8-sig") as fh:
+        ref = list(csv.DictReader(fh))
+    assert [(s.uuid, s.metric, float(r["value"])) for s, r in zip(samples, ref, strict=True)] == \
+        [(r["uuid"], r["metric_name"], s.value) for s, r in zip(samples, ref, strict=True)]
+
+
+def test_permuted_columns_extra_columns_bom_crlf():
+    header = list(reversed(HEADER)) + ["extra"]
+    rows = [list(reversed(_row(gpu_id=str(i), uuid=f"GPU-{i}"))) + ["junk"] for i in range(3)]
+    text = "\ufeff" + _csv(rows, header=header, quote=csv.QUOTE_ALL, eol="\r\n")
+    out = list(read_samples(io.StringIO(text, newline="")))
+    assert [s.uuid for s in out] == ["GPU-0", "GPU-1", "GPU-2"]
+    assert all(isinstance(s, Sample) and s.value == 42.0 and s.namespace == "ns" for s in out)
+    assert out[1].gpu_index == 1 and out[1].labels == {"gpu": "3", "job": "dcgm"}
+
+
+def test_file_with_bom_and_crlf_on_disk(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(("\ufeff" + _csv([_row(), _row(uuid="GPU-2")], eol="\r\n")).encode("utf-8"))
+    out = list(read_samples(path))
+    assert [s.uuid for s in out] == ["GPU-abc", "GPU-2"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2025-07-18T20:42:34Z", datetime(2025, 7, 18, 20, 42, 34, tzinfo=UTC)),
+    ("2025-07-18T20:42:34.5Z", datetime(2025, 7, 18, 20, 42, 34, 500000, tzinfo=UTC)),
+    ("2025-07-18T20:42:34.123456789Z", datetime(2025, 7, 18, 20, 42, 34, 123456, tzinfo=UTC)),
+    ("2025-07-18T13:42:34-07:00", datetime(2025, 7, 18, 20, 42, 34, tzinfo=UTC)),
+    ("2025-07-18 22:42:34+0200", datetime(2025, 7, 18, 20, 42, 34, tzinfo=UTC)),
+    ("2025-07-18T20:42:34", datetime(2025, 7, 18, 20, 42, 34, tzinfo=UTC)),
+    ("1752871354", datetime(2025, 7, 18, 20, 42, 34, tzinfo=UTC)),
+    ("1752871354500", datetime(2025, 7, 18, 20, 42, 34, 500000, tzinfo=UTC)),
+])
+def test_timestamps(text, expected):
+    assert parse_timestamp(text) == expected
+
+
+def test_offsets_normalised_to_utc_in_samples():
+    out = list(read_samples(io.StringIO(_csv([_row(timestamp="2025-07-18T22:42:34.250+02:00")]))))
+    assert out[0].ts == datetime(2025, 7, 18, 20, 42, 34, 250000, tzinfo=UTC)
+    assert out[0].ts.utcoffset() == timedelta(0) and out[0].ts.tzinfo in (UTC, timezone.utc)
+
+
+@pytest.mark.parametrize("over, reason", [
+    ({"timestamp": "yesterday"}, "unparseable timestamp 'yesterday'"),
+    ({"timestamp": ""}, "empty timestamp"),
+    ({"value": "N/A"}, "non-numeric value 'N/A'"),
+    ({"value": ""}, "empty value"),
+    ({"value": "nan"}, "non-finite value 'nan'"),
+    ({"uuid": ""}, "empty uuid"),
+    ({"metric_name": " "}, "empty metric_name"),
+    ({"gpu_id": "x1"}, "non-integer gpu_id 'x1'"),
+])
+def test_bad_rows_rejected_with_line_and_reason(over, reason):
+    text = _csv([_row(uuid="GPU-good1"), _row(**over), _row(uuid="GPU-good2")])
+    out = list(read_samples(io.StringIO(text)))
+    assert [type(o) for o in out] == [Sample, Rejected, Sample]
+    bad = out[1]
+    assert bad.line == 3
+    assert bad.reason == reason
+    assert "GPU" in bad.raw or over.get("uuid") == ""
+
+
+def test_wrong_field_count_repeated_header_blank_and_junk_lines():
+    good = _csv([_row(uuid="GPU-1")]).splitlines()
+    lines = good + ["", ",".join(HEADER), '"2025-07-18T20:42:34Z","M","0"', "garbage line",
+                    _csv([_row(uuid="GPU-2")]).splitlines()[1]]
+    out = list(read_samples(io.StringIO("\n".join(lines) + "\n")))
+    assert [o.uuid for o in out if isinstance(o, Sample)] == ["GPU-1", "GPU-2"]
+    rejected = [o for o in out if isinstance(o, Rejected)]
+    assert [(r.line, r.reason) for r in rejected] == [
+        (4, "repeated header row"), (5, f"expected {len(HEADER)} fields, got 3"),
+        (6, f"expected {len(HEADER)} fields, got 1")]
+
+
+def test_quoted_fields_with_commas_quotes_and_newlines():
+    row = _row(pod='trainer, "big"', labels_raw='note="a,b",quote="say \\"hi\\""', container="multi\nline")
+    out = list(read_samples(io.StringIO(_csv([row, _row(uuid="GPU-next")], quote=csv.QUOTE_ALL))))
+    assert out[0].pod == 'trainer, "big"'
+    assert out[0].container == "multi\nline"
+    assert out[0].labels == {"note": "a,b", "quote": 'say "hi"'}
+    assert isinstance(out[1], Sample) and out[1].uuid == "GPU-next"
+
+
+def test_missing_required_columns_named():
+    header = [h for h in HEADER if h not in ("uuid", "value")]
+    with pytest.raises(HeaderError) as err:
+        list(read_samples(io.StringIO(",".join(header) + "\n")))
+    assert "uuid" in str(err.value) and "value" in str(err.value)
+
+
+def test_empty_file():
+    with pytest.raises(HeaderError, match="empty"):
+        list(read_samples(io.StringIO("")))
+
+
+def test_header_case_and_whitespace_tolerated():
+    header = [f" {h.upper()} " for h in HEADER]
+    out = list(read_samples(io.StringIO(_csv([_row()], header=header))))
+    assert isinstance(out[0], Sample) and out[0].hostname == "node-1" and out[0].model_name.startswith("NVIDIA")
+
+
+def test_labels_parser():
+    assert parse_labels('a="1",b="two words",c="x\\"y",d="back\\\\slash"') == {
+        "a": "1", "b": "two words", "c": 'x"y', "d": "back\\slash"}
+    assert parse_labels("") == {}
+    assert parse_labels('a="1",broken') == {"a": "1", "_unparsed": "broken"}
+
+
+def test_memory_does_not_grow_with_file_size(tmp_path):
+    """Reading 10x more rows must not need 10x more memory: the source streams."""
+    def peak(rows: int) -> int:
+        path = tmp_path / f"g{rows}.csv"
+        write_csv(path, generate_rows(5, 4, rows / 200, 1.0, seed=1))
+        tracemalloc.start()
+        n = sum(1 for _ in read_samples(path))
+        _, peak_bytes = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert n == rows
+        return peak_bytes
+    small, large = peak(2_000), peak(20_000)
+    assert large < small * 2, (small, large)
+
+
+def test_random_junk_never_raises():
+    rng = random.Random(7)
+    alphabet = 'ab,"\n\r;=0123456789.-:TZ '
+    for _ in range(200):
+        junk = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+        text = ",".join(HEADER) + "\n" + junk
+        for item in read_samples(io.StringIO(text)):
+            assert isinstance(item, Sample | Rejected)
