@@ -8,6 +8,7 @@ so the failed list names the root cause, not its echoes.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -200,25 +201,29 @@ def _iso(ts: datetime | None) -> str:
 
 # -- Kubernetes ----------------------------------------------------------------------------------
 def check_kubernetes(kube_context: str | None, namespace: str | None = None,
-                     expected: Mapping[str, int] | None = None, *, core_api: Any = None) -> list[CheckResult]:
+                     expected: Mapping[str, int] | None = None, *, release: str | None = None,
+                     components: Sequence[str] | str | None = None, core_api: Any = None) -> list[CheckResult]:
     """Ready pods per component (`app.kubernetes.io/component=…`) ≥ `expected[component]`.
 
-    `kube_context` "in-cluster" uses the pod's service account; None/"" skips the section.
-    `core_api` (a `CoreV1Api`) is for tests.
+    `kube_context` "in-cluster" uses the pod's service account; None/"" skips the section. `release`
+    narrows to `app.kubernetes.io/instance=<release>`. `components` (a list or "a,b") names what to check,
+    each needing `expected.get(c, 1)` Ready pods; by default the keys of `expected` (or all three
+    pipeline components). `core_api` (a `CoreV1Api`) is for tests.
     """
-    expected = dict(expected or {c: 1 for c in COMPONENTS})
+    wanted = expected_counts(expected, components)
     if not kube_context and core_api is None:
         return [CheckResult("kubernetes", SKIP, "not requested (kube_context not set)")]
+    selector = APP_LABEL + (f",app.kubernetes.io/instance={release}" if release else "")
     try:
         api = core_api or _core_api(kube_context)
         ns = namespace or _default_namespace(kube_context)
-        pods = api.list_namespaced_pod(ns, label_selector=APP_LABEL, _request_timeout=15).items
+        pods = api.list_namespaced_pod(ns, label_selector=selector, _request_timeout=15).items
     except Exception as err:  # noqa: BLE001 (config, auth, network: all mean "cannot check")
         return [CheckResult("kubernetes.api", FAIL, f"context {kube_context!r}: {_err(err)}"),
-                *(CheckResult(f"kubernetes.{c}", SKIP, "skipped: Kubernetes API unavailable") for c in expected)]
+                *(CheckResult(f"kubernetes.{c}", SKIP, "skipped: Kubernetes API unavailable") for c in wanted)]
     out = [CheckResult("kubernetes.api", PASS, f"context {kube_context!r}, namespace {ns!r}: "
-                                                f"{len(pods)} telemetry-pipeline pods")]
-    for component, want in expected.items():
+                                                f"{len(pods)} pods match {selector}")]
+    for component, want in wanted.items():
         mine = [p for p in pods if (p.metadata.labels or {}).get("app.kubernetes.io/component") == component]
         ready = [p for p in mine if _pod_ready(p)]
         not_ready = [f"{p.metadata.name} ({p.status.phase})" for p in mine if not _pod_ready(p)]
@@ -227,6 +232,27 @@ def check_kubernetes(kube_context: str | None, namespace: str | None = None,
             detail += f"; not ready: {', '.join(not_ready[:5])}"
         out.append(CheckResult(f"kubernetes.{component}", PASS if len(ready) >= int(want) else FAIL, detail))
     return out
+
+
+def expected_counts(expected: Mapping[str, int] | None, components: Sequence[str] | str | None = None
+                    ) -> dict[str, int]:
+    """component → Ready pods needed, from `expected` and an optional component list ("a,b" or a list)."""
+    expected = dict(expected or {})
+    if isinstance(components, str):
+        components = [c.strip() for c in components.split(",") if c.strip()]
+    names = list(components) if components else (list(expected) or list(COMPONENTS))
+    return {c: int(expected.get(c, 1)) for c in names}
+
+
+def retry(run: Callable[[], list[CheckResult]], timeout_s: float = 0, interval_s: float = 5.0,
+          sleep: Callable[[float], None] = time.sleep) -> list[CheckResult]:
+    """Run a section until nothing fails or `timeout_s` has passed (a rollout still settling); the last results."""
+    deadline = time.monotonic() + max(float(timeout_s or 0), 0.0)
+    while True:
+        results = run()
+        if not failed(results) or time.monotonic() + interval_s > deadline:
+            return results
+        sleep(interval_s)
 
 
 def _core_api(kube_context: str):
@@ -266,13 +292,20 @@ def run_all(*, api_url: str | None = None, redis_url: str | None = None, databas
             stream: str = "telemetry", group: str = "collectors", kube_context: str | None = None,
             namespace: str | None = None, expected: Mapping[str, int] | None = None, max_lag: int | None = 1000,
             max_pending: int | None = None, max_dead: int | None = None, min_consumers: int = 1,
-            max_staleness_s: float | None = 300.0) -> list[CheckResult]:
-    """Every section, in order API → Redis → PostgreSQL → Kubernetes."""
-    return [*check_api(api_url),
-            *check_redis(redis_url, stream, group, max_lag=max_lag, max_pending=max_pending, max_dead=max_dead,
-                         min_consumers=min_consumers),
-            *check_postgres(database_url, max_staleness_s=max_staleness_s),
-            *check_kubernetes(kube_context, namespace, expected)]
+            max_staleness_s: float | None = 300.0, release: str | None = None,
+            components: Sequence[str] | str | None = None, timeout_s: float = 0) -> list[CheckResult]:
+    """Every section, in order API → Redis → PostgreSQL → Kubernetes, retried until `timeout_s` (in all) passed."""
+    deadline = time.monotonic() + max(float(timeout_s or 0), 0.0)
+
+    def left() -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    return [*retry(lambda: check_api(api_url), left()),
+            *retry(lambda: check_redis(redis_url, stream, group, max_lag=max_lag, max_pending=max_pending,
+                                       max_dead=max_dead, min_consumers=min_consumers), left()),
+            *retry(lambda: check_postgres(database_url, max_staleness_s=max_staleness_s), left()),
+            *retry(lambda: check_kubernetes(kube_context, namespace, expected, release=release,
+                                            components=components), left())]
 
 
 def failed(results: Sequence[CheckResult]) -> list[str]:

@@ -108,7 +108,7 @@ def decode(fields: dict[bytes, bytes]) -> Batch:
             workloads=json.loads(fields.get(b"workloads", b"[]")),
         )
     except KeyError as err:
-        raise CodecError(f"batch entry lacks field {err.args[0]!r}") from None
+        raise CodecError(f"batch entry lacks field '{err.args[0].decode(errors='replace')}'") from None
     except (ValueError, TypeError) as err:
         raise CodecError(f"batch entry is malformed: {err}") from None
     carried = batch.rows.count(b"\n")

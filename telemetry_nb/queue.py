@@ -188,7 +188,7 @@ class Queue:
                 floor, floor_id = _id_key(candidate), candidate
         if floor is None or floor == (0, 0):
             return 0
-        return int(self.r.xtrim(self.stream, minid=floor_id, approximate=True))
+        return int(self.r.xtrim(self.stream, minid=floor_id, approximate=False))
 
     def undelivered(self) -> int:
         """Entries not yet delivered to our group (Redis 7 reports it; on 6.2, XLEN less pending after `safe_trim`)."""
@@ -196,6 +196,7 @@ class Queue:
             if g["name"] in (self.group, self.group.encode()):
                 if g.get("lag") is not None:
                     return int(g["lag"])
+                self.safe_trim()
                 return max(0, int(self.r.xlen(self.stream)) - int(g["pending"]))
         return int(self.r.xlen(self.stream)) if self.r.exists(self.stream) else 0
 

