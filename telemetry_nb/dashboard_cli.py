@@ -32,10 +32,29 @@ def notebooks_dir() -> Path:
     raise FileNotFoundError("notebooks/dashboard.ipynb not found; set TELEMETRY_NOTEBOOKS to the notebooks folder")
 
 
+TEMPLATE = "telemetry-nb"  # notebooks/voila/templates/telemetry-nb: Voilà's lab template minus its CDN links
+
+
 def voila_command(port: int, host: str = "127.0.0.1", notebook: Path | None = None) -> list[str]:
     nb = notebook or notebooks_dir() / "dashboard.ipynb"
-    return [sys.executable, "-m", "voila", str(nb), f"--port={port}", f"--Voila.ip={host}", "--no-browser",
-            "--show_tracebacks=True"]
+    cmd = [sys.executable, "-m", "voila", str(nb), f"--port={port}", f"--Voila.ip={host}", "--no-browser",
+           "--show_tracebacks=True", "--Voila.port_retries=0"]
+    if (template_root(nb) / "voila" / "templates" / TEMPLATE).is_dir():
+        cmd.append(f"--template={TEMPLATE}")
+    return cmd
+
+
+def template_root(notebook: Path) -> Path:
+    """The folder holding `voila/templates/telemetry-nb` next to the dashboard notebook (goes on JUPYTER_PATH)."""
+    return notebook.resolve().parent
+
+
+def voila_env(notebook: Path, env: dict[str, str]) -> dict[str, str]:
+    env = dict(env)
+    root = str(template_root(notebook))
+    env["JUPYTER_PATH"] = os.pathsep.join(p for p in (root, env.get("JUPYTER_PATH", "")) if p)
+    _writable_jupyter_dirs(env)
+    return env
 
 
 def _writable_jupyter_dirs(env: dict[str, str]) -> None:
@@ -57,7 +76,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     env.setdefault("TELEMETRY_API_URL", DEFAULT_API_URL)
     if args.refresh is not None:
         env["TELEMETRY_DASHBOARD_REFRESH_S"] = str(args.refresh)
-    _writable_jupyter_dirs(env)
     try:
         notebook = Path(args.notebook) if args.notebook else notebooks_dir() / "dashboard.ipynb"
     except FileNotFoundError as err:
@@ -68,7 +86,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         return 2
     print(f"Dashboard on http://{args.host}:{args.port} over API {env['TELEMETRY_API_URL']}", file=sys.stderr,
           flush=True)
-    return subprocess.call(voila_command(args.port, args.host, notebook), env=env)
+    cmd, env = voila_command(args.port, args.host, notebook), voila_env(notebook, env)
+    if os.name == "posix":  # become Voilà, so SIGTERM/SIGINT from a supervisor reach it directly
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvpe(cmd[0], cmd, env)
+    return subprocess.call(cmd, env=env)
 
 
 def add_parser(sub, common) -> None:
@@ -111,6 +134,15 @@ def _table(df, limit: int = 15) -> str:
     return df.head(limit).to_html(index=False, classes="tnb-table", border=0, float_format=lambda x: f"{x:.1f}") + more
 
 
+def _set_options(dropdown, options: list[tuple[str, str]], keep: str) -> None:
+    """Replace a Dropdown's options, keeping its value when it is still offered (else the first option)."""
+    if list(dropdown.options) == options:
+        return
+    values = [v for _, v in options]
+    dropdown.options = options
+    dropdown.value = keep if keep in values else values[0]
+
+
 class Dashboard:
     """Fleet overview, pickers (host, GPU, metric, window) and charts as SVG, refreshed every `refresh_s`."""
 
@@ -150,14 +182,16 @@ class Dashboard:
         self.heatmap = w.HTML(layout=w.Layout(overflow="auto"))
         self.timeseries = w.HTML(layout=w.Layout(overflow="auto"))
         self.per_host = w.HTML(layout=w.Layout(overflow="auto"))
+        self.temp_power = w.HTML(layout=w.Layout(overflow="auto"))
         self.idle = w.HTML()
         controls = [self.host, self.gpu, self.metric, self.window, self.refresh_button]
         if refresh_s > 0:
             controls.append(self.timer)
         self.view = w.VBox([
-            w.HTML("<h2 style='margin:0'>GPU fleet telemetry</h2>"), self.status, self.error, self.cards,
+            self.status, self.error, self.cards,
             w.HBox(controls, layout=w.Layout(flex_flow="row wrap", gap="6px")),
-            self.heatmap, self.timeseries, self.per_host,
+            self.heatmap, self.timeseries, w.HBox([self.per_host, self.temp_power],
+                                                  layout=w.Layout(flex_flow="row wrap", gap="24px")),
             w.HTML(f"<h4>Idle GPUs (utilization under {idle_threshold:g}% for the whole window)</h4>"), self.idle,
         ])
         self.refresh_button.on_click(lambda _: self.refresh(reload=True))
@@ -184,22 +218,13 @@ class Dashboard:
         gpus = [g for g in self.loaded["gpus"] if not host or g.hostname == host]
         options = [("All GPUs", "")] + [(f"{self.ex.gpu_label(g.hostname, g.gpu_index)}  {g.uuid[:12]}…", g.uuid)
                                          for g in gpus]
-        keep = self.gpu.value if any(v == self.gpu.value for _, v in options) else ""
-        with self.gpu.hold_trait_notifications():
-            self.gpu.options = options
-            self.gpu.value = keep
+        _set_options(self.gpu, options, self.gpu.value)
 
     def _set_pickers(self) -> None:
         hosts = sorted({g.hostname for g in self.loaded["gpus"]})
-        host = self.host.value if self.host.value in hosts else ""
-        with self.host.hold_trait_notifications():
-            self.host.options = [("All hosts", "")] + [(h, h) for h in hosts]
-            self.host.value = host
+        _set_options(self.host, [("All hosts", "")] + [(h, h) for h in hosts], self.host.value)
         metrics = sorted({m.name for m in self.client.metrics()}) or [self.ex.UTIL]
-        keep = self.metric.value if self.metric.value in metrics else metrics[0]
-        with self.metric.hold_trait_notifications():
-            self.metric.options = [(self.ex.short(m), m) for m in metrics]
-            self.metric.value = keep
+        _set_options(self.metric, [(self.ex.short(m), m) for m in metrics], self.metric.value)
         self._set_gpu_options()
 
     # -- rendering -----------------------------------------------------------------------------
@@ -250,7 +275,9 @@ class Dashboard:
         else:
             ts = ex.metric_timeseries(scoped, metric, by="hostname", width=820)
         self.timeseries.value = ex.to_svg(ts)
-        self.per_host.value = ex.to_svg(ex.utilization_per_host(df, width=900))
+        self.per_host.value = ex.to_svg(ex.utilization_per_host(df, lines=False))
+        self.temp_power.value = ex.to_svg(ex.temperature_vs_power(scoped, max_rows=2000, width=380).properties(
+            title=f"Temperature vs power — {where}"))
         self.idle.value = _table(ex.idle_gpus(df, self.idle_threshold)[["gpu", "uuid", "max_util", "avg_power_w",
                                                                          "avg_fb_used_mib"]])
 

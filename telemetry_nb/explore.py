@@ -373,8 +373,9 @@ def utilization_heatmap(df: pd.DataFrame, metric: str = UTIL, *, max_rows: int =
 
 
 def utilization_per_host(df: pd.DataFrame, *, metric: str = UTIL, max_rows: int = MAX_CHART_ROWS,
-                         width: int = 640) -> alt.Chart:
-    """Mean utilization per host over time (lines), next to each host's window mean (bars)."""
+                         width: int = 640, lines: bool = True) -> alt.Chart:
+    """Mean utilization per host over time (lines, unless `lines=False` or > 20 hosts), next to each host's
+    window mean (bars)."""
     m = metric_frame(df, metric)
     if m.empty:
         return _empty_chart(f"no {short(metric)} data in the window")
@@ -386,7 +387,7 @@ def utilization_per_host(df: pd.DataFrame, *, metric: str = UTIL, max_rows: int 
         tooltip=["hostname:N", alt.Tooltip("avg:Q", format=".1f"), alt.Tooltip("max:Q", format=".0f")],
     ).properties(title=f"{short(metric)} per host (window mean)", width=220,
                  height=min(700, max(60, 16 * len(hosts))))
-    if len(hosts) > 20:
+    if len(hosts) > 20 or not lines:
         return bars
     r = rebin(m, len(hosts), max_rows)
     lines_data = _weighted(r, ["hostname", "t"])
@@ -489,12 +490,15 @@ def metric_timeseries(df: pd.DataFrame, metric: str, *, by: str = "gpu", max_ser
     unit = UNITS.get(metric, "")
     base = alt.Chart(w).encode(x=alt.X("t:T", title=_time_title(int(r.attrs.get("bucket_seconds", 1)))),
                                color=alt.Color(f"{by}:N", title="GPU" if by == "gpu" else "host"))
-    band = base.mark_area(opacity=0.15).encode(y=alt.Y("min:Q", title=f"{short(metric)} ({unit})"), y2="max:Q")
-    line = base.mark_line().encode(y="avg:Q", tooltip=[f"{by}:N", alt.Tooltip("t:T", format="%H:%M:%S"),
-                                                       alt.Tooltip("avg:Q", format=".1f"),
-                                                       alt.Tooltip("min:Q", format=".1f"),
-                                                       alt.Tooltip("max:Q", format=".1f")])
-    title = f"{short(metric)} over time (avg line, min–max band)"
+    line = base.mark_line().encode(y=alt.Y("avg:Q", title=f"{short(metric)} ({unit})" if unit else short(metric)),
+                                   tooltip=[f"{by}:N", alt.Tooltip("t:T", format="%H:%M:%S"),
+                                            alt.Tooltip("avg:Q", format=".1f"), alt.Tooltip("min:Q", format=".1f"),
+                                            alt.Tooltip("max:Q", format=".1f")])
+    per = "GPU" if by == "gpu" else "host"
+    if len(series) > 3:  # bands of many series only blur each other
+        return line.properties(title=f"{short(metric)} over time (mean per {per})", width=width, height=240)
+    band = base.mark_area(opacity=0.15).encode(y="min:Q", y2="max:Q")
+    title = f"{short(metric)} over time (mean per {per}, min–max band)"
     return (band + line).properties(title=title, width=width, height=240)
 
 
