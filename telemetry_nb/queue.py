@@ -179,10 +179,10 @@ class Queue:
         floor: tuple[int, int] | None = None
         floor_id = ""
         for g in groups:
-            if int(g["pending"]):
-                oldest = self.r.xpending(self.stream, g["name"])["min"]
+            oldest = self.r.xpending(self.stream, g["name"])["min"] if int(g["pending"]) else None
+            if oldest is not None:
                 candidate = oldest.decode() if isinstance(oldest, bytes) else str(oldest)
-            else:
+            else:  # nothing pending (or it was acked meanwhile): everything delivered is acknowledged
                 candidate = _next_id(g["last-delivered-id"])
             if floor is None or _id_key(candidate) < floor:
                 floor, floor_id = _id_key(candidate), candidate

@@ -68,7 +68,7 @@ class Streamer:
         self._pending_rows = 0
         self._rejects: list[Rejected] = []
         self._started = 0.0
-        self._last_backpressure_check = 0.0
+        self._entries_at_check = -(10 ** 9)
         self.source_name = ""
 
     def _redis(self, fn, what: str = "Redis"):
@@ -176,10 +176,10 @@ class Streamer:
         high = self.settings.high_water
         if high <= 0:
             return
-        now = self.clock()
-        if now - self._last_backpressure_check < 0.2:
+        # look at the group's backlog every quarter high-water mark of entries, so it overshoots by at most that
+        if self.summary.entries - self._entries_at_check < max(1, high // 4):
             return
-        self._last_backpressure_check = now
+        self._entries_at_check = self.summary.entries
         backlog = self._redis(self.queue.backlog)
         if backlog <= high:
             return
