@@ -184,6 +184,7 @@ class Dashboard:
         self.per_host = w.HTML(layout=w.Layout(overflow="auto"))
         self.temp_power = w.HTML(layout=w.Layout(overflow="auto"))
         self.idle = w.HTML()
+        self.idle_title = w.HTML()
         controls = [self.host, self.gpu, self.metric, self.window, self.refresh_button]
         if refresh_s > 0:
             controls.append(self.timer)
@@ -192,7 +193,7 @@ class Dashboard:
             w.HBox(controls, layout=w.Layout(flex_flow="row wrap", gap="6px")),
             self.heatmap, self.timeseries, w.HBox([self.per_host, self.temp_power],
                                                   layout=w.Layout(flex_flow="row wrap", gap="24px")),
-            w.HTML(f"<h4>Idle GPUs (utilization under {idle_threshold:g}% for the whole window)</h4>"), self.idle,
+            self.idle_title, self.idle,
         ])
         self.refresh_button.on_click(lambda _: self.refresh(reload=True))
         self.timer.observe(lambda _: self.refresh(reload=True), names="value")
@@ -266,20 +267,22 @@ class Dashboard:
         scoped = df[df["hostname"] == host] if host else df
         scoped.attrs.update(df.attrs)
         where = host or "all hosts"
-        self.heatmap.value = ex.to_svg(ex.utilization_heatmap(scoped, metric, max_rows=3000, width=820).properties(
-            title=f"{ex.short(metric)} per GPU over time — {where}"))
+        heatmap = ex.utilization_heatmap(scoped, metric, max_rows=3000, width=820, max_height=400)
+        self.heatmap.value = ex.to_svg(heatmap.properties(title=f"{ex.short(metric)} per GPU over time — {where}"))
         if uuid:
             one = scoped[scoped["uuid"] == uuid]
             one.attrs.update(df.attrs)
             ts = ex.metric_timeseries(one, metric, by="gpu", width=820)
-        else:
-            ts = ex.metric_timeseries(scoped, metric, by="hostname", width=820)
+        else:  # one host: a line per GPU; the fleet: a line per host
+            ts = ex.metric_timeseries(scoped, metric, by="gpu" if host else "hostname", width=820)
         self.timeseries.value = ex.to_svg(ts)
         self.per_host.value = ex.to_svg(ex.utilization_per_host(df, lines=False))
         self.temp_power.value = ex.to_svg(ex.temperature_vs_power(scoped, max_rows=2000, width=380).properties(
             title=f"Temperature vs power — {where}"))
-        self.idle.value = _table(ex.idle_gpus(df, self.idle_threshold)[["gpu", "uuid", "max_util", "avg_power_w",
-                                                                         "avg_fb_used_mib"]])
+        idle = ex.idle_gpus(scoped, self.idle_threshold)
+        self.idle_title.value = (f"<h4>Idle GPUs — {html.escape(where)}: {len(idle)} under "
+                                 f"{self.idle_threshold:g}% utilization for the whole window</h4>")
+        self.idle.value = _table(idle[["gpu", "uuid", "max_util", "avg_power_w", "avg_fb_used_mib"]])
 
     def show(self):
         """Display the app and draw it once; the Play widget then drives the periodic refresh."""

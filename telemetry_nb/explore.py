@@ -344,8 +344,17 @@ def _time_title(step: int) -> str:
     return f"time (UTC, {step}s buckets)" if step < 120 else f"time (UTC, {step // 60} min buckets)"
 
 
+def _time_x(r: pd.DataFrame) -> alt.X:
+    """The time axis of a re-binned frame: UTC, labelled by the bin size, formatted for the span."""
+    step = int(r.attrs.get("bucket_seconds", 1))
+    span = (r["t"].max() - r["t"].min()).total_seconds() if len(r) else 0
+    fmt = "%m-%d %H:%M" if span > 86400 else ("%H:%M:%S" if span < 300 else "%H:%M")
+    return alt.X("t:T", title=_time_title(step), axis=alt.Axis(format=fmt, labelOverlap=True, tickCount=8),
+                 scale=alt.Scale(type="utc"))
+
+
 def utilization_heatmap(df: pd.DataFrame, metric: str = UTIL, *, max_rows: int = MAX_CHART_ROWS,
-                        min_bins: int = 10, width: int = 640) -> alt.Chart:
+                        min_bins: int = 10, width: int = 640, max_height: int = 900) -> alt.Chart:
     """GPU × time heatmap of `metric` (avg per cell); at most `max_rows` cells, GPUs cut when there are too many."""
     m = metric_frame(df, metric)
     if m.empty:
@@ -360,16 +369,18 @@ def utilization_heatmap(df: pd.DataFrame, metric: str = UTIL, *, max_rows: int =
         gpus = sorted(keep)
     r = rebin(m, len(gpus), max_rows, min_bins)
     cells = _weighted(r, ["gpu", "hostname", "t"])
-    step = int(r.attrs.get("bucket_seconds", 1))
     domain = [0, 100] if UNITS.get(metric) == "%" else alt.Undefined
+    height = min(max_height, max(120, 9 * len(gpus)))
+    readable = height / len(gpus) >= 7
+    y_axis = alt.Axis(labelFontSize=8 if len(gpus) > 40 else 10) if readable else alt.Axis(labels=False, ticks=False)
+    y_title = "GPU (host/index)" if readable else f"{len(gpus)} GPUs, by host/index (hover for names)"
     return alt.Chart(cells).mark_rect().encode(
-        x=alt.X("t:T", title=_time_title(step)),
-        y=alt.Y("gpu:N", title="GPU (host/index)", sort=gpus, axis=alt.Axis(labelFontSize=8 if len(gpus) > 40
-                                                                             else 10)),
+        x=_time_x(r),
+        y=alt.Y("gpu:N", title=y_title, sort=gpus, axis=y_axis),
         color=alt.Color("avg:Q", title=short(metric), scale=alt.Scale(scheme="viridis", domain=domain)),
         tooltip=["gpu:N", alt.Tooltip("t:T", format="%H:%M:%S"), alt.Tooltip("avg:Q", format=".1f"),
                  alt.Tooltip("max:Q", format=".1f")],
-    ).properties(title=title, width=width, height=min(900, max(120, 9 * len(gpus))))
+    ).properties(title=title, width=width, height=height)
 
 
 def utilization_per_host(df: pd.DataFrame, *, metric: str = UTIL, max_rows: int = MAX_CHART_ROWS,
@@ -392,7 +403,7 @@ def utilization_per_host(df: pd.DataFrame, *, metric: str = UTIL, max_rows: int 
     r = rebin(m, len(hosts), max_rows)
     lines_data = _weighted(r, ["hostname", "t"])
     lines = alt.Chart(lines_data).mark_line(point=len(lines_data) < 200).encode(
-        x=alt.X("t:T", title=_time_title(int(r.attrs.get("bucket_seconds", 1)))),
+        x=_time_x(r),
         y=alt.Y("avg:Q", title=f"mean {short(metric)} (%)", scale=alt.Scale(domain=[0, 100])),
         color=alt.Color("hostname:N", title="host"),
         tooltip=["hostname:N", alt.Tooltip("t:T", format="%H:%M:%S"), alt.Tooltip("avg:Q", format=".1f")],
@@ -442,7 +453,7 @@ def framebuffer_chart(df: pd.DataFrame, *, max_rows: int = MAX_CHART_ROWS, width
     totals = per_gpu_t.groupby(["hostname", "t"], as_index=False)["avg"].sum()
     totals["gib"] = totals["avg"] / 1024
     return alt.Chart(totals[["hostname", "t", "gib"]]).mark_area(opacity=0.85).encode(
-        x=alt.X("t:T", title=_time_title(int(r.attrs.get("bucket_seconds", 1)))),
+        x=_time_x(r),
         y=alt.Y("gib:Q", stack="zero", title="framebuffer used (GiB)"),
         color=alt.Color("hostname:N", title="host", sort=hosts),
         tooltip=["hostname:N", alt.Tooltip("t:T", format="%H:%M:%S"), alt.Tooltip("gib:Q", format=".1f")],
@@ -488,7 +499,7 @@ def metric_timeseries(df: pd.DataFrame, metric: str, *, by: str = "gpu", max_ser
     r = rebin(m, len(series), max_rows // 2)
     w = _weighted(r, [by, "t"])
     unit = UNITS.get(metric, "")
-    base = alt.Chart(w).encode(x=alt.X("t:T", title=_time_title(int(r.attrs.get("bucket_seconds", 1)))),
+    base = alt.Chart(w).encode(x=_time_x(r),
                                color=alt.Color(f"{by}:N", title="GPU" if by == "gpu" else "host"))
     line = base.mark_line().encode(y=alt.Y("avg:Q", title=f"{short(metric)} ({unit})" if unit else short(metric)),
                                    tooltip=[f"{by}:N", alt.Tooltip("t:T", format="%H:%M:%S"),
