@@ -192,10 +192,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_embedded(args: argparse.Namespace) -> int:
     from telemetry_nb.embedded import Embedded
 
-    emb = Embedded(_settings(args).home, host=args.host)
+    services = tuple(s.strip() for s in args.services.split(",") if s.strip())
+    emb = Embedded(_settings(args).home, host=args.host, services=services)
     if args.action == "start":
         env = emb.env()
-        print(f"Redis:      {env['REDIS_URL']}\nPostgreSQL: {env['DATABASE_URL']}")
+        for name, key in (("Redis:     ", "REDIS_URL"), ("PostgreSQL:", "DATABASE_URL")):
+            if key in env:
+                print(f"{name} {env[key]}")
     elif args.action == "stop":
         emb.stop()
         print("stopped")
@@ -204,8 +207,7 @@ def cmd_embedded(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0 if status["redis"]["running"] and status["postgresql"]["running"] else 3
     elif args.action == "env":
-        env = emb.env()
-        print(f"export REDIS_URL={env['REDIS_URL']} DATABASE_URL={env['DATABASE_URL']}")
+        print("export " + " ".join(f"{k}={v}" for k, v in emb.env().items()))
     return 0
 
 
@@ -331,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "exports their URLs for other processes.")
     p.add_argument("action", choices=("start", "stop", "status", "env"))
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--services", default="redis,postgresql",
+                   help="which servers to run: redis, postgresql or both (default redis,postgresql)")
     _common(p, db=False, redis=False)
     p.set_defaults(func=cmd_embedded)
 

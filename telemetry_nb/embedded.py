@@ -27,6 +27,7 @@ import redis
 
 log = logging.getLogger(__name__)
 PG_SYSTEM_USER = "pgserver"
+SERVICES = ("redis", "postgresql")
 DATABASE = "telemetry"
 
 
@@ -89,9 +90,13 @@ class EmbeddedState:
 class Embedded:
     """Start, stop and describe the embedded servers living under `home`."""
 
-    def __init__(self, home: str | Path, host: str = "127.0.0.1"):
+    def __init__(self, home: str | Path, host: str = "127.0.0.1", services: tuple[str, ...] = SERVICES):
+        unknown = set(services) - set(SERVICES)
+        if unknown:
+            raise ValueError(f"unknown embedded service(s): {', '.join(sorted(unknown))} (choose from redis, postgresql)")
         self.home = Path(home).absolute()
         self.host = host
+        self.services = tuple(services)
         self.redis_dir = self.home / "redis"
         self.pg_dir = self.home / "postgres"
         self.state_file = self.home / "embedded.json"
@@ -120,17 +125,19 @@ class Embedded:
             state = self._load()
             if state is None or state.host != self.host:
                 state = EmbeddedState(self.host, free_port(self.host), free_port(self.host))
-            if not self._redis_running():
+            if "redis" in self.services and not self._redis_running():
                 if not _port_free(self.host, state.redis_port):
                     state.redis_port = free_port(self.host)
                 self._start_redis(state)
-            if not self._pg_running():
+            if "postgresql" in self.services and not self._pg_running():
                 if not _port_free(self.host, state.postgres_port):
                     state.postgres_port = free_port(self.host)
                 self._start_postgres(state)
             self.state_file.write_text(json.dumps(asdict(state)))
-            self._wait_ready(state)
-            self._ensure_database(state)
+            if "redis" in self.services:
+                self._wait_ready(state)
+            if "postgresql" in self.services:
+                self._ensure_database(state)
             return state
 
     def stop(self) -> None:
@@ -139,7 +146,7 @@ class Embedded:
         state = self._load()
         if pid and state:
             with contextlib.suppress(redis.RedisError):
-                redis.Redis(host=self.host, port=state.redis_port, socket_timeout=5).shutdown(save=True)
+                redis.Redis(host=state.host, port=state.redis_port, socket_timeout=5).shutdown(save=True)
         if pid:
             self._wait_gone(pid)
         if self._pg_running():
@@ -154,8 +161,14 @@ class Embedded:
         }
 
     def env(self) -> dict[str, str]:
+        """Start what is not running and return the URLs of this instance's services."""
         state = self.start()
-        return {"REDIS_URL": state.redis_url, "DATABASE_URL": state.database_url}
+        env = {}
+        if "redis" in self.services:
+            env["REDIS_URL"] = state.redis_url
+        if "postgresql" in self.services:
+            env["DATABASE_URL"] = state.database_url
+        return env
 
     # -- redis ---------------------------------------------------------------------------------
     def _redis_running(self) -> bool:
