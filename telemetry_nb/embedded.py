@@ -93,7 +93,8 @@ class Embedded:
     def __init__(self, home: str | Path, host: str = "127.0.0.1", services: tuple[str, ...] = SERVICES):
         unknown = set(services) - set(SERVICES)
         if unknown:
-            raise ValueError(f"unknown embedded service(s): {', '.join(sorted(unknown))} (choose from redis, postgresql)")
+            raise ValueError(f"unknown embedded service(s): {', '.join(sorted(unknown))} "
+                             "(choose from redis, postgresql)")
         self.home = Path(home).absolute()
         self.host = host
         self.services = tuple(services)
