@@ -6,7 +6,10 @@ entry twice, which the idempotent database write absorbs). Rejected rows go to `
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
+import multiprocessing
 import threading
 import time
 import zlib
@@ -96,6 +99,46 @@ class Streamer:
         log.info("Streamer done: published=%d rejected=%d entries=%d passes=%d", self.summary.published,
                  self.summary.rejected, self.summary.entries, self.summary.passes)
         return self.summary
+
+    def run_parallel(self, path: str, workers: int) -> Summary:
+        """One pass over a CSV file with `workers` processes parsing and encoding chunks, published in order.
+
+        For bulk loads with source timestamps; CSV parsing is the streamer's bottleneck, and it is
+        per-row Python work that only more processes can spread over more cores.
+        """
+        from telemetry_nb.sources.dcgm_csv import split_records
+
+        self._redis(self.queue.ensure_group)
+        self._started = self.clock()
+        shard = (self.settings.shard_index, self.settings.shard_count)
+        inflight: collections.deque[concurrent.futures.Future] = collections.deque()
+        ctx = multiprocessing.get_context("fork")
+        try:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                for chunk in split_records(path):
+                    if self.stop_event.is_set():
+                        break
+                    inflight.append(pool.submit(encode_chunk, chunk, self.settings.batch_size, shard))
+                    if len(inflight) >= 2 * workers:
+                        self._take(inflight.popleft().result())
+                while inflight:
+                    self._take(inflight.popleft().result())
+        finally:
+            self.flush()
+        self.summary.passes = 1
+        log.info("Streamer done: published=%d rejected=%d entries=%d passes=%d", self.summary.published,
+                 self.summary.rejected, self.summary.entries, self.summary.passes)
+        return self.summary
+
+    def _take(self, result: tuple[list[tuple[dict, int]], list[Rejected]]) -> None:
+        entries, rejected = result
+        for row in rejected:
+            self._reject(row)
+        for fields, n in entries:
+            self._pending.append(fields)
+            self._pending_rows += n
+            if len(self._pending) >= self.pipeline_depth:
+                self.flush()
 
     def _one_pass(self, rows: Iterable[Sample | Rejected], timestamps: str, rate: float | None,
                   not_before: datetime | None) -> datetime | None:
@@ -211,6 +254,27 @@ class Streamer:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+def encode_chunk(chunk, batch_size: int, shard: tuple[int, int]) -> tuple[list[tuple[dict, int]], list[Rejected]]:
+    """Parse one chunk of a CSV file and encode its samples in batches (runs in a worker process)."""
+    from telemetry_nb.sources.dcgm_csv import read_chunk
+
+    shard_i, shard_n = shard
+    entries: list[tuple[dict, int]] = []
+    rejected: list[Rejected] = []
+    batch: list[Sample] = []
+    for row in read_chunk(chunk):
+        if isinstance(row, Rejected):
+            rejected.append(row)
+        elif shard_n <= 1 or shard_of(row.uuid, shard_n) == shard_i:
+            batch.append(row)
+            if len(batch) >= batch_size:
+                entries.append((codec.encode(batch), len(batch)))
+                batch = []
+    if batch:
+        entries.append((codec.encode(batch), len(batch)))
+    return entries, rejected
 
 
 def _with_stop(rows: Iterable, stop: threading.Event) -> Iterator:

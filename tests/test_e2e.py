@@ -109,3 +109,23 @@ def test_service_endpoints(api_server, path):
         assert "/api/v1/gpus/{uuid}/telemetry" in r.json()["paths"]
     if path == "/metrics":
         assert "api_requests" in r.text
+
+
+def test_streamer_and_collector_expose_metrics_and_health(cli_env, real_csv, tmp_path):
+    from telemetry_nb.embedded import free_port
+    from tests.conftest import wait_http
+
+    port = free_port()
+    run_cli("stream", "--csv", str(real_csv), env=cli_env)
+    proc = start_cli("collect", "--metrics-port", str(port), env=cli_env, log_path=tmp_path / "c.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        deadline = time.monotonic() + 30
+        while "telemetry_rows_stored_total 2470.0" not in (text := httpx.get(f"http://127.0.0.1:{port}/metrics").text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        assert "telemetry_consumer_lag" in text and "telemetry_batch_seconds_bucket" in text
+        assert httpx.get(f"http://127.0.0.1:{port}/ready").json()["status"] == "ready"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0  # SIGTERM is a clean stop

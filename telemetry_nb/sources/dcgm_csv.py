@@ -12,6 +12,7 @@ import io
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
@@ -185,6 +186,61 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
         yield Sample(uuid, metric, ts, value, row[i_host].strip(), gpu_index, row[i_dev].strip(),
                      row[i_model].strip(), row[i_cont].strip(), row[i_pod].strip(), row[i_ns].strip(),
                      parse_labels(row[i_labels]) if with_labels and row[i_labels] else {})
+
+
+@dataclass
+class Chunk:
+    """Whole CSV records at bytes [offset, offset + length) of `path`, the header text, and the first line number."""
+
+    path: str
+    header: str
+    first_line: int
+    offset: int
+    length: int
+
+
+def split_records(path: str | Path, chunk_bytes: int = 4 << 20) -> Iterator[Chunk]:
+    """Cut a CSV file into byte ranges of whole records, for parsing in parallel; constant memory.
+
+    A range ends only at a line break outside quotes (an even count of `"` so far), so a quoted
+    field that spans lines is never cut in two. Only offsets travel to the workers, not the text.
+    """
+    with open(path, "rb") as fh:
+        head = _whole_record(fh, fh.readline())
+        header = head.decode("utf-8-sig", errors="replace")
+        line = 1 + head.count(b"\n")
+        offset = fh.tell()
+        while True:
+            data = fh.read(chunk_bytes)
+            if not data:
+                return
+            if not data.endswith(b"\n"):
+                data += fh.readline()
+            data = _whole_record(fh, data)
+            yield Chunk(path=str(path), header=header, first_line=line, offset=offset, length=len(data))
+            line += data.count(b"\n")
+            offset += len(data)
+
+
+def _whole_record(fh: IO[bytes], data: bytes) -> bytes:
+    while data.count(b'"') % 2:
+        more = fh.readline()
+        if not more:
+            break
+        data += more
+    return data
+
+
+def read_chunk(chunk: Chunk, *, with_labels: bool = False) -> Iterator[Sample | Rejected]:
+    """`read_samples` over one chunk, with line numbers of the whole file."""
+    with open(chunk.path, "rb") as fh:
+        fh.seek(chunk.offset)
+        text = fh.read(chunk.length).decode("utf-8", errors="replace")
+    shift = chunk.first_line - 1 - chunk.header.count("\n")
+    for item in read_samples(io.StringIO(chunk.header + text, newline=""), with_labels=with_labels):
+        if isinstance(item, Rejected):
+            item.line += shift
+        yield item
 
 
 def _raw(row: list[str]) -> str:

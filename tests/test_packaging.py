@@ -1,0 +1,39 @@
+"""Packaging stays coherent: environment.yml lists what pyproject.toml depends on; the README's commands."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+from tests.conftest import REPO
+
+CONDA_NAMES = {"redis": "redis-py", "prometheus-client": "prometheus_client", "kubernetes": "python-kubernetes",
+               "psycopg": "psycopg"}
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=\[ ;]", req, maxsplit=1)[0].lower()
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    listed = set()
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            listed |= {_name(d) for d in dep["pip"]}
+        else:
+            listed.add(_name(dep))
+    missing = {w for w in wanted if CONDA_NAMES.get(w, w) not in listed}
+    assert not missing, f"environment.yml lacks {sorted(missing)}"
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
+    assert len(block) == 2
+    assert block[0].endswith("telemetry-nb demo")
+    assert block[1] in (REPO / ".ci" / "run").read_text()
