@@ -178,3 +178,21 @@ def test_random_junk_never_raises():
         text = ",".join(HEADER) + "\n" + junk
         for item in read_samples(io.StringIO(text)):
             assert isinstance(item, Sample | Rejected)
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 333, 4096])
+def test_chunks_for_parallel_parsing_read_exactly_like_one_pass(tmp_path, chunk_bytes):
+    rows = [_row(uuid=f"GPU-{i}", value=str(i)) for i in range(40)]
+    rows[5] = _row(container="two\nlines", uuid="GPU-5")  # a quoted newline must never be cut
+    rows[17] = _row(value="N/A", uuid="GPU-17")
+    rows[31] = _row(pod='has "quotes", and commas', uuid="GPU-31")
+    text = _csv(rows, quote=csv.QUOTE_ALL, eol="\r\n") + "junk line\r\n" + _csv([_row(uuid="GPU-last")]).split("\n", 1)[1]
+    path = tmp_path / "c.csv"
+    path.write_bytes(("\ufeff" + text).encode())
+    from telemetry_nb.sources.dcgm_csv import read_chunk, split_records
+    chunks = list(split_records(path, chunk_bytes=chunk_bytes))
+    assert len(chunks) > 1 or chunk_bytes == 4096
+    parallel = [item for chunk in chunks for item in read_chunk(chunk, with_labels=True)]
+    assert parallel == list(read_samples(path))
+    assert [(r.line, r.reason) for r in parallel if isinstance(r, Rejected)] == [
+        (20, "non-numeric value 'N/A'"), (43, f"expected {len(HEADER)} fields, got 1")]
