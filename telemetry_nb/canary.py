@@ -128,8 +128,9 @@ def publish(samples: list[Sample], *, redis_url: str, stream: str, group: str = 
     from telemetry_nb.queue import Queue, connect
     from telemetry_nb.streamer import Streamer
 
+    # one shard: a streamer pod's TELEMETRY_SHARD_* must not filter the canary's GPU out
     settings = Settings.from_env(redis_url=redis_url, stream=stream, group=group, batch_size=batch_size,
-                                 consumer="canary")
+                                 consumer="canary", shard_index=0, shard_count=1)
     client = connect(settings.redis_url)
     try:
         queue = Queue(client, settings.stream, settings.group, settings.consumer,

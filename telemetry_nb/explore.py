@@ -506,10 +506,10 @@ def metric_timeseries(df: pd.DataFrame, metric: str, *, by: str = "gpu", max_ser
                                             alt.Tooltip("avg:Q", format=".1f"), alt.Tooltip("min:Q", format=".1f"),
                                             alt.Tooltip("max:Q", format=".1f")])
     per = "GPU" if by == "gpu" else "host"
-    if len(series) > 3:  # bands of many series only blur each other
+    if len(series) > 3 or by != "gpu":  # bands of many series, or across a host's GPUs, only blur the lines
         return line.properties(title=f"{short(metric)} over time (mean per {per})", width=width, height=240)
     band = base.mark_area(opacity=0.15).encode(y="min:Q", y2="max:Q")
-    title = f"{short(metric)} over time (mean per {per}, min–max band)"
+    title = f"{short(metric)} over time (mean per {per}, min–max band within each bucket)"
     return (band + line).properties(title=title, width=width, height=240)
 
 
