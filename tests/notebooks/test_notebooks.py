@@ -22,6 +22,17 @@ ALL = ["01_deployment_check.ipynb", "02_data_flow_verification.ipynb", "03_gpu_t
        "dashboard.ipynb"]
 
 
+def svg_outputs(nb) -> list[str]:
+    """The SVG images an executed notebook shows (Altair's "svg" renderer)."""
+    out = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            svg = o.get("data", {}).get("image/svg+xml")
+            if svg:
+                out.append("".join(svg) if isinstance(svg, list) else svg)
+    return out
+
+
 # -- stored form -----------------------------------------------------------------------------------
 def test_stored_notebooks_are_stripped():
     """One policy: notebooks are committed without outputs or execution counts (nbstripout --verify)."""
@@ -126,9 +137,11 @@ def test_deployment_check_kubernetes_section_runs_when_a_context_is_given(stack,
 # -- 02 canary -------------------------------------------------------------------------------------
 def test_data_flow_canary_arrives_exact_and_is_cleaned_up(stack, tmp_path):
     report_path = tmp_path / "flow.json"
-    run_notebook("02_data_flow_verification.ipynb", tmp_path, api_url=stack.api_url, redis_url=stack.redis_url,
-                 database_url=stack.database_url, stream=stack.stream, rows=50, spacing_s=0.05, timeout_s=60,
-                 report_path=str(report_path))
+    nb = run_notebook("02_data_flow_verification.ipynb", tmp_path, api_url=stack.api_url, redis_url=stack.redis_url,
+                      database_url=stack.database_url, stream=stack.stream, rows=50, spacing_s=0.05, timeout_s=60,
+                      report_path=str(report_path))
+    (latency_svg,) = svg_outputs(nb)
+    assert "Canary end-to-end latency (50 rows)" in latency_svg
     report = json.loads(report_path.read_text())
     assert report["ok"] and report["failures"] == []
     assert report["expected"] == report["published"] == report["seen"] == 50
@@ -168,8 +181,10 @@ def _history_truth(stack) -> pd.DataFrame:
 def test_exploration_of_a_window_with_a_million_rows(stack, tmp_path):
     assert sum(m["rows"] for m in httpx.get(f"{stack.api_url}/api/v1/metrics").json()["items"]) > 1_000_000
     summary_path = tmp_path / "summary.json"
-    run_notebook("03_gpu_telemetry_exploration.ipynb", tmp_path, api_url=stack.api_url, window="1h",
-                 metrics=list(explore.UNITS), summary_path=str(summary_path))
+    nb = run_notebook("03_gpu_telemetry_exploration.ipynb", tmp_path, api_url=stack.api_url, window="1h",
+                      metrics=list(explore.UNITS), summary_path=str(summary_path))
+    assert len(svg_outputs(nb)) == 5  # heatmap, per host, temperature/power, framebuffer, distributions
+    assert "cdn.jsdelivr" not in json.dumps([c.get("outputs", []) for c in nb.cells])  # renders offline
     s = json.loads(summary_path.read_text())
     assert s["samples"] >= HISTORY_ROWS  # every history row is in the window, aggregated server-side
     assert max(s["chart_rows"].values()) <= explore.MAX_CHART_ROWS
