@@ -234,9 +234,19 @@ def check_kubernetes(kube_context: str | None, namespace: str | None = None,
     return out
 
 
-def expected_counts(expected: Mapping[str, int] | None, components: Sequence[str] | str | None = None
+def expected_counts(expected: Mapping[str, int] | str | None, components: Sequence[str] | str | None = None
                     ) -> dict[str, int]:
-    """component → Ready pods needed, from `expected` and an optional component list ("a,b" or a list)."""
+    """component → Ready pods needed, from `expected` and an optional component list ("a,b" or a list).
+
+    `expected` may also be text, as `papermill -p` passes it: JSON (`{"collector": 2}`) or `collector=2,api-gateway=1`.
+    """
+    if isinstance(expected, str):
+        text = expected.strip()
+        if text.startswith("{"):
+            expected = json.loads(text)
+        else:
+            pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+            expected = {k.strip(): int(v or 1) for k, _, v in pairs}
     expected = dict(expected or {})
     if isinstance(components, str):
         components = [c.strip() for c in components.split(",") if c.strip()]

@@ -161,6 +161,7 @@ class Dashboard:
         self.idle_threshold = idle_threshold
         self.client = TelemetryClient(self.api_url, timeout=20)
         self.loaded: dict | None = None
+        self.metric_names: list[str] | None = None
         self.refreshes = 0
         self.errors: list[str] = []
         self._busy = False
@@ -204,9 +205,11 @@ class Dashboard:
 
     # -- data ----------------------------------------------------------------------------------
     def load(self) -> dict:
-        metric = self.metric.value
+        if self.metric_names is None or self.refreshes % 20 == 0:  # /api/v1/metrics counts rows: not every time
+            self.metric_names = sorted(m.name for m in self.client.metrics())
         return self.ex.load_window(self.client, window=self.window.value, target_buckets=60,
-                                   metrics=[metric, *self.ex.CHART_METRICS])
+                                   metrics=[self.metric.value, *self.ex.CHART_METRICS],
+                                   known_metrics=self.metric_names)
 
     def _host_changed(self, _change) -> None:
         self._set_gpu_options()
@@ -224,7 +227,7 @@ class Dashboard:
     def _set_pickers(self) -> None:
         hosts = sorted({g.hostname for g in self.loaded["gpus"]})
         _set_options(self.host, [("All hosts", "")] + [(h, h) for h in hosts], self.host.value)
-        metrics = sorted({m.name for m in self.client.metrics()}) or [self.ex.UTIL]
+        metrics = self.metric_names or [self.ex.UTIL]
         _set_options(self.metric, [(self.ex.short(m), m) for m in metrics], self.metric.value)
         self._set_gpu_options()
 

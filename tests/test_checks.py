@@ -133,6 +133,8 @@ def test_expected_counts():
     assert checks.expected_counts({"streamer": 4}) == {"streamer": 4}
     assert checks.expected_counts({"streamer": 4}, "streamer, redis") == {"streamer": 4, "redis": 1}
     assert checks.expected_counts({"a": "2"}, ["a"]) == {"a": 2}
+    assert checks.expected_counts('{"collector": 3}') == {"collector": 3}  # papermill -p expected '{...}'
+    assert checks.expected_counts("collector=3, api-gateway") == {"collector": 3, "api-gateway": 1}
 
 
 def test_retry_runs_a_section_until_it_passes_or_time_is_up():
