@@ -90,7 +90,7 @@ def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *
     try:
         client = connect(redis_url, timeout_s=timeout)
         info = client.info("server")
-    except (redis.RedisError, OSError) as err:
+    except (redis.RedisError, OSError, ValueError) as err:  # ValueError: not a redis:// URL
         return [CheckResult("redis.reachable", FAIL, f"{redact(redis_url)}: {_err(err)}"),
                 *(CheckResult(n, SKIP, "skipped: Redis unreachable") for n in names)]
     out = [CheckResult("redis.reachable", PASS, f"{redact(redis_url)} (Redis {info.get('redis_version', '?')})")]

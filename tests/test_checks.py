@@ -61,6 +61,8 @@ def test_redis_checks_follow_the_pipeline(cli_env, real_csv):
     assert [x.name for x in down if x.status == FAIL] == ["redis.reachable"]
     assert all(x.status == SKIP for x in down[1:])
     assert checks.check_redis("", stream)[0].status == SKIP
+    bad = checks.check_redis("http://not-redis:80", stream)[0]
+    assert bad.name == "redis.reachable" and bad.status == FAIL
 
 
 def test_postgres_checks(cli_env, real_csv):
