@@ -69,7 +69,8 @@ def raw_copy_rate(admin_url: str, csv_path: Path, rows: int) -> float:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collectors: int) -> tuple[float, int]:
+def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collectors: int,
+               workers: str = "auto") -> tuple[float, int]:
     """Stream the file and collect it until drained; returns (rows/s, streamer peak RSS in KiB)."""
     name = f"bench_e2e_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
@@ -81,7 +82,7 @@ def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collec
         subprocess.run([sys.executable, "-c", "from telemetry_nb import store; import os; "
                         "store.migrate(store.connect(os.environ['DATABASE_URL']))"], env=env, check=True)
         started = time.perf_counter()
-        streamer = _cli("stream", "--csv", str(csv_path), env=env)
+        streamer = _cli("stream", "--csv", str(csv_path), "--workers", workers, env=env)
         workers = [_cli("collect", "--drain", "--consumer", f"bench-{i}", env=env) for i in range(collectors)]
         _, status, usage = os.wait4(streamer.pid, 0)
         streamer.returncode = os.waitstatus_to_exitcode(status)
@@ -108,6 +109,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to ingest (default 1,000,000)")
     parser.add_argument("--collectors", type=int, default=1, help="collector processes (default 1)")
     parser.add_argument("--csv", help="reuse this generated CSV instead of generating one")
+    parser.add_argument("--workers", default="auto", help="streamer parser processes (default auto)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="tnb-bench-") as tmp:
@@ -130,10 +132,11 @@ def main() -> int:
                       f"in {time.perf_counter() - t:.1f}s")
             # end to end first: a child forked from this process after the raw COPY payload was built
             # would report that payload in its peak RSS
-            e2e, peak_kib = end_to_end(redis_url, admin, csv_path, rows, args.collectors)
+            e2e, peak_kib = end_to_end(redis_url, admin, csv_path, rows, args.collectors, args.workers)
             raw = raw_copy_rate(admin, csv_path, rows)
             print(f"raw COPY into (gpu, ts, metric)-keyed table: {raw:,.0f} rows/s")
-            print(f"end to end (stream -> Redis -> {args.collectors} collector(s) -> PostgreSQL, drained): "
+            print(f"end to end (stream [{args.workers} parser(s)] -> Redis -> {args.collectors} collector(s) -> "
+                  "PostgreSQL, drained): "
                   f"{e2e:,.0f} rows/s")
             print(f"ratio end-to-end / raw COPY: {e2e / raw:.2f}x (target >= 0.5x)")
             print(f"streamer peak RSS: {peak_kib / 1024:.0f} MB (limit 200 MB)")

@@ -47,7 +47,10 @@ def workload_key(namespace: str, pod: str, container: str) -> int:
 
 @dataclass
 class Batch:
-    """A decoded entry: `rows` is COPY text; `gpus` rows are (id, uuid, host, index, device, model)."""
+    """A decoded entry: `rows` is COPY text; `gpus` rows are (id, uuid, host, index, device, model).
+
+    `metrics` rows are (id, name, rows of that metric in this batch).
+    """
 
     n: int
     rows: bytes
@@ -62,6 +65,7 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
     append = lines.append
     gpus: dict[str, list] = {}
     metrics: dict[str, str] = {}
+    per_metric: dict[str, int] = {}
     workloads: dict[tuple[str, str, str], str] = {}
     ts_text: dict[datetime, str] = {}
     for s in samples:
@@ -74,6 +78,8 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
         mid = metrics.get(s.metric)
         if mid is None:
             mid = metrics[s.metric] = str(metric_key(s.metric))
+            per_metric[s.metric] = 0
+        per_metric[s.metric] += 1
         if s.pod or s.namespace or s.container:
             wkey = (s.namespace, s.pod, s.container)
             wid = workloads.get(wkey)
@@ -88,7 +94,8 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
         b"v": VERSION,
         b"n": str(len(lines)).encode(),
         b"gpus": json.dumps(list(gpus.values()), separators=(",", ":")).encode(),
-        b"metrics": json.dumps([[int(i), n] for n, i in metrics.items()], separators=(",", ":")).encode(),
+        b"metrics": json.dumps([[int(i), n, per_metric[n]] for n, i in metrics.items()],
+                               separators=(",", ":")).encode(),
         b"workloads": json.dumps([[int(i), *w] for w, i in workloads.items()], separators=(",", ":")).encode(),
         b"rows": "".join(lines).encode(),
     }

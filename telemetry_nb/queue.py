@@ -191,11 +191,14 @@ class Queue:
         return int(self.r.xtrim(self.stream, minid=floor_id, approximate=False))
 
     def undelivered(self) -> int:
-        """Entries not yet delivered to our group (Redis 7 reports it; on 6.2, XLEN less pending after `safe_trim`)."""
+        """Entries not yet delivered to our group (Redis 7 reports it; on 6.2 it is derived after `safe_trim`)."""
         for g in self.groups():
             if g["name"] in (self.group, self.group.encode()):
                 if g.get("lag") is not None:
                     return int(g["lag"])
+                info = self.r.xinfo_stream(self.stream)
+                if info["last-generated-id"] == g["last-delivered-id"]:
+                    return 0  # caught up
                 self.safe_trim()
                 return max(0, int(self.r.xlen(self.stream)) - int(g["pending"]))
         return int(self.r.xlen(self.stream)) if self.r.exists(self.stream) else 0

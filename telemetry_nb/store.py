@@ -57,6 +57,16 @@ MIGRATIONS: list[tuple[int, str]] = [
            (SELECT t.ts FROM telemetry t WHERE t.gpu_id = g.id ORDER BY t.ts DESC LIMIT 1) AS last_seen
     FROM gpus g;
     """),
+    (2, """
+    -- row counts per metric, kept by the collectors, so GET /api/v1/metrics need not count the table
+    CREATE TABLE IF NOT EXISTS metric_rows (
+        metric_id int PRIMARY KEY,
+        rows bigint NOT NULL
+    );
+    INSERT INTO metric_rows (metric_id, rows)
+    SELECT metric_id, count(*) FROM telemetry GROUP BY metric_id
+    ON CONFLICT (metric_id) DO UPDATE SET rows = EXCLUDED.rows;
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x7E1E_4E7B  # advisory lock id: collectors starting together migrate one at a time
@@ -156,7 +166,8 @@ class Writer:
                     "device = EXCLUDED.device, model_name = EXCLUDED.model_name "
                     "WHERE (g.hostname, g.gpu_index, g.device, g.model_name) IS DISTINCT FROM "
                     "(EXCLUDED.hostname, EXCLUDED.gpu_index, EXCLUDED.device, EXCLUDED.model_name)", cols)
-            stored = self._copy_rows(cur, batches, consumed)
+            stored, per_metric = self._copy_rows(cur, batches, consumed)
+            _add_metric_rows(cur, per_metric)
         # remember only what is committed, so a rolled-back transaction is redone in full
         self._known_metrics.update(metrics)
         self._known_workloads.update(workloads)
@@ -172,19 +183,34 @@ class Writer:
             if stored.get(i) != name:
                 raise IdCollision(f"metric {name!r} hashes to id {i}, already used by {stored.get(i)!r}")
 
-    def _copy_rows(self, cur: psycopg.Cursor, batches: Sequence[Batch], consumed: int) -> int:
+    def _copy_rows(self, cur: psycopg.Cursor, batches: Sequence[Batch], consumed: int) -> tuple[int, dict[int, int]]:
+        """COPY the rows; returns how many were new, and how many of those per metric id."""
         try:
             with self.conn.transaction(), cur.copy("COPY telemetry FROM STDIN") as copy:
                 for b in batches:
                     copy.write(b.rows)
-            return consumed
+            per_metric: dict[int, int] = {}
+            for b in batches:
+                for m in b.metrics:
+                    per_metric[m[0]] = per_metric.get(m[0], 0) + (m[2] if len(m) > 2 else 0)
+            return consumed, per_metric
         except psycopg.errors.UniqueViolation:
             self.fallbacks += 1
         with cur.copy("COPY staging FROM STDIN") as copy:
             for b in batches:
                 copy.write(b.rows)
-        cur.execute("INSERT INTO telemetry SELECT * FROM staging ON CONFLICT DO NOTHING")
-        return cur.rowcount
+        rows = cur.execute("WITH new AS (INSERT INTO telemetry SELECT * FROM staging ON CONFLICT DO NOTHING "
+                           "RETURNING metric_id) SELECT metric_id, count(*) FROM new GROUP BY metric_id").fetchall()
+        return sum(n for _, n in rows), dict(rows)
+
+
+def _add_metric_rows(cur: psycopg.Cursor, per_metric: dict[int, int]) -> None:
+    """Add (or, negative, subtract) row counts per metric; ids in order so collectors never deadlock."""
+    ids = sorted(i for i, n in per_metric.items() if n)
+    if ids:
+        cur.execute("INSERT INTO metric_rows AS r (metric_id, rows) SELECT * FROM unnest(%s::int[], %s::bigint[]) "
+                    "ON CONFLICT (metric_id) DO UPDATE SET rows = r.rows + EXCLUDED.rows",
+                    (ids, [per_metric[i] for i in ids]))
 
 
 # -- reads --------------------------------------------------------------------------------------
@@ -271,14 +297,15 @@ class Reader:
         return [r["name"] for r in self._all("SELECT name FROM metrics ORDER BY name")]
 
     def metric_counts(self) -> list[dict]:
-        return self._all("SELECT m.name, coalesce(c.n, 0) AS rows FROM metrics m LEFT JOIN "
-                         "(SELECT metric_id, count(*) AS n FROM telemetry GROUP BY metric_id) c "
-                         "ON c.metric_id = m.id ORDER BY m.name")
+        """Metric names with their row counts (kept by the collectors, not counted here)."""
+        return self._all("SELECT m.name, coalesce(r.rows, 0) AS rows FROM metrics m "
+                         "LEFT JOIN metric_rows r ON r.metric_id = m.id ORDER BY m.name")
 
     def summary(self) -> dict:
         """Schema version, row and GPU counts, newest sample time: what a deployment check looks at."""
         rows = self._all("SELECT (SELECT max(version) FROM schema_version) AS schema_version, "
-                         "(SELECT count(*) FROM telemetry) AS rows, (SELECT count(*) FROM gpus) AS gpus, "
+                         "(SELECT coalesce(sum(rows), 0)::bigint FROM metric_rows) AS rows, "
+                         "(SELECT count(*) FROM gpus) AS gpus, "
                          "(SELECT max(last_seen) FROM gpu_inventory) AS newest")
         return rows[0]
 
@@ -288,6 +315,9 @@ class Reader:
             gpu = self.get_gpu(uuid)
             if gpu is None:
                 return 0
-            n = self.conn.execute("DELETE FROM telemetry WHERE gpu_id = %s", (gpu["id"],)).rowcount
-            self.conn.execute("DELETE FROM gpus WHERE id = %s", (gpu["id"],))
-        return n
+            with self.conn.cursor() as cur:
+                gone = cur.execute("WITH gone AS (DELETE FROM telemetry WHERE gpu_id = %s RETURNING metric_id) "
+                                   "SELECT metric_id, count(*) FROM gone GROUP BY metric_id", (gpu["id"],)).fetchall()
+                _add_metric_rows(cur, {i: -n for i, n in gone})
+                cur.execute("DELETE FROM gpus WHERE id = %s", (gpu["id"],))
+        return sum(n for _, n in gone)

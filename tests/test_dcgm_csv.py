@@ -186,7 +186,8 @@ def test_chunks_for_parallel_parsing_read_exactly_like_one_pass(tmp_path, chunk_
     rows[5] = _row(container="two\nlines", uuid="GPU-5")  # a quoted newline must never be cut
     rows[17] = _row(value="N/A", uuid="GPU-17")
     rows[31] = _row(pod='has "quotes", and commas', uuid="GPU-31")
-    text = _csv(rows, quote=csv.QUOTE_ALL, eol="\r\n") + "junk line\r\n" + _csv([_row(uuid="GPU-last")]).split("\n", 1)[1]
+    tail = _csv([_row(uuid="GPU-last")]).split("\n", 1)[1]
+    text = _csv(rows, quote=csv.QUOTE_ALL, eol="\r\n") + "junk line\r\n" + tail
     path = tmp_path / "c.csv"
     path.write_bytes(("\ufeff" + text).encode())
     from telemetry_nb.sources.dcgm_csv import read_chunk, split_records
