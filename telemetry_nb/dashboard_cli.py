@@ -23,9 +23,9 @@ WINDOWS = ("5m", "15m", "1h", "6h", "24h", "7d")
 
 
 def notebooks_dir() -> Path:
-    """The notebooks folder: $TELEMETRY_NOTEBOOKS, the repository's, or /app/notebooks in the image."""
+    """The notebooks: $TELEMETRY_NOTEBOOKS, the checkout's, the installed copy, or /app/notebooks in the image."""
     candidates = [os.environ.get("TELEMETRY_NOTEBOOKS", ""), str(Path(__file__).resolve().parent.parent / "notebooks"),
-                  "/app/notebooks"]
+                  str(Path(sys.prefix) / "share" / "telemetry-nb" / "notebooks"), "/app/notebooks"]
     for c in candidates:
         if c and (Path(c) / "dashboard.ipynb").exists():
             return Path(c)

@@ -37,3 +37,19 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     assert len(block) == 2
     assert block[0].endswith("telemetry-nb demo")
     assert block[1] in (REPO / ".ci" / "run").read_text()
+
+
+def test_wheel_ships_the_notebooks(tmp_path):
+    """A plain `pip install .` must carry the notebooks the dashboard and the checks run."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(REPO),
+                    "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    [wheel] = tmp_path.glob("telemetry_nb-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n.split("/share/telemetry-nb/notebooks/", 1)[1] for n in names if "/share/telemetry-nb/notebooks/" in n}
+    expected = {p.relative_to(REPO / "notebooks").as_posix() for p in (REPO / "notebooks").rglob("*")
+                if p.is_file() and ".ipynb_checkpoints" not in p.parts}
+    assert shipped == expected
