@@ -14,6 +14,7 @@ import queue as stdqueue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import psycopg
 
@@ -25,6 +26,26 @@ from telemetry_nb.queue import REDIS_ERRORS, Entry, Queue
 from telemetry_nb.telemetry import PipelineMetrics
 
 log = logging.getLogger(__name__)
+LOG_EVERY_S = 5.0
+
+
+@dataclass
+class _Window:
+    """What was written since the last progress line."""
+
+    since: float
+    consumed: int = 0
+    stored: int = 0
+    entries: int = 0
+    transactions: int = 0
+    seconds: float = 0.0
+
+    def add(self, consumed: int, stored: int, entries: int, seconds: float) -> None:
+        self.consumed += consumed
+        self.stored += stored
+        self.entries += entries
+        self.transactions += 1
+        self.seconds += seconds
 
 
 class Collector:
@@ -42,6 +63,7 @@ class Collector:
         self._writer: store.Writer | None = None
         self.totals = {"consumed": 0, "stored": 0, "dead": 0, "lost": 0}
         self._leftover: list[Entry] = []
+        self._window = _Window(clock())
 
     # -- dependencies, with retry ----------------------------------------------------------------
     def _redis(self, fn, what: str = "Redis"):
@@ -128,9 +150,21 @@ class Collector:
         self.metrics.duplicates.inc(result.consumed - result.stored)
         self.totals["consumed"] += result.consumed
         self.totals["stored"] += result.stored
-        log.info("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %.0f ms",
-                 result.consumed, len(ids), result.stored, result.consumed - result.stored, elapsed * 1000)
+        log.debug("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %.0f ms",
+                  result.consumed, len(ids), result.stored, result.consumed - result.stored, elapsed * 1000)
+        self._window.add(result.consumed, result.stored, len(ids), elapsed)
+        if self.clock() - self._window.since >= LOG_EVERY_S:
+            self._report()
         return result.stored
+
+    def _report(self) -> None:
+        """One INFO line per few seconds of work, not one per transaction."""
+        w = self._window
+        if w.entries:
+            log.info("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %d transactions, "
+                     "%.0f ms writing", w.consumed, w.entries, w.stored, w.consumed - w.stored, w.transactions,
+                     w.seconds * 1000)
+        self._window = _Window(self.clock())
 
     def _dead(self, eid: bytes, fields: dict, error: str, deliveries: int = 0) -> None:
         log.error("Dead-lettering entry %s to %s: %s", eid.decode(), self.queue.dead_stream, error)
@@ -249,6 +283,7 @@ class Collector:
                 except Exception as err:  # noqa: BLE001 (they stay pending and will be claimed)
                     log.warning("Could not write them (%s); they stay pending for another collector", err)
             self.close()
+        self._report()
         log.info("Collector done: consumed=%d stored=%d dead=%d lost=%d", self.totals["consumed"],
                  self.totals["stored"], self.totals["dead"], self.totals["lost"])
         return dict(self.totals)

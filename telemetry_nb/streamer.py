@@ -26,6 +26,7 @@ from telemetry_nb.telemetry import PipelineMetrics
 
 log = logging.getLogger(__name__)
 MAX_LOGGED_REJECTS = 100
+LOG_EVERY_S = 5.0
 
 
 def shard_of(uuid: str, count: int) -> int:
@@ -72,6 +73,8 @@ class Streamer:
         self._rejects: list[Rejected] = []
         self._started = 0.0
         self._entries_at_check = -(10 ** 9)
+        self._last_log = 0.0
+        self._logged_rows = self._logged_entries = 0
         self.source_name = ""
 
     def _redis(self, fn, what: str = "Redis"):
@@ -96,9 +99,16 @@ class Streamer:
                 next_start = last + timedelta(seconds=1)
         finally:
             self.flush()
+        self._done_log()
+        return self.summary
+
+    def _done_log(self) -> None:
+        if self.summary.published > self._logged_rows:
+            log.info("Published %d rows in %d entries since the last report (%d in all) to %s",
+                     self.summary.published - self._logged_rows, self.summary.entries - self._logged_entries,
+                     self.summary.published, self.queue.stream)
         log.info("Streamer done: published=%d rejected=%d entries=%d passes=%d", self.summary.published,
                  self.summary.rejected, self.summary.entries, self.summary.passes)
-        return self.summary
 
     def run_parallel(self, path: str, workers: int) -> Summary:
         """One pass over a CSV file with `workers` processes parsing and encoding chunks, published in order.
@@ -126,8 +136,7 @@ class Streamer:
         finally:
             self.flush()
         self.summary.passes = 1
-        log.info("Streamer done: published=%d rejected=%d entries=%d passes=%d", self.summary.published,
-                 self.summary.rejected, self.summary.entries, self.summary.passes)
+        self._done_log()
         return self.summary
 
     def _take(self, result: tuple[list[tuple[dict, int]], list[Rejected]]) -> None:
@@ -166,6 +175,8 @@ class Streamer:
                     batch = []
                     self.flush()
                     self._sleep(wait)
+                    if self.stop_event.is_set():
+                        break
             if last is None or row.ts > last:
                 last = row.ts
             batch.append(row)
@@ -201,8 +212,12 @@ class Streamer:
         self.metrics.published.inc(rows)
         if self.progress is not None:
             self.progress(rows)
-        log.info("Published %d rows in %d entries (%d total) to %s", rows, len(entries), self.summary.published,
-                 self.queue.stream)
+        now = self.clock()
+        if now - self._last_log >= LOG_EVERY_S:
+            log.info("Published %d rows in %d entries since the last report (%d in all) to %s",
+                     self.summary.published - self._logged_rows, self.summary.entries - self._logged_entries,
+                     self.summary.published, self.queue.stream)
+            self._last_log, self._logged_rows, self._logged_entries = now, self.summary.published, self.summary.entries
 
     def _reject(self, row: Rejected) -> None:
         self.summary.rejected += 1
