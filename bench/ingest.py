@@ -104,6 +104,27 @@ def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collec
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def collector_alone(redis_url: str, admin_url: str, csv_path: Path, rows: int) -> float:
+    """Publish everything first, then time one collector draining it: the write path on its own."""
+    name = f"bench_col_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": _db(admin_url, name),
+           "TELEMETRY_STREAM": f"bench-{uuid.uuid4().hex[:8]}", "TELEMETRY_LOG_LEVEL": "WARNING"}
+    try:
+        subprocess.run([sys.executable, "-c", "from telemetry_nb import store; import os; "
+                        "store.migrate(store.connect(os.environ['DATABASE_URL']))"], env=env, check=True)
+        subprocess.run([sys.executable, "-m", "telemetry_nb.cli", "stream", "--csv", str(csv_path),
+                        "--high-water", "0"], env=env, check=True, capture_output=True)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "telemetry_nb.cli", "collect", "--drain"], env=env, check=True,
+                       capture_output=True)
+        return rows / (time.perf_counter() - started)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to ingest (default 1,000,000)")
@@ -133,8 +154,10 @@ def main() -> int:
             # end to end first: a child forked from this process after the raw COPY payload was built
             # would report that payload in its peak RSS
             e2e, peak_kib = end_to_end(redis_url, admin, csv_path, rows, args.collectors, args.workers)
+            col = collector_alone(redis_url, admin, csv_path, rows)
             raw = raw_copy_rate(admin, csv_path, rows)
             print(f"raw COPY into (gpu, ts, metric)-keyed table: {raw:,.0f} rows/s")
+            print(f"collector alone, draining a pre-filled stream: {col:,.0f} rows/s ({col / raw:.2f}x raw COPY)")
             print(f"end to end (stream [{args.workers} parser(s)] -> Redis -> {args.collectors} collector(s) -> "
                   "PostgreSQL, drained): "
                   f"{e2e:,.0f} rows/s")
