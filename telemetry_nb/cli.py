@@ -381,6 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as err:
+        from telemetry_nb.store import SchemaTooNew
+
+        if not isinstance(err, SchemaTooNew):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -81,6 +81,10 @@ RETRYABLE = (psycopg.OperationalError, psycopg.errors.DeadlockDetected,
              psycopg.errors.SerializationFailure, psycopg.InterfaceError)
 
 
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer telemetry-nb; this one must not write to it."""
+
+
 class IdCollision(psycopg.DataError):
     """Two names hashed to the same id: the batch is refused rather than mislabelled."""
 
@@ -98,6 +102,9 @@ def migrate(conn: psycopg.Connection) -> int:
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version int PRIMARY KEY, "
                      "applied_at timestamptz NOT NULL DEFAULT now())")
         current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(f"database schema version {current} is newer than this telemetry-nb knows "
+                               f"({SCHEMA_VERSION}); upgrade telemetry-nb before running it against this database")
         for version, sql in MIGRATIONS:
             if version > current:
                 log.info("Applying schema migration %d", version)

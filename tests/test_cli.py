@@ -168,3 +168,35 @@ def test_demo_serves_live_data_within_30s(tmp_path):
     text = (tmp_path / "demo.log").read_text()
     assert "API:" in text and "Stopping the demo" in text
     assert not Embedded(home).status()["redis"]["running"]
+
+
+def test_check_command_reports_both_servers(cli_env, real_csv):
+    run_cli("stream", "--csv", str(real_csv), env=cli_env)
+    run_cli("collect", "--drain", env=cli_env)
+    out = run_cli("check", env=cli_env)
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("redis      ok") and "backlog=0" in lines[0]
+    assert lines[1].startswith("postgresql ok") and "rows=2470 gpus=247" in lines[1]
+    broken = run_cli("check", env={**cli_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, check=False)
+    assert broken.returncode == 1 and broken.stdout.startswith("redis      FAIL")
+
+
+def test_unix_socket_redis_url(cli_env, tmp_path, real_csv):
+    from telemetry_nb.embedded import redis_server_binary
+
+    sock = tmp_path / "r.sock"
+    server = subprocess.Popen([str(redis_server_binary()), "--port", "0", "--unixsocket", str(sock),
+                               "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        env = {**cli_env, "REDIS_URL": f"unix://{sock}"}
+        out = run_cli("stream", "--csv", str(real_csv), env=env)
+        assert out.stdout.strip().endswith("published=2470 rejected=0")
+        col = run_cli("collect", "--drain", env=env)
+        assert "Stored 2470 rows" in col.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -86,3 +86,12 @@ def test_metric_id_collision_is_refused(database_url):
         conn.commit()
         with pytest.raises(store.IdCollision, match="UTIL"):
             store.Writer(conn).write([_batch("GPU-a", "UTIL", 3)])
+
+
+def test_newer_schema_is_refused(database_url):
+    with psycopg.connect(database_url) as conn:
+        store.migrate(conn)
+        conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (store.SCHEMA_VERSION + 1,))
+        conn.commit()
+        with pytest.raises(store.SchemaTooNew, match="newer than this telemetry-nb"):
+            store.migrate(conn)
