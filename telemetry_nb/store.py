@@ -220,6 +220,16 @@ def _add_metric_rows(cur: psycopg.Cursor, per_metric: dict[int, int]) -> None:
                     (ids, [per_metric[i] for i in ids]))
 
 
+def _time_window(where: list[str], params: list, start: datetime | None, end: datetime | None) -> None:
+    """Add start ≤ ts ≤ end (either bound optional) to a WHERE clause under construction."""
+    if start is not None:
+        where.append("t.ts >= %s")
+        params.append(start)
+    if end is not None:
+        where.append("t.ts <= %s")
+        params.append(end)
+
+
 # -- reads --------------------------------------------------------------------------------------
 GPU_COLUMNS = "uuid, hostname, gpu_index, device, model_name, first_seen, last_seen"
 
@@ -266,12 +276,7 @@ class Reader:
         """Rows of one GPU with start ≤ ts ≤ end, ordered by (ts, metric), after the keyset cursor."""
         where = ["t.gpu_id = %s"]
         params: list = [gpu_id]
-        if start is not None:
-            where.append("t.ts >= %s")
-            params.append(start)
-        if end is not None:
-            where.append("t.ts <= %s")
-            params.append(end)
+        _time_window(where, params, start, end)
         if metric_ids is not None:
             where.append("t.metric_id = ANY(%s)")
             params.append(list(metric_ids))
@@ -288,12 +293,7 @@ class Reader:
         """Per-bucket min/avg/max/count per metric, computed in PostgreSQL (date_bin, PG ≥ 14)."""
         where = ["t.gpu_id = %s", "t.metric_id = ANY(%s)"]
         params: list = [bucket, gpu_id, list(metric_ids)]
-        if start is not None:
-            where.append("t.ts >= %s")
-            params.append(start)
-        if end is not None:
-            where.append("t.ts <= %s")
-            params.append(end)
+        _time_window(where, params, start, end)
         sql = ("SELECT date_bin(%s, t.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket, m.name AS metric, "
                "min(t.value) AS min, avg(t.value) AS avg, max(t.value) AS max, count(*) AS count "
                "FROM telemetry t JOIN metrics m ON m.id = t.metric_id WHERE " + " AND ".join(where) +

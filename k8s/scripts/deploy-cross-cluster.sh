@@ -8,6 +8,9 @@
 # postgresql.auth.existingSecret).
 set -euo pipefail
 
+# shellcheck source=SCRIPTDIR/lib/common.bash
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
+
 PROG=$(basename -- "$0")
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 CHART=$(cd -- "$SCRIPT_DIR/../helm/telemetry-pipeline" 2>/dev/null && pwd || echo "$SCRIPT_DIR/../helm/telemetry-pipeline")
@@ -88,9 +91,7 @@ Example:
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 1; }
 
-need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
 
 read_file() { [[ -r $1 ]] || die "cannot read $1"; local s; s=$(<"$1"); printf '%s' "${s%$'\n'}"; }
 
@@ -142,26 +143,6 @@ REDIS_SECRET="$RELEASE-redis-auth"
 DB_SECRET="$RELEASE-postgresql-auth"
 
 # ------------------------------------------------------------------------------- helpers ----
-
-# The tools a command needs; without --dry-run a missing one is an error naming it (exit 2).
-require_tools() {
-  $DRY_RUN && return 0
-  local tool
-  for tool in "$@"; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-      echo "error: $tool not found in PATH (needed for $COMMAND)" >&2
-      exit 2
-    fi
-  done
-}
-
-# Print a command as "+ cmd args" (shell-quoted) and run it unless --dry-run.
-run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-  $DRY_RUN || "$@"
-}
 
 # Apply a manifest given on stdin; only the note (never the manifest) is printed.
 apply_stdin() {

@@ -4,6 +4,9 @@
 # and load the telemetry-nb image into both.
 set -euo pipefail
 
+# shellcheck source=SCRIPTDIR/lib/common.bash
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
+
 PROG=$(basename -- "$0")
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd -- "$SCRIPT_DIR/../.." && pwd)
@@ -43,8 +46,6 @@ Exit status: 0 ok, 1 usage error, 2 a required tool (docker, kind) is missing.
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 1; }
-need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
 
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -67,24 +68,6 @@ case $COMMAND in
   create-all|load-image|delete-all|central-ip) ;;
   *) die "unknown command '$COMMAND' (see --help)" ;;
 esac
-
-require_tools() {
-  $DRY_RUN && return 0
-  local tool
-  for tool in "$@"; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-      echo "error: $tool not found in PATH (needed for $COMMAND)" >&2
-      exit 2
-    fi
-  done
-}
-
-run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-  $DRY_RUN || "$@"
-}
 
 cluster_exists() {
   $DRY_RUN && return 1

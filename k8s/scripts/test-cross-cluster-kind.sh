@@ -8,6 +8,9 @@
 #   5. report, and delete the clusters unless --keep
 set -euo pipefail
 
+# shellcheck source=SCRIPTDIR/lib/common.bash
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
+
 PROG=$(basename -- "$0")
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 CHART=$(cd -- "$SCRIPT_DIR/../helm/telemetry-pipeline" && pwd)
@@ -56,8 +59,6 @@ is missing.
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 1; }
-need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
 
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -92,24 +93,6 @@ if $DRY_RUN; then
   KIND_ARGS+=(--dry-run)
   DEPLOY_ARGS+=(--dry-run)
 fi
-
-require_tools() {
-  $DRY_RUN && return 0
-  local tool
-  for tool in "$@"; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-      echo "error: $tool not found in PATH (needed for $COMMAND)" >&2
-      exit 2
-    fi
-  done
-}
-
-run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-  $DRY_RUN || "$@"
-}
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
