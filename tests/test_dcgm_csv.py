@@ -197,3 +197,17 @@ def test_chunks_for_parallel_parsing_read_exactly_like_one_pass(tmp_path, chunk_
     assert parallel == list(read_samples(path))
     assert [(r.line, r.reason) for r in parallel if isinstance(r, Rejected)] == [
         (20, "non-numeric value 'N/A'"), (43, f"expected {len(HEADER)} fields, got 1")]
+
+
+def test_other_column_spellings_are_understood():
+    text = "time,metric,gpu,GPU_UUID,host,model,value\n2025-07-18 20:42:34.5 UTC,DCGM_FI_DEV_GPU_TEMP,2,GPU-z,n1,A100,61\n"
+    [s] = list(read_samples(io.StringIO(text)))
+    assert (s.uuid, s.metric, s.gpu_index, s.hostname, s.model_name, s.value) == (
+        "GPU-z", "DCGM_FI_DEV_GPU_TEMP", 2, "n1", "A100", 61.0)
+    assert s.ts == datetime(2025, 7, 18, 20, 42, 34, 500000, tzinfo=UTC)
+
+
+def test_exact_column_name_wins_over_an_alias():
+    text = "gpu,gpu_id,timestamp,metric_name,uuid,Hostname,value\n9,1,2025-07-18T20:42:34Z,M,GPU-a,h,1\n"
+    [s] = list(read_samples(io.StringIO(text)))
+    assert s.gpu_index == 1

@@ -26,6 +26,13 @@ HEADER = (
     "Hostname", "container", "pod", "namespace", "value", "labels_raw",
 )
 
+# other spellings seen in exports and hand-made files; an exact column name always wins over an alias
+ALIASES = {
+    "time": "timestamp", "ts": "timestamp", "metric": "metric_name", "__name__": "metric_name",
+    "gpu": "gpu_id", "gpu_index": "gpu_id", "gpu_uuid": "uuid", "host": "Hostname", "node": "Hostname",
+    "model_name": "modelName", "model": "modelName", "labels": "labels_raw",
+}
+
 csv.field_size_limit(1 << 24)
 
 
@@ -66,6 +73,8 @@ def parse_timestamp(text: str) -> datetime:
         if epoch > 1e11:
             epoch /= 1000.0
         return datetime.fromtimestamp(epoch, UTC)
+    if s[-4:].upper() in (" UTC", " GMT"):
+        s = s[:-4] + "+00:00"
     s = _FRACTION.sub(r"\1", s)
     try:
         ts = datetime.fromisoformat(s)
@@ -88,6 +97,10 @@ def _column_index(header: list[str]) -> dict[str, int]:
         key = _header_key(col)
         if key in wanted and wanted[key] not in index:
             index[wanted[key]] = i
+    for i, col in enumerate(header):
+        name = ALIASES.get(_header_key(col))
+        if name is not None and name not in index:
+            index[name] = i
     missing = [name for name in REQUIRED if name not in index]
     if missing:
         raise HeaderError(
