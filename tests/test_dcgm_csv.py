@@ -200,7 +200,8 @@ def test_chunks_for_parallel_parsing_read_exactly_like_one_pass(tmp_path, chunk_
 
 
 def test_other_column_spellings_are_understood():
-    text = "time,metric,gpu,GPU_UUID,host,model,value\n2025-07-18 20:42:34.5 UTC,DCGM_FI_DEV_GPU_TEMP,2,GPU-z,n1,A100,61\n"
+    text = ("time,metric,gpu,GPU_UUID,host,model,value\n"
+            "2025-07-18 20:42:34.5 UTC,DCGM_FI_DEV_GPU_TEMP,2,GPU-z,n1,A100,61\n")
     [s] = list(read_samples(io.StringIO(text)))
     assert (s.uuid, s.metric, s.gpu_index, s.hostname, s.model_name, s.value) == (
         "GPU-z", "DCGM_FI_DEV_GPU_TEMP", 2, "n1", "A100", 61.0)
