@@ -53,3 +53,12 @@ def test_wheel_ships_the_notebooks(tmp_path):
     expected = {p.relative_to(REPO / "notebooks").as_posix() for p in (REPO / "notebooks").rglob("*")
                 if p.is_file() and ".ipynb_checkpoints" not in p.parts}
     assert shipped == expected
+
+
+def test_ruff_clean():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "telemetry_nb", "tests", "bench"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
