@@ -46,11 +46,8 @@ def _with_servers(settings: Settings, need_db: bool = True) -> Settings:
 
     from telemetry_nb.embedded import resolve_urls
 
-    if settings.redis_url and (settings.database_url or not need_db):
-        return settings
-    redis_url, database_url = resolve_urls(settings.redis_url, settings.database_url if need_db else "x",
-                                           settings.home)
-    return replace(settings, redis_url=redis_url, database_url=database_url if need_db else settings.database_url)
+    redis_url, database_url = resolve_urls(settings.redis_url, settings.database_url, settings.home, need_db=need_db)
+    return replace(settings, redis_url=redis_url, database_url=database_url)
 
 
 def _on_signals(stop) -> None:

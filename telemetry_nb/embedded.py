@@ -282,9 +282,11 @@ class Embedded:
             time.sleep(0.05)
 
 
-def resolve_urls(redis_url: str, database_url: str, home: str | Path) -> tuple[str, str]:
-    """Fill in whichever URL is empty with the embedded server's, starting it if needed."""
-    if redis_url and database_url:
+def resolve_urls(redis_url: str, database_url: str, home: str | Path, *, need_db: bool = True) -> tuple[str, str]:
+    """Fill in whichever URL is empty with the embedded server's, starting only the servers that are needed."""
+    missing = tuple(name for name, url, needed in (("redis", redis_url, True), ("postgresql", database_url, need_db))
+                    if needed and not url)
+    if not missing:
         return redis_url, database_url
-    env = Embedded(home).env()
-    return redis_url or env["REDIS_URL"], database_url or env["DATABASE_URL"]
+    env = Embedded(home, services=missing).env()
+    return redis_url or env.get("REDIS_URL", ""), database_url or env.get("DATABASE_URL", "")
