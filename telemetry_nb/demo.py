@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,7 +39,23 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "telemetry_nb.cli", *args]
 
 
+def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    ports = [("--port", args.port)] + ([] if args.no_dashboard else [("--dashboard-port", args.dashboard_port)])
+    for flag, port in ports:
+        if _port_in_use(port):
+            print(f"error: port {port} is already in use (another demo?); choose another with {flag}",
+                  file=sys.stderr)
+            return 2
     home = Path(settings.home).absolute()
     emb = Embedded(home)
     was_running = emb.status()

@@ -200,3 +200,16 @@ def test_unix_socket_redis_url(cli_env, tmp_path, real_csv):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_demo_refuses_a_busy_port(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "TELEMETRY_NB_HOME": str(tmp_path / "h")}
+        out = run_cli("demo", "--port", str(port), "--no-dashboard", env=env, check=False, timeout=60)
+    assert out.returncode == 2 and f"port {port} is already in use" in out.stderr
+    assert not (tmp_path / "h").exists()  # nothing started
