@@ -73,7 +73,8 @@ def test_sigkill_collector_mid_stream_then_another_drains(cli_env, tmp_path, dat
             "--out", str(csv_path), env=cli_env)
     total = 10 * 8 * 150 * 10
     assert total >= 100_000
-    env = {**cli_env, "TELEMETRY_VISIBILITY_TIMEOUT": "2", "TELEMETRY_READ_COUNT": "2"}
+    # small entries, one per transaction: the victim needs seconds, so the kill lands mid-stream
+    env = {**cli_env, "TELEMETRY_VISIBILITY_TIMEOUT": "2", "TELEMETRY_READ_COUNT": "1", "TELEMETRY_BATCH_SIZE": "100"}
     run_cli("stream", "--csv", str(csv_path), "--high-water", "0", env=env)
     victim = start_cli("collect", "--consumer", "victim", env=env, log_path=tmp_path / "victim.log")
 
