@@ -118,10 +118,33 @@ def decode(fields: dict[bytes, bytes]) -> Batch:
         raise CodecError(f"batch entry lacks field '{err.args[0].decode(errors='replace')}'") from None
     except (ValueError, TypeError) as err:
         raise CodecError(f"batch entry is malformed: {err}") from None
+    _check_shape(batch)
     carried = batch.rows.count(b"\n")
     if carried != batch.n:
         raise CodecError(f"batch entry says n={batch.n} but carries {carried} rows")
     return batch
+
+
+def _check_shape(batch: Batch) -> None:
+    """Refuse side fields of the wrong shape here, so they can never break a collector's transaction."""
+    def bad(what: str, row: object) -> CodecError:
+        return CodecError(f"batch entry has a malformed {what} row: {row!r:.200}")
+
+    if not isinstance(batch.rows, bytes):
+        raise CodecError("batch entry rows are not bytes")
+    for g in batch.gpus:
+        if not (isinstance(g, list) and len(g) == 6 and isinstance(g[0], int) and isinstance(g[1], str)
+                and isinstance(g[2], str) and (g[3] is None or isinstance(g[3], int))
+                and isinstance(g[4], str) and isinstance(g[5], str)):
+            raise bad("gpus", g)
+    for m in batch.metrics:
+        if not (isinstance(m, list) and len(m) in (2, 3) and isinstance(m[0], int) and isinstance(m[1], str)
+                and (len(m) == 2 or isinstance(m[2], int))):
+            raise bad("metrics", m)
+    for w in batch.workloads:
+        if not (isinstance(w, list) and len(w) == 4 and isinstance(w[0], int)
+                and all(isinstance(x, str) for x in w[1:])):
+            raise bad("workloads", w)
 
 
 def decode_samples(batch: Batch) -> list[Sample]:

@@ -52,3 +52,16 @@ def test_bad_entries_raise_codec_error(mutate, message):
     mutate(fields)
     with pytest.raises(codec.CodecError, match=message):
         codec.decode(fields)
+
+
+@pytest.mark.parametrize("field, value, what", [
+    (b"gpus", b"[[1]]", "gpus"),
+    (b"gpus", b'[["not-an-id","GPU-a","h",0,"d","m"]]', "gpus"),
+    (b"metrics", b'[[1,"M","many"]]', "metrics"),
+    (b"workloads", b'[[1,"ns"]]', "workloads"),
+])
+def test_side_fields_of_the_wrong_shape_are_refused(field, value, what):
+    fields = codec.encode(_samples())
+    fields[field] = value
+    with pytest.raises(codec.CodecError, match=f"malformed {what} row"):
+        codec.decode(fields)
