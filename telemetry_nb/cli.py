@@ -248,6 +248,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         q.r.ping()
         print(f"redis      ok   {redact(settings.redis_url)} backlog={q.backlog()} dead={q.dead_count()} "
               f"rejected={q.rejected_count()}")
+        for d in q.read_dead(args.dead) if args.dead else []:
+            print(f"  dead     {d.get('entry_id')} deliveries={d.get('deliveries')} {d.get('error')}")
+        for r in q.read_rejected(args.rejected) if args.rejected else []:
+            print(f"  rejected {r.get('source')}:{r.get('line')} {r.get('reason')}")
     except Exception as err:  # noqa: BLE001
         ok = False
         print(f"redis      FAIL {redact(settings.redis_url)}: {err}")
@@ -361,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="check that Redis and PostgreSQL are reachable and show backlog and rows",
                        description="Health check: exit 0 when both servers answer, 1 otherwise.")
+    p.add_argument("--dead", type=int, default=0, metavar="N", help="also list the newest N dead-letter entries")
+    p.add_argument("--rejected", type=int, default=0, metavar="N", help="also list the first N rejected rows")
     _common(p)
     p.set_defaults(func=cmd_check)
 

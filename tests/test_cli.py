@@ -213,3 +213,15 @@ def test_demo_refuses_a_busy_port(tmp_path):
         out = run_cli("demo", "--port", str(port), "--no-dashboard", env=env, check=False, timeout=60)
     assert out.returncode == 2 and f"port {port} is already in use" in out.stderr
     assert not (tmp_path / "h").exists()  # nothing started
+
+
+def test_check_lists_rejected_rows_and_dead_letters(cli_env, tmp_path, redis_client, stream):
+    path = tmp_path / "mixed.csv"
+    path.write_text("timestamp,metric_name,gpu_id,uuid,Hostname,value\n2025-07-18T20:42:35Z,M,0,GPU-1,h,N/A\n")
+    run_cli("stream", "--csv", str(path), env=cli_env)
+    redis_client.xadd(stream, {"v": "42", "rows": "?"})  # an entry no collector can decode
+    run_cli("collect", "--drain", env=cli_env)
+    out = run_cli("check", "--dead", "5", "--rejected", "5", env=cli_env).stdout
+    assert "dead=1 rejected=1" in out
+    assert f"  rejected {path}:2 non-numeric value 'N/A'" in out
+    assert "deliveries=0 unsupported batch encoding version b'42'" in out
