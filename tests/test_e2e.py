@@ -130,3 +130,22 @@ def test_streamer_and_collector_expose_metrics_and_health(cli_env, real_csv, tmp
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0  # SIGTERM is a clean stop
+
+
+def test_streamer_memory_stays_flat_on_a_big_file(cli_env, tmp_path):
+    """Peak RSS of the whole streamer (parallel parsing on) stays far below 200 MB for a 90 MB export."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.csv"
+    run_cli("generate", "--hosts", "20", "--gpus-per-host", "8", "--duration", "125s", "--out", str(path),
+            env=cli_env)
+    assert path.stat().st_size > 80e6
+    proc = subprocess.Popen([sys.executable, "-m", "telemetry_nb.cli", "stream", "--csv", str(path),
+                             "--high-water", "0", "--workers", "2"], env=cli_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0
+    assert usage.ru_maxrss < 200 * 1024, f"peak RSS {usage.ru_maxrss / 1024:.0f} MB"
