@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from telemetry_nb.embedded import Embedded  # noqa: E402
 from telemetry_nb.sources.dcgm_csv import read_samples  # noqa: E402
 from telemetry_nb.sources.generate import METRICS, generate_rows, write_csv  # noqa: E402
+from telemetry_nb.telemetry import peak_rss_kib  # noqa: E402
 
 
 def _db(url: str, name: str) -> str:
@@ -84,11 +85,12 @@ def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collec
         started = time.perf_counter()
         streamer = _cli("stream", "--csv", str(csv_path), "--workers", workers, env=env)
         workers = [_cli("collect", "--drain", "--consumer", f"bench-{i}", env=env) for i in range(collectors)]
-        _, status, usage = os.wait4(streamer.pid, 0)
-        streamer.returncode = os.waitstatus_to_exitcode(status)
+        peak_kib = 0
+        while streamer.poll() is None:  # VmHWM of the streamer and its parser workers
+            peak_kib = max(peak_kib, peak_rss_kib(streamer.pid))
+            time.sleep(0.02)
         if streamer.returncode != 0:
             raise RuntimeError(f"streamer failed: {streamer.stderr.read()[-2000:]}")
-        peak_kib = usage.ru_maxrss
         for w in workers:
             out, err = w.communicate()
             if w.returncode != 0:
@@ -151,8 +153,6 @@ def main() -> int:
                 write_csv(csv_path, generate_rows(100, 8, ticks, 1.0, seed=1))
                 print(f"generated {rows:,} rows ({csv_path.stat().st_size / 1e6:.0f} MB) "
                       f"in {time.perf_counter() - t:.1f}s")
-            # end to end first: a child forked from this process after the raw COPY payload was built
-            # would report that payload in its peak RSS
             e2e, peak_kib = end_to_end(redis_url, admin, csv_path, rows, args.collectors, args.workers)
             col = collector_alone(redis_url, admin, csv_path, rows)
             raw = raw_copy_rate(admin, csv_path, rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +44,28 @@ class PipelineMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def peak_rss_kib(pid: int | str = "self") -> int:
+    """Largest peak resident set (VmHWM, since exec) of a process and its live descendants, in KiB; 0 if gone.
+
+    Unlike getrusage's ru_maxrss this does not count the parent's memory from before the exec.
+    """
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return 0
+    peak = 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            peak = int(line.split()[1])
+            break
+    real = pid if pid != "self" else os.getpid()
+    try:
+        children = open(f"/proc/{real}/task/{real}/children").read().split()
+    except OSError:
+        children = []
+    return max([peak, *(peak_rss_kib(c) for c in children)])
 
 
 def serve_metrics(port: int, metrics: PipelineMetrics, ready: Callable[[], tuple[bool, str]],

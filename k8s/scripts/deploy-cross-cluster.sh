@@ -195,8 +195,10 @@ EOF
 
 check_context() {
   $DRY_RUN && return 0
-  local context=$1
-  if ! kubectl config get-contexts -o name 2>/dev/null | grep -qxF -- "$context"; then
+  local context=$1 contexts
+  # read the list first: `kubectl … | grep -q` under pipefail fails when grep exits early (SIGPIPE)
+  contexts=$(kubectl config get-contexts -o name 2>/dev/null) || contexts=""
+  if ! grep -qxF -- "$context" <<<"$contexts"; then
     echo "error: kube context '$context' not found (kubectl config get-contexts)" >&2
     exit 1
   fi

@@ -71,7 +71,9 @@ esac
 
 cluster_exists() {
   $DRY_RUN && return 1
-  kind get clusters 2>/dev/null | grep -qxF -- "$1"
+  local clusters  # read first: under pipefail an early-exiting grep -q would fail the pipe (SIGPIPE)
+  clusters=$(kind get clusters 2>/dev/null) || clusters=""
+  grep -qxF -- "$1" <<<"$clusters"
 }
 
 create_cluster() {
