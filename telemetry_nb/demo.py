@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from telemetry_nb.config import Settings
-from telemetry_nb.embedded import Embedded
+from telemetry_nb.embedded import Embedded, port_free
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +38,10 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "telemetry_nb.cli", *args]
 
 
-def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     ports = [("--port", args.port)] + ([] if args.no_dashboard else [("--dashboard-port", args.dashboard_port)])
     for flag, port in ports:
-        if _port_in_use(port):
+        if not port_free("127.0.0.1", port):
             print(f"error: port {port} is already in use (another demo?); choose another with {flag}",
                   file=sys.stderr)
             return 2

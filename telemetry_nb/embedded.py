@@ -53,7 +53,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Whether `port` on `host` can be bound now (TIME_WAIT leftovers do not count as busy)."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -127,11 +128,11 @@ class Embedded:
             if state is None or state.host != self.host:
                 state = EmbeddedState(self.host, free_port(self.host), free_port(self.host))
             if "redis" in self.services and not self._redis_running():
-                if not _port_free(self.host, state.redis_port):
+                if not port_free(self.host, state.redis_port):
                     state.redis_port = free_port(self.host)
                 self._start_redis(state)
             if "postgresql" in self.services and not self._pg_running():
-                if not _port_free(self.host, state.postgres_port):
+                if not port_free(self.host, state.postgres_port):
                     state.postgres_port = free_port(self.host)
                 self._start_postgres(state)
             self.state_file.write_text(json.dumps(asdict(state)))
