@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from telemetry_nb.embedded import Embedded  # noqa: E402
+from telemetry_nb.observability import peak_rss_kib  # noqa: E402
 from telemetry_nb.sources.dcgm_csv import read_samples  # noqa: E402
 from telemetry_nb.sources.generate import METRICS, generate_rows, write_csv  # noqa: E402
-from telemetry_nb.telemetry import peak_rss_kib  # noqa: E402
 
 
 def _db(url: str, name: str) -> str:

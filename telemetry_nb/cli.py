@@ -76,7 +76,7 @@ def _check_csv(path: str) -> Path:
 
 def _start_metrics(settings: Settings, metrics, ready) -> None:
     if settings.metrics_port:
-        from telemetry_nb.telemetry import serve_metrics
+        from telemetry_nb.observability import serve_metrics
         serve_metrics(settings.metrics_port, metrics, ready)
 
 
@@ -86,7 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from telemetry_nb.sources.generate import generate_rows, parse_duration, row_count, write_csv
+    from telemetry_nb.sources.generate import generate_rows, row_count, write_csv
+    from telemetry_nb.timeparse import parse_duration
 
     try:
         duration, interval = parse_duration(args.duration), parse_duration(args.interval)
@@ -105,10 +106,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_stream(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from telemetry_nb.queue import Queue, connect
+    from telemetry_nb.observability import PipelineMetrics
+    from telemetry_nb.pipeline.streamer import Streamer, parse_shard
+    from telemetry_nb.pipeline.streams import Queue, connect
     from telemetry_nb.sources.dcgm_csv import HeaderError, read_samples
-    from telemetry_nb.streamer import Streamer, parse_shard
-    from telemetry_nb.telemetry import PipelineMetrics
 
     path = _check_csv(args.csv)
     extra = {"high_water": args.high_water}
@@ -128,8 +129,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     log.info("Streaming %s to %s stream %r (shard %d/%d, batch %d rows)", path, redact(settings.redis_url),
              settings.stream, settings.shard_index, settings.shard_count, settings.batch_size)
     client = connect(settings.redis_url)
-    queue = Queue(client, settings.stream, settings.group, settings.consumer,
-                  dead_stream=settings.dead_stream, rejected_stream=settings.rejected_stream)
+    queue = Queue(client, settings.stream, settings.group, settings.consumer)
     metrics = PipelineMetrics()
     with tqdm(unit="rows", unit_scale=True, disable=None, desc="stream") as bar:
         streamer = Streamer(queue, settings, metrics=metrics, progress=bar.update)
@@ -173,9 +173,9 @@ def _redis_ready(client) -> tuple[bool, str]:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from telemetry_nb.collector import Collector
-    from telemetry_nb.queue import Queue, connect
-    from telemetry_nb.telemetry import PipelineMetrics
+    from telemetry_nb.observability import PipelineMetrics
+    from telemetry_nb.pipeline.collector import Collector
+    from telemetry_nb.pipeline.streams import Queue, connect
 
     extra = {"visibility_timeout_s": args.visibility_timeout, "max_deliveries": args.max_deliveries,
              "read_count": args.read_count}
@@ -185,8 +185,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     log.info("Collecting %s stream %r (group %r, consumer %r) into %s", redact(settings.redis_url),
              settings.stream, settings.group, settings.consumer, redact(settings.database_url))
     client = connect(settings.redis_url)
-    queue = Queue(client, settings.stream, settings.group, settings.consumer,
-                  dead_stream=settings.dead_stream, rejected_stream=settings.rejected_stream)
+    queue = Queue(client, settings.stream, settings.group, settings.consumer)
     metrics = PipelineMetrics()
     collector = Collector(queue, settings.database_url, settings, metrics=metrics)
     _on_signals(collector.stop)
@@ -237,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from telemetry_nb.queue import Queue, connect
+    from telemetry_nb.pipeline.streams import Queue, connect
     from telemetry_nb.store import Reader
     from telemetry_nb.store import connect as db_connect
 
@@ -370,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_check)
 
-    from telemetry_nb import dashboard_cli
+    from telemetry_nb.analysis import dashboard as dashboard_cli
     dashboard_cli.add_parser(sub, _common)
     return parser
 

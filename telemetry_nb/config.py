@@ -76,16 +76,6 @@ class Settings:
     shard_index: int = 0
     shard_count: int = 1
 
-    @property
-    def dead_stream(self) -> str:
-        """Entries that failed too many deliveries land here, with their error."""
-        return f"{self.stream}:dead"
-
-    @property
-    def rejected_stream(self) -> str:
-        """Rows the streamer could not parse land here, with line number and reason."""
-        return f"{self.stream}:rejected"
-
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Read `REDIS_URL`, `DATABASE_URL`, `TELEMETRY_*` from `env` (default os.environ); non-None overrides win."""

@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from telemetry_nb.collector import Collector
 from telemetry_nb.config import Settings
 from telemetry_nb.model import Sample
-from telemetry_nb.queue import Queue
-from telemetry_nb.streamer import Streamer
+from telemetry_nb.pipeline.collector import Collector
+from telemetry_nb.pipeline.streamer import Streamer
+from telemetry_nb.pipeline.streams import Queue
 from tests.conftest import start_cli, wait_http
 
 T0 = datetime(2025, 7, 18, 20, 0, 0, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""telemetry_nb.checks against real Redis, PostgreSQL and API processes (and a fake Kubernetes API)."""
+"""telemetry_nb.analysis.checks against real Redis, PostgreSQL and API processes (and a fake Kubernetes API)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import redis
 
-from telemetry_nb import checks
-from telemetry_nb.checks import FAIL, PASS, SKIP, CheckResult
+from telemetry_nb.analysis import checks
+from telemetry_nb.analysis.checks import FAIL, PASS, SKIP, CheckResult
 from telemetry_nb.embedded import free_port
 from tests.conftest import run_cli
 

@@ -1,4 +1,4 @@
-"""telemetry_nb.client against a real API over the real DCGM export, streamed and collected first."""
+"""telemetry_nb.analysis.client against a real API over the real DCGM export, streamed and collected first."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from telemetry_nb.client import APIError, Gpu, TelemetryClient, format_ts, parse_ts
+from telemetry_nb.analysis.client import APIError, Gpu, TelemetryClient, format_ts, parse_ts
 from telemetry_nb.embedded import free_port
 from tests.conftest import run_cli, start_cli, wait_http
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from telemetry_nb import codec
 from telemetry_nb.model import Sample
+from telemetry_nb.pipeline import codec
 
 T0 = datetime(2025, 7, 18, 20, 42, 34, 250000, tzinfo=UTC)
 
@@ -36,9 +36,10 @@ def test_ids_are_stable_and_distinct():
 def test_side_fields_carry_inventory_once_per_gpu():
     batch = codec.decode(codec.encode(_samples()))
     assert batch.n == 3
-    assert sorted(g[1] for g in batch.gpus) == ["GPU-a", "GPU-b"]
-    assert sorted(m[1] for m in batch.metrics) == ["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_POWER_USAGE"]
-    assert [w[1:] for w in batch.workloads] == [["ns", "p", "c"]]
+    assert sorted(g.uuid for g in batch.gpus) == ["GPU-a", "GPU-b"]
+    assert sorted((m.name, m.rows) for m in batch.metrics) == [("DCGM_FI_DEV_GPU_UTIL", 2),
+                                                               ("DCGM_FI_DEV_POWER_USAGE", 1)]
+    assert [(w.namespace, w.pod, w.container) for w in batch.workloads] == [("ns", "p", "c")]
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -10,11 +10,11 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from telemetry_nb import codec
-from telemetry_nb.collector import Collector
 from telemetry_nb.config import Settings
 from telemetry_nb.model import Sample
-from telemetry_nb.queue import Queue
+from telemetry_nb.pipeline import codec
+from telemetry_nb.pipeline.collector import Collector
+from telemetry_nb.pipeline.streams import Queue
 from tests.relay import Relay
 
 T0 = datetime(2025, 7, 18, 20, 0, 0, tzinfo=UTC)

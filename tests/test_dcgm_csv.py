@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from telemetry_nb.model import Rejected, Sample
-from telemetry_nb.sources.dcgm_csv import HEADER, HeaderError, parse_labels, parse_timestamp, read_samples
+from telemetry_nb.sources.dcgm_csv import HEADER, HeaderError, parse_labels, read_samples
 from telemetry_nb.sources.generate import generate_rows, write_csv
+from telemetry_nb.timeparse import parse_timestamp
 
 
 def _csv(rows: list[list[str]], header=HEADER, quote=csv.QUOTE_MINIMAL, eol="\n") -> str:

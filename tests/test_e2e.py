@@ -11,7 +11,7 @@ import httpx
 import psycopg
 import pytest
 
-from telemetry_nb.sources.dcgm_csv import parse_timestamp
+from telemetry_nb.timeparse import parse_timestamp
 from tests.conftest import run_cli, start_cli
 
 
@@ -137,7 +137,7 @@ def test_streamer_memory_stays_flat_on_a_big_file(cli_env, tmp_path):
     import subprocess
     import sys
 
-    from telemetry_nb.telemetry import peak_rss_kib
+    from telemetry_nb.observability import peak_rss_kib
 
     path = tmp_path / "big.csv"
     run_cli("generate", "--hosts", "20", "--gpus-per-host", "8", "--duration", "125s", "--out", str(path),

@@ -1,4 +1,4 @@
-"""telemetry_nb.explore: windows, loading through the API, tables with known answers, small charts from 1M rows."""
+"""telemetry_nb.analysis.explore: windows, loading through the API, tables with known answers, small charts."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from telemetry_nb import explore as ex
-from telemetry_nb.client import Gpu, TelemetryClient
+from telemetry_nb.analysis import explore as ex
+from telemetry_nb.analysis.client import Gpu, TelemetryClient
 from tests.conftest import run_cli
 
 T0 = datetime(2025, 7, 18, 20, 0, tzinfo=UTC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from telemetry_nb.model import Rejected
-from telemetry_nb.queue import Queue
+from telemetry_nb.pipeline.streams import Queue
 
 
 def _q(redis_client, stream, consumer="c1") -> Queue:

@@ -7,13 +7,14 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from telemetry_nb import codec, store
+from telemetry_nb import store
 from telemetry_nb.model import Sample
+from telemetry_nb.pipeline import codec
 
 T0 = datetime(2025, 7, 18, 20, 0, 0, tzinfo=UTC)
 
 
-def _batch(gpu: str, metric: str, n: int, start: int = 0) -> codec.Batch:
+def _batch(gpu: str, metric: str, n: int, start: int = 0) -> store.RowBatch:
     samples = [Sample(gpu, metric, T0 + timedelta(seconds=start + i), float(i), "h", 0, "nvidia0", "H100")
                for i in range(n)]
     return codec.decode(codec.encode(samples))
@@ -29,14 +30,14 @@ def test_migrations_are_idempotent_and_recorded(database_url):
         assert store.migrate(conn) == store.SCHEMA_VERSION
         assert store.migrate(conn) == store.SCHEMA_VERSION
         versions = [v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY version")]
-    assert versions == [v for v, _ in store.MIGRATIONS]
+    assert versions == [v for v, _ in store.schema.MIGRATIONS]
 
 
 def test_upgrade_from_version_1_backfills_row_counts(database_url):
     with psycopg.connect(database_url) as conn:
         conn.execute("CREATE TABLE schema_version (version int PRIMARY KEY, applied_at timestamptz NOT NULL "
                      "DEFAULT now())")
-        conn.execute(store.MIGRATIONS[0][1])
+        conn.execute(store.schema.MIGRATIONS[0][1])
         conn.execute("INSERT INTO schema_version (version) VALUES (1)")
         conn.execute("INSERT INTO metrics VALUES (7, 'M')")
         conn.execute("INSERT INTO telemetry SELECT 1, %s + make_interval(secs => g), 7, g, NULL "
@@ -58,7 +59,7 @@ def test_counts_stay_exact_through_duplicates_and_deletes(database_url):
         assert {m["name"]: m["rows"] for m in reader.metric_counts()} == _true_counts(conn) == {"UTIL": 150,
                                                                                                 "TEMP": 40}
         assert reader.summary()["rows"] == 190
-        assert reader.delete_gpu("GPU-b") == 40
+        assert store.delete_gpu(conn, "GPU-b") == 40
         assert {m["name"]: m["rows"] for m in reader.metric_counts()} == {"UTIL": 150, "TEMP": 0}
         assert reader.get_gpu("GPU-b") is None
 

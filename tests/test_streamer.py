@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from telemetry_nb import codec
 from telemetry_nb.config import Settings
 from telemetry_nb.model import Rejected, Sample
-from telemetry_nb.queue import Queue
+from telemetry_nb.pipeline import codec
+from telemetry_nb.pipeline.streamer import Streamer, parse_shard, shard_of
+from telemetry_nb.pipeline.streams import Queue
 from telemetry_nb.sources.dcgm_csv import read_samples
-from telemetry_nb.streamer import Streamer, parse_shard, shard_of
 from tests.relay import Relay
 
 T0 = datetime(2025, 7, 18, 20, 0, 0, tzinfo=UTC)
@@ -126,7 +126,7 @@ def test_redis_outage_mid_stream_is_retried_without_loss(redis_client, stream, s
     host, port = redis_client.connection_pool.connection_kwargs["host"], \
         redis_client.connection_pool.connection_kwargs["port"]
     relay = Relay((host, port))
-    from telemetry_nb.queue import connect
+    from telemetry_nb.pipeline.streams import connect
     via = connect(relay.url("redis", "/0"), timeout_s=2)
     rows = [Sample("GPU-a", "M", T0 + timedelta(seconds=i), float(i)) for i in range(3000)]
     settings = Settings(stream=stream, group="g", batch_size=100, retry_max_s=0.3, high_water=0)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from telemetry_nb.client import APIError, TelemetryClient, parse_ts
+from telemetry_nb.analysis.client import APIError, TelemetryClient, parse_ts
 from telemetry_nb.model import Sample
 from telemetry_nb.sources.generate import METRICS
 
@@ -125,16 +125,15 @@ def publish(samples: list[Sample], *, redis_url: str, stream: str, group: str = 
     The streamer re-stamps the `Sample` objects in place, so afterwards they carry the published timestamps.
     """
     from telemetry_nb.config import Settings
-    from telemetry_nb.queue import Queue, connect
-    from telemetry_nb.streamer import Streamer
+    from telemetry_nb.pipeline.streamer import Streamer
+    from telemetry_nb.pipeline.streams import Queue, connect
 
     # one shard: a streamer pod's TELEMETRY_SHARD_* must not filter the canary's GPU out
     settings = Settings.from_env(redis_url=redis_url, stream=stream, group=group, batch_size=batch_size,
                                  consumer="canary", shard_index=0, shard_count=1)
     client = connect(settings.redis_url)
     try:
-        queue = Queue(client, settings.stream, settings.group, settings.consumer,
-                      dead_stream=settings.dead_stream, rejected_stream=settings.rejected_stream)
+        queue = Queue(client, settings.stream, settings.group, settings.consumer)
         streamer = Streamer(queue, settings)
         streamer.source_name = "canary"
         summary = streamer.run(lambda: iter(samples), timestamps="now" if live else "source")
@@ -238,7 +237,7 @@ def clean_up(uuid: str, database_url: str | None) -> str:
 
     try:
         with store.connect(database_url, autocommit=True) as conn:
-            n = store.Reader(conn).delete_gpu(uuid)
+            n = store.delete_gpu(conn, uuid)
         return f"removed GPU {uuid} and {n} rows"
     except Exception as err:  # noqa: BLE001
         return f"failed: {type(err).__name__}: {err}"

@@ -50,7 +50,7 @@ def check_api(api_url: str | None, *, timeout: float = 10.0) -> list[CheckResult
     """`/health` answers 200 and `/ready` answers 200 (it reports 503 with the failed dependencies)."""
     if not api_url:
         return [CheckResult("api", SKIP, "not requested (api_url not set)")]
-    from telemetry_nb.client import APIError, TelemetryClient
+    from telemetry_nb.analysis.client import APIError, TelemetryClient
 
     out = []
     with TelemetryClient(api_url, timeout=timeout) as api:
@@ -84,7 +84,7 @@ def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *
         return [CheckResult("redis", SKIP, "not requested (redis_url not set)")]
     import redis
 
-    from telemetry_nb.queue import Queue, connect
+    from telemetry_nb.pipeline.streams import Queue, connect
 
     names = ["redis.stream", "redis.group", "redis.consumers", "redis.lag", "redis.pending", "redis.dead_letter"]
     try:

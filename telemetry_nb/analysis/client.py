@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from telemetry_nb.timeparse import parse_timestamp
+
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 TimeArg = datetime | str | None
 
@@ -28,11 +30,8 @@ class APIError(RuntimeError):
 
 
 def parse_ts(text: str | None) -> datetime | None:
-    """RFC 3339 from the API (`...Z`) → aware UTC datetime."""
-    if not text:
-        return None
-    ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    """RFC 3339 from the API (`...Z`) → aware UTC datetime; None or empty stays None."""
+    return parse_timestamp(text) if text else None
 
 
 def format_ts(ts: TimeArg) -> str | None:

@@ -150,8 +150,8 @@ class Dashboard:
                  idle_threshold: float = 5.0):
         import ipywidgets as w
 
-        from telemetry_nb import explore
-        from telemetry_nb.client import TelemetryClient
+        from telemetry_nb.analysis import explore
+        from telemetry_nb.analysis.client import TelemetryClient
 
         self.ex = explore
         self.api_url = api_url or os.environ.get("TELEMETRY_API_URL") or DEFAULT_API_URL

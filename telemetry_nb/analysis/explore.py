@@ -18,8 +18,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from telemetry_nb.client import Gpu, TelemetryClient, parse_ts
-from telemetry_nb.sources.generate import parse_duration
+from telemetry_nb.analysis.client import Gpu, TelemetryClient, parse_ts
+from telemetry_nb.timeparse import parse_duration
 
 UTIL = "DCGM_FI_DEV_GPU_UTIL"
 TEMP = "DCGM_FI_DEV_GPU_TEMP"

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated
 
 import psycopg
@@ -21,9 +21,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from telemetry_nb import __version__
-from telemetry_nb.queue import connect as redis_connect
-from telemetry_nb.sources.generate import parse_duration
+from telemetry_nb.pipeline.streams import connect as redis_connect
 from telemetry_nb.store import Reader
+from telemetry_nb.timeparse import format_rfc3339 as rfc3339
+from telemetry_nb.timeparse import parse_duration, parse_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,9 @@ def parse_time(name: str, text: str | None) -> datetime | None:
     if text is None or text == "":
         return None
     try:
-        ts = datetime.fromisoformat(text.strip().replace(" ", "+") if "T" in text else text.strip())
+        return parse_timestamp(text)
     except ValueError:
         raise ParamError(f"{name}: unparsable time {text!r}; use RFC 3339, e.g. 2025-07-18T20:42:34Z") from None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-
-
-def rfc3339(ts: datetime | None) -> str | None:
-    if ts is None:
-        return None
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _encode_cursor(obj: object) -> str:

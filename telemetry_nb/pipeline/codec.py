@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 
 from telemetry_nb.model import Sample
-from telemetry_nb.sources.dcgm_csv import parse_timestamp
+from telemetry_nb.store.rows import GpuRow, MetricRow, RowBatch, WorkloadRow
+from telemetry_nb.timeparse import parse_timestamp
 
 VERSION = b"1"
 
@@ -43,20 +43,6 @@ def workload_key(namespace: str, pod: str, container: str) -> int:
     """The workload's id: a signed 64-bit hash of (namespace, pod, container)."""
     raw = f"{namespace}\0{pod}\0{container}".encode()
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
-
-
-@dataclass
-class Batch:
-    """A decoded entry: `rows` is COPY text; `gpus` rows are (id, uuid, host, index, device, model).
-
-    `metrics` rows are (id, name, rows of that metric in this batch).
-    """
-
-    n: int
-    rows: bytes
-    gpus: list[list] = field(default_factory=list)
-    metrics: list[list] = field(default_factory=list)
-    workloads: list[list] = field(default_factory=list)
 
 
 def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
@@ -101,63 +87,64 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
     }
 
 
-def decode(fields: dict[bytes, bytes]) -> Batch:
+def decode(fields: dict[bytes, bytes]) -> RowBatch:
     """Decode a stream entry; raises `CodecError` naming what is wrong with it."""
     version = fields.get(b"v")
     if version != VERSION:
         raise CodecError(f"unsupported batch encoding version {version!r} (this collector reads {VERSION!r})")
     try:
-        batch = Batch(
-            n=int(fields[b"n"]),
-            rows=fields[b"rows"],
-            gpus=json.loads(fields[b"gpus"]),
-            metrics=json.loads(fields[b"metrics"]),
-            workloads=json.loads(fields.get(b"workloads", b"[]")),
-        )
+        n = int(fields[b"n"])
+        rows = fields[b"rows"]
+        gpus = json.loads(fields[b"gpus"])
+        metrics = json.loads(fields[b"metrics"])
+        workloads = json.loads(fields.get(b"workloads", b"[]"))
     except KeyError as err:
         raise CodecError(f"batch entry lacks field '{err.args[0].decode(errors='replace')}'") from None
     except (ValueError, TypeError) as err:
         raise CodecError(f"batch entry is malformed: {err}") from None
-    _check_shape(batch)
-    carried = batch.rows.count(b"\n")
-    if carried != batch.n:
-        raise CodecError(f"batch entry says n={batch.n} but carries {carried} rows")
-    return batch
+    _check_shape(rows, gpus, metrics, workloads)
+    carried = rows.count(b"\n")
+    if carried != n:
+        raise CodecError(f"batch entry says n={n} but carries {carried} rows")
+    return RowBatch(n=n, rows=rows, gpus=[GpuRow(*g) for g in gpus], metrics=[MetricRow(*m) for m in metrics],
+                    workloads=[WorkloadRow(*w) for w in workloads])
 
 
-def _check_shape(batch: Batch) -> None:
+def _check_shape(rows: object, gpus: list, metrics: list, workloads: list) -> None:
     """Refuse side fields of the wrong shape here, so they can never break a collector's transaction."""
     def bad(what: str, row: object) -> CodecError:
         return CodecError(f"batch entry has a malformed {what} row: {row!r:.200}")
 
-    if not isinstance(batch.rows, bytes):
+    if not isinstance(rows, bytes):
         raise CodecError("batch entry rows are not bytes")
-    for g in batch.gpus:
+    if not (isinstance(gpus, list) and isinstance(metrics, list) and isinstance(workloads, list)):
+        raise CodecError("batch entry side fields are not lists")
+    for g in gpus:
         if not (isinstance(g, list) and len(g) == 6 and isinstance(g[0], int) and isinstance(g[1], str)
                 and isinstance(g[2], str) and (g[3] is None or isinstance(g[3], int))
                 and isinstance(g[4], str) and isinstance(g[5], str)):
             raise bad("gpus", g)
-    for m in batch.metrics:
+    for m in metrics:
         if not (isinstance(m, list) and len(m) in (2, 3) and isinstance(m[0], int) and isinstance(m[1], str)
                 and (len(m) == 2 or isinstance(m[2], int))):
             raise bad("metrics", m)
-    for w in batch.workloads:
+    for w in workloads:
         if not (isinstance(w, list) and len(w) == 4 and isinstance(w[0], int)
                 and all(isinstance(x, str) for x in w[1:])):
             raise bad("workloads", w)
 
 
-def decode_samples(batch: Batch) -> list[Sample]:
+def decode_samples(batch: RowBatch) -> list[Sample]:
     """Rows of a batch back as `Sample`s, names and inventory filled from the side fields (for tools and tests)."""
-    gpus = {g[0]: g for g in batch.gpus}
-    metrics = {m[0]: m[1] for m in batch.metrics}
-    workloads = {w[0]: w[1:] for w in batch.workloads}
+    gpus = {g.id: g for g in batch.gpus}
+    metrics = {m.id: m.name for m in batch.metrics}
+    workloads = {w.id: (w.namespace, w.pod, w.container) for w in batch.workloads}
     out = []
     for line in batch.rows.decode().splitlines():
         gid, ts, mid, value, wid = line.split("\t")
         g = gpus[int(gid)]
         ns, pod, container = workloads[int(wid)] if wid != "\\N" else ("", "", "")
-        out.append(Sample(uuid=g[1], metric=metrics[int(mid)], ts=parse_timestamp(ts), value=float(value),
-                          hostname=g[2], gpu_index=g[3], device=g[4], model_name=g[5],
+        out.append(Sample(uuid=g.uuid, metric=metrics[int(mid)], ts=parse_timestamp(ts), value=float(value),
+                          hostname=g.hostname, gpu_index=g.gpu_index, device=g.device, model_name=g.model_name,
                           namespace=ns, pod=pod, container=container))
     return out

@@ -10,7 +10,7 @@ more than `max_deliveries` times, moves to `<stream>:dead` with its error.
 from __future__ import annotations
 
 import logging
-import queue as stdqueue
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -20,10 +20,11 @@ import psycopg
 
 from telemetry_nb import store
 from telemetry_nb.backoff import Backoff, retry
-from telemetry_nb.codec import Batch, CodecError, decode
 from telemetry_nb.config import Settings
-from telemetry_nb.queue import REDIS_ERRORS, Entry, Queue
-from telemetry_nb.telemetry import PipelineMetrics
+from telemetry_nb.observability import PipelineMetrics
+from telemetry_nb.pipeline.codec import CodecError, decode
+from telemetry_nb.pipeline.streams import REDIS_ERRORS, Entry, Queue, T, retry_redis
+from telemetry_nb.store import RowBatch
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 5.0
@@ -66,10 +67,9 @@ class Collector:
         self._window = _Window(clock())
 
     # -- dependencies, with retry ----------------------------------------------------------------
-    def _redis(self, fn, what: str = "Redis"):
-        return retry(fn, what=what, errors=REDIS_ERRORS, log=log, backoff=Backoff(self.settings.retry_max_s),
-                     on_retry=lambda e: self.metrics.retries.labels("redis").inc(),
-                     should_stop=self.stop_event.is_set)
+    def _redis(self, fn: Callable[[], T], what: str = "Redis") -> T:
+        return retry_redis(fn, what=what, log=log, retry_max_s=self.settings.retry_max_s,
+                           on_retry=self.metrics.retries.labels("redis").inc, should_stop=self.stop_event.is_set)
 
     def _db_writer(self) -> store.Writer:
         if self._writer is None:
@@ -104,7 +104,7 @@ class Collector:
         """Decode, write in one transaction, then ack; returns rows stored. Retries the DB until it works."""
         if not entries:
             return 0
-        good: list[tuple[bytes, Batch]] = []
+        good: list[tuple[bytes, RowBatch]] = []
         for eid, fields in entries:
             try:
                 good.append((eid, decode(fields)))
@@ -115,7 +115,7 @@ class Collector:
         stored = self._write(good, {eid: fields for eid, fields in entries})
         return stored
 
-    def _write(self, good: list[tuple[bytes, Batch]], raw: dict[bytes, dict]) -> int:
+    def _write(self, good: list[tuple[bytes, RowBatch]], raw: dict[bytes, dict]) -> int:
         backoff = Backoff(self.settings.retry_max_s)
         while True:
             writer = self._db_writer()
@@ -220,7 +220,7 @@ class Collector:
         return keep
 
     # -- main loop -------------------------------------------------------------------------------
-    def _reader(self, out: stdqueue.Queue, block_ms: int) -> None:
+    def _reader(self, out: queue.Queue, block_ms: int) -> None:
         while not self.stop_event.is_set():
             try:
                 entries = self._redis(lambda: self.queue.read(self.settings.read_count, block_ms))
@@ -230,14 +230,14 @@ class Collector:
                 try:
                     out.put(entries, timeout=0.5)
                     break
-                except stdqueue.Full:
+                except queue.Full:
                     continue
             else:
                 if entries:
                     self._leftover.extend(entries)
         try:
             out.put_nowait(None)
-        except stdqueue.Full:
+        except queue.Full:
             pass
 
     def run(self, *, drain: bool = False) -> dict[str, int]:
@@ -245,7 +245,7 @@ class Collector:
         self._redis(self.queue.ensure_group)
         self._db_writer()
         self.recover_own()
-        prefetched: stdqueue.Queue = stdqueue.Queue(maxsize=2)
+        prefetched: queue.Queue = queue.Queue(maxsize=2)
         block_ms = min(self.settings.block_ms, 200) if drain else self.settings.block_ms
         reader = threading.Thread(target=self._reader, args=(prefetched, block_ms), daemon=True,
                                   name="stream-reader")
@@ -256,7 +256,7 @@ class Collector:
             while not self.stop_event.is_set():
                 try:
                     entries = prefetched.get(timeout=self.settings.block_ms / 1000 + 1)
-                except stdqueue.Empty:
+                except queue.Empty:
                     entries = []
                 if entries is None:
                     break

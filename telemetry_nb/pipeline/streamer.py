@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from telemetry_nb import codec
-from telemetry_nb.backoff import Backoff, retry
 from telemetry_nb.config import Settings
 from telemetry_nb.model import Rejected, Sample
-from telemetry_nb.queue import REDIS_ERRORS, Queue
-from telemetry_nb.telemetry import PipelineMetrics
+from telemetry_nb.observability import PipelineMetrics
+from telemetry_nb.pipeline import codec
+from telemetry_nb.pipeline.streams import Queue, T, retry_redis
 
 log = logging.getLogger(__name__)
 MAX_LOGGED_REJECTS = 100
@@ -77,10 +76,9 @@ class Streamer:
         self._logged_rows = self._logged_entries = 0
         self.source_name = ""
 
-    def _redis(self, fn, what: str = "Redis"):
-        return retry(fn, what=what, errors=REDIS_ERRORS, log=log, backoff=Backoff(self.settings.retry_max_s),
-                     on_retry=lambda e: self.metrics.retries.labels("redis").inc(),
-                     should_stop=self.stop_event.is_set)
+    def _redis(self, fn: Callable[[], T], what: str = "Redis") -> T:
+        return retry_redis(fn, what=what, log=log, retry_max_s=self.settings.retry_max_s,
+                           on_retry=self.metrics.retries.labels("redis").inc, should_stop=self.stop_event.is_set)
 
     def run(self, source: Callable[[], Iterable[Sample | Rejected]], *, loop: bool = False,
             timestamps: str = "source", rate: float | None = None) -> Summary:

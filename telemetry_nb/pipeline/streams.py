@@ -7,13 +7,18 @@ entry is ever removed.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 
+from telemetry_nb.backoff import Backoff, retry
 from telemetry_nb.model import Rejected
+
+T = TypeVar("T")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
@@ -24,6 +29,13 @@ def connect(url: str, *, timeout_s: float = 10.0) -> redis.Redis:
     """A client for `redis://`, `rediss://` (TLS) or `unix://` URLs, with sane socket timeouts."""
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                 health_check_interval=30)
+
+
+def retry_redis(fn: Callable[[], T], *, log: logging.Logger, retry_max_s: float, on_retry: Callable[[], None],
+                should_stop: Callable[[], bool], what: str = "Redis") -> T:
+    """Call `fn` until Redis answers: capped exponential backoff, a log line naming `what`, `on_retry` per failure."""
+    return retry(fn, what=what, errors=REDIS_ERRORS, log=log, backoff=Backoff(retry_max_s),
+                 on_retry=lambda _err: on_retry(), should_stop=should_stop)
 
 
 def _next_id(entry_id: bytes | str) -> str:
@@ -48,14 +60,13 @@ class Claimed:
 class Queue:
     """One stream, its consumer group, and its dead-letter and rejected-row streams."""
 
-    def __init__(self, client: redis.Redis, stream: str, group: str = "collectors", consumer: str = "c1",
-                 *, dead_stream: str | None = None, rejected_stream: str | None = None):
+    def __init__(self, client: redis.Redis, stream: str, group: str = "collectors", consumer: str = "c1"):
         self.r = client
         self.stream = stream
         self.group = group
         self.consumer = consumer
-        self.dead_stream = dead_stream or f"{stream}:dead"
-        self.rejected_stream = rejected_stream or f"{stream}:rejected"
+        self.dead_stream = f"{stream}:dead"  # entries a collector gave up on, with their error
+        self.rejected_stream = f"{stream}:rejected"  # rows a source could not read, with line and reason
         self.r.set_response_callback("XAUTOCLAIM", _raw)
 
     # -- producer side -------------------------------------------------------------------------

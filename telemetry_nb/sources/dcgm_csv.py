@@ -13,11 +13,12 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import IO
 
 from telemetry_nb.model import Rejected, Sample
+from telemetry_nb.timeparse import parse_timestamp
 
 REQUIRED = ("timestamp", "metric_name", "gpu_id", "uuid", "Hostname", "value")
 OPTIONAL = ("device", "modelName", "container", "pod", "namespace", "labels_raw")
@@ -40,7 +41,6 @@ class HeaderError(ValueError):
     """The file's header lacks required columns; nothing in it can be read."""
 
 
-_FRACTION = re.compile(r"(\.\d{6})\d+")
 _LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_.:-]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
 _UNESCAPE = re.compile(r"\\(.)")
 
@@ -61,28 +61,6 @@ def parse_labels(raw: str) -> dict[str, str]:
         labels[m.group(1)] = _UNESCAPE.sub(lambda e: "\n" if e.group(1) == "n" else e.group(1), m.group(2))
         pos = m.end()
     return labels
-
-
-def parse_timestamp(text: str) -> datetime:
-    """RFC 3339 / ISO 8601 (Z, offsets, any fraction; naive means UTC) or epoch s/ms → aware UTC datetime."""
-    s = text.strip()
-    if not s:
-        raise ValueError("empty timestamp")
-    if s[0].isdigit() and s.replace(".", "", 1).isdigit():
-        epoch = float(s)
-        if epoch > 1e11:
-            epoch /= 1000.0
-        return datetime.fromtimestamp(epoch, UTC)
-    if s[-4:].upper() in (" UTC", " GMT"):
-        s = s[:-4] + "+00:00"
-    s = _FRACTION.sub(r"\1", s)
-    try:
-        ts = datetime.fromisoformat(s)
-    except ValueError:
-        raise ValueError(f"unparseable timestamp {text!r}") from None
-    if ts.tzinfo is None:
-        return ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC)
 
 
 def _header_key(col: str) -> str:

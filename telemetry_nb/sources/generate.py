@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import random
-import re
 import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,18 +19,6 @@ METRICS = (
     "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE",
     "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK",
 )
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """`10m`, `1s`, `250ms`, `2h`, `1.5` (seconds) → seconds."""
-    m = _DURATION.match(str(text))
-    if not m:
-        raise ValueError(f"invalid duration {text!r}: use a number with ms, s, m, h or d (e.g. 10m)")
-    return float(m.group(1)) * _UNIT_S[m.group(2)]
-
 
 @dataclass
 class _Gpu:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from telemetry_nb.embedded import redis_server_binary
-from telemetry_nb.sources.dcgm_csv import parse_timestamp
+from telemetry_nb.timeparse import parse_timestamp
 from tests.conftest import REAL_CSV, REPO, require
 
 PREFIX = f"tnb{uuid.uuid4().hex[:4]}"

@@ -1,4 +1,4 @@
-"""telemetry_nb.canary on its own: samples, classification of rows, the streamer path, clean-up."""
+"""telemetry_nb.analysis.canary on its own: samples, classification of rows, the streamer path, clean-up."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import httpx
 import pytest
 
-from telemetry_nb import canary
+from telemetry_nb.analysis import canary
 from telemetry_nb.sources.generate import METRICS
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
-from telemetry_nb import explore
+from telemetry_nb.analysis import explore
 from tests.conftest import run_cli, start_cli
 from tests.notebooks.conftest import HISTORY_ROWS, HOSTS, NOTEBOOKS, run_notebook
 

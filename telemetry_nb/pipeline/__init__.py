@@ -1,0 +1,1 @@
+"""Moving data: the stream-entry codec, Redis Streams operations, the streamer and the collector."""

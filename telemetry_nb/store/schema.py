@@ -1,0 +1,98 @@
+"""PostgreSQL schema: the migrations, applied once under an advisory lock, and the connection helper.
+
+Rows are narrow (`gpu_id bigint, ts, metric_id int, value, workload_id bigint`) with primary key
+(gpu_id, ts, metric_id): it makes a replayed row a no-op (`ON CONFLICT DO NOTHING`) and it is the
+index behind the API's per-GPU, time-ordered, cursor-paginated reads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+    CREATE TABLE IF NOT EXISTS gpus (
+        id bigint PRIMARY KEY,
+        uuid text NOT NULL UNIQUE,
+        hostname text NOT NULL DEFAULT '',
+        gpu_index int,
+        device text NOT NULL DEFAULT '',
+        model_name text NOT NULL DEFAULT ''
+    );
+    CREATE INDEX IF NOT EXISTS gpus_hostname ON gpus (hostname);
+    CREATE TABLE IF NOT EXISTS metrics (
+        id int PRIMARY KEY,
+        name text NOT NULL UNIQUE
+    );
+    CREATE TABLE IF NOT EXISTS workloads (
+        id bigint PRIMARY KEY,
+        namespace text NOT NULL DEFAULT '',
+        pod text NOT NULL DEFAULT '',
+        container text NOT NULL DEFAULT '',
+        UNIQUE (namespace, pod, container)
+    );
+    CREATE TABLE IF NOT EXISTS telemetry (
+        gpu_id bigint NOT NULL,
+        ts timestamptz NOT NULL,
+        metric_id int NOT NULL,
+        value double precision NOT NULL,
+        workload_id bigint,
+        PRIMARY KEY (gpu_id, ts, metric_id)
+    );
+    -- first/last seen come from the primary key (two index probes per GPU), not from a column that
+    -- every batch would have to update
+    CREATE OR REPLACE VIEW gpu_inventory AS
+    SELECT g.id, g.uuid, g.hostname, g.gpu_index, g.device, g.model_name,
+           (SELECT t.ts FROM telemetry t WHERE t.gpu_id = g.id ORDER BY t.ts LIMIT 1) AS first_seen,
+           (SELECT t.ts FROM telemetry t WHERE t.gpu_id = g.id ORDER BY t.ts DESC LIMIT 1) AS last_seen
+    FROM gpus g;
+    """),
+    (2, """
+    -- row counts per metric, kept by the collectors, so GET /api/v1/metrics need not count the table
+    CREATE TABLE IF NOT EXISTS metric_rows (
+        metric_id int PRIMARY KEY,
+        rows bigint NOT NULL
+    );
+    INSERT INTO metric_rows (metric_id, rows)
+    SELECT metric_id, count(*) FROM telemetry GROUP BY metric_id
+    ON CONFLICT (metric_id) DO UPDATE SET rows = EXCLUDED.rows;
+    """),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+_MIGRATION_LOCK = 0x7E1E_4E7B  # advisory lock id: collectors starting together migrate one at a time
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer telemetry-nb; this one must not write to it."""
+
+
+
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    """A connection with a short connect timeout, so outages surface as retryable errors."""
+    kwargs.setdefault("connect_timeout", 10)
+    return psycopg.connect(url, **kwargs)
+
+
+def migrate(conn: psycopg.Connection) -> int:
+    """Apply pending migrations once, under an advisory lock; returns the schema version."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version int PRIMARY KEY, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(f"database schema version {current} is newer than this telemetry-nb knows "
+                               f"({SCHEMA_VERSION}); upgrade telemetry-nb before running it against this database")
+        for version, sql in MIGRATIONS:
+            if version > current:
+                log.info("Applying schema migration %d", version)
+                conn.execute(sql)
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+                current = version
+    return current
+
+
