@@ -162,7 +162,7 @@ class Streamer:
                 continue
             if timestamps == "now":
                 if offset is None:
-                    start = datetime.now(UTC)
+                    start = datetime.fromtimestamp(self.clock(), UTC)
                     if not_before is not None and start < not_before:
                         start = not_before
                     offset = start - row.ts
