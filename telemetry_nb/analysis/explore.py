@@ -193,7 +193,7 @@ def load_window(client: TelemetryClient, *, start_time=None, end_time=None, wind
                 known_metrics: Iterable[str] | None = None) -> dict:
     """Inventory + aggregates for a window: {gpus, all_gpus, start, end, bucket_s, data, metrics}.
 
-    `known_metrics` (the stored metric names) saves a `/api/v1/metrics` call, which counts every row.
+    `known_metrics` (the stored metric names) saves a `/api/v1/metrics` call (one more round trip per load).
     """
     inventory = list(gpus) if gpus is not None else client.gpus()
     hosts = [hostnames] if isinstance(hostnames, str) else hostnames

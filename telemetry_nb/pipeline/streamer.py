@@ -1,4 +1,4 @@
-"""Source → queue: batch samples into stream entries, with pacing, re-stamping, sharding, backpressure.
+"""Source → Redis stream: batch samples into stream entries, with pacing, re-stamping, sharding, backpressure.
 
 Publishing never skips a row: a Redis outage is retried with backoff (a retried pipeline may add an
 entry twice, which the idempotent database write absorbs). Rejected rows go to `<stream>:rejected`.
