@@ -205,7 +205,7 @@ class Dashboard:
 
     # -- data ----------------------------------------------------------------------------------
     def load(self) -> dict:
-        if self.metric_names is None or self.refreshes % 20 == 0:  # metric names rarely change: re-read them now and then
+        if self.metric_names is None or self.refreshes % 20 == 0:  # names rarely change: re-read them now and then
             self.metric_names = sorted(m.name for m in self.client.metrics())
         return self.ex.load_window(self.client, window=self.window.value, target_buckets=60,
                                    metrics=[self.metric.value, *self.ex.CHART_METRICS],
