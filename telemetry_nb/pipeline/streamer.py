@@ -53,7 +53,11 @@ class Summary:
 
 
 class Streamer:
-    """Publish samples from a source to `queue` in entries of `settings.batch_size` rows."""
+    """Publish samples from a source to `queue` in entries of `settings.batch_size` rows.
+
+    `clock` (epoch seconds) and `sleep` drive re-stamping to "now", pacing and backpressure waits, so tests
+    pass a fake clock instead of waiting; with the default `time.sleep`, `stop()` interrupts a wait.
+    """
 
     def __init__(self, queue: Queue, settings: Settings, *, metrics: PipelineMetrics | None = None,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
