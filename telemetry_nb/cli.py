@@ -369,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_check)
 
-    from telemetry_nb.analysis import dashboard as dashboard_cli
-    dashboard_cli.add_parser(sub, _common)
+    from telemetry_nb.analysis import dashboard
+    dashboard.add_parser(sub, _common)
     return parser
 
 

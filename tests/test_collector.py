@@ -15,6 +15,7 @@ from telemetry_nb.model import Sample
 from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.collector import Collector
 from telemetry_nb.pipeline.streams import Queue
+from tests.clocks import age_pending
 from tests.relay import Relay
 
 T0 = datetime(2025, 7, 18, 20, 0, 0, tzinfo=UTC)
@@ -26,7 +27,7 @@ def _batch(gpu: str, n: int, start: int = 0) -> list[Sample]:
 
 
 def _settings(stream: str, **kw) -> Settings:
-    base = dict(stream=stream, group="g", visibility_timeout_s=0.5, max_deliveries=3, block_ms=100,
+    base = dict(stream=stream, group="g", visibility_timeout_s=30, max_deliveries=3, block_ms=100,
                 retry_max_s=0.5, read_count=5)
     base.update(kw)
     return Settings(**base)
@@ -87,9 +88,8 @@ def test_entry_delivered_too_often_goes_to_dead_letter(redis_client, stream, dat
     q.ensure_group()
     [eid] = q.publish([codec.encode(_batch("GPU-poison", 5))])
     q.read(1, 100)
-    for _ in range(3):  # three more collectors claimed it and died
-        redis_client.xclaim(stream, "g", "crashy", 0, [eid])
-    time.sleep(0.6)
+    for _ in range(3):  # three more collectors claimed it and died, the last one a minute ago
+        redis_client.xclaim(stream, "g", "crashy", 0, [eid], idle=60_000)
     totals = _collector(redis_client, stream, database_url, consumer="survivor").run(drain=True)
     assert totals["dead"] == 1 and totals["stored"] == 0
     [dead] = q.read_dead()
@@ -120,10 +120,9 @@ def test_postgres_outage_retries_and_loses_nothing(redis_client, stream, databas
         _wait(lambda: _count(database_url) == 100)
         relay.cut()
         q.publish([codec.encode(_batch("GPU-a", 100, start=100))])
-        time.sleep(1.5)
+        _wait(lambda: collector.metrics.retries.labels("postgresql")._value.get() >= 1)  # it tried and failed
         assert _count(database_url) == 100  # nothing written while PostgreSQL is unreachable…
         assert q.backlog() >= 1  # …and the entry is not acknowledged
-        assert collector.metrics.retries.labels("postgresql")._value.get() >= 1
         relay.restore()
         _wait(lambda: _count(database_url) == 200)
         _wait(lambda: q.backlog() == 0)
@@ -137,8 +136,8 @@ def test_killed_collectors_entries_are_claimed_by_another(redis_client, stream, 
     q = Queue(redis_client, stream, "g", "doomed")
     q.ensure_group()
     q.publish([codec.encode(_batch(f"GPU-{i}", 20)) for i in range(4)])
-    q.read(2, 100)  # the doomed collector took two entries and vanished
-    time.sleep(0.6)
+    taken = q.read(2, 100)  # the doomed collector took two entries and vanished a minute ago
+    age_pending(redis_client, stream, "g", "doomed", [eid for eid, _ in taken], 60_000)
     totals = _collector(redis_client, stream, database_url, consumer="heir").run(drain=True)
     assert totals["stored"] == 80 and _count(database_url) == 80
     assert redis_client.xpending(stream, "g")["pending"] == 0

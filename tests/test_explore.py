@@ -115,6 +115,16 @@ def test_tables_have_the_known_answers(million):
     assert ex.infer_interval(million) == pytest.approx(1.0, rel=0.02)
 
 
+def test_per_gpu_has_one_row_per_gpu_even_without_an_index():
+    raw = synthetic_raw(n_gpus=8, ticks=20)
+    raw["gpu_index"] = raw["gpu_index"].astype("Int64").mask(raw["uuid"] == "GPU-3")  # one GPU reports no index
+    g = ex.per_gpu(ex.raw_to_aggregates(raw, 1))
+    assert sorted(g["uuid"]) == [f"GPU-{i}" for i in range(8)]  # not the uuid x hostname x index x label product
+    assert g["GPU_UTIL_count"].eq(20).all()
+    hot = ex.hottest_gpus(ex.raw_to_aggregates(raw, 1), n=10)
+    assert len(hot) == 8 and hot["max_temp_c"].notna().all()
+
+
 def test_stopped_reporting():
     newest = T0 + timedelta(hours=1)
     gpus = [gpu("a", last=newest), gpu("b", last=newest - timedelta(seconds=2)),

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 from telemetry_nb.model import Rejected
 from telemetry_nb.pipeline.streams import Queue
+from tests.clocks import age_pending
 
 
 def _q(redis_client, stream, consumer="c1") -> Queue:
@@ -37,11 +36,11 @@ def test_claim_stale_takes_idle_entries_and_reports_deleted(redis_client, stream
     dead = _q(redis_client, stream, "dead-collector")
     ids = dead.publish([{b"i": str(i).encode()} for i in range(3)])
     dead.read(10, 100)
+    age_pending(redis_client, stream, "g", "dead-collector", ids, 60_000)  # read a minute ago, then it died
     redis_client.xdel(stream, ids[1])  # someone trimmed an unacknowledged entry: data loss
     alive = _q(redis_client, stream, "alive")
-    assert alive.claim_stale(min_idle_ms=60_000).entries == []  # not idle long enough
-    time.sleep(0.05)
-    claimed = alive.claim_stale(min_idle_ms=10)
+    assert alive.claim_stale(min_idle_ms=600_000).entries == []  # not idle long enough
+    claimed = alive.claim_stale(min_idle_ms=30_000)
     assert [eid for eid, _ in claimed.entries] == [ids[0], ids[2]]
     assert claimed.deleted == [ids[1]]
     # the lost ID no longer haunts the pending list, the live ones are now ours

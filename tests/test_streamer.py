@@ -14,6 +14,7 @@ from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.streamer import Streamer, parse_shard, shard_of
 from telemetry_nb.pipeline.streams import Queue
 from telemetry_nb.sources.dcgm_csv import read_samples
+from tests.clocks import START, FakeClock
 from tests.relay import Relay
 
 T0 = datetime(2025, 7, 18, 20, 0, 0, tzinfo=UTC)
@@ -26,9 +27,10 @@ def _rows(stream: str, redis_client) -> list[Sample]:
     return out
 
 
-def _streamer(redis_client, stream, **kw) -> Streamer:
+def _streamer(redis_client, stream, clock: FakeClock | None = None, **kw) -> Streamer:
     settings = Settings(stream=stream, group="g", batch_size=kw.pop("batch_size", 100), retry_max_s=0.3, **kw)
-    return Streamer(Queue(redis_client, stream, "g", "s"), settings)
+    timing = {"clock": clock, "sleep": clock.sleep} if clock else {}
+    return Streamer(Queue(redis_client, stream, "g", "s"), settings, **timing)
 
 
 def test_one_pass_publishes_every_row_in_batches(redis_client, stream, real_csv):
@@ -62,19 +64,21 @@ def test_parse_shard():
 
 def test_restamp_now_keeps_spacing(redis_client, stream):
     rows = [Sample("GPU-a", "M", T0 + timedelta(seconds=i * 0.2), float(i)) for i in range(5)]
-    before = time.time()
-    _streamer(redis_client, stream, batch_size=2).run(lambda: iter(rows), timestamps="now")
+    clock = FakeClock(START + 3600)
+    _streamer(redis_client, stream, clock, batch_size=2).run(lambda: iter(rows), timestamps="now")
     got = _rows(stream, redis_client)
     assert [s.value for s in got] == [0.0, 1.0, 2.0, 3.0, 4.0]
-    assert abs(got[0].ts.timestamp() - before) < 2
+    assert got[0].ts == datetime.fromtimestamp(START + 3600, UTC)  # the first row is stamped "now"
     gaps = [(b.ts - a.ts).total_seconds() for a, b in zip(got, got[1:], strict=False)]
     assert gaps == pytest.approx([0.2] * 4, abs=1e-6)
-    assert time.time() - before >= 0.75  # paced like the source, not dumped at once
+    assert clock.sleeps == pytest.approx([0.2] * 4, abs=1e-6)  # paced like the source, not dumped at once…
+    assert redis_client.xlen(stream) == 5  # …and each row published when due, not held for a full batch
 
 
 def test_loop_with_restamp_continues_time_forward(redis_client, stream):
     rows = [Sample("GPU-a", "M", T0 + timedelta(seconds=i * 0.1), float(i)) for i in range(3)]
-    streamer = _streamer(redis_client, stream)
+    clock = FakeClock()
+    streamer = _streamer(redis_client, stream, clock)
     passes = []
 
     def source():
@@ -84,8 +88,10 @@ def test_loop_with_restamp_continues_time_forward(redis_client, stream):
         return iter(rows)
 
     streamer.run(source, loop=True, timestamps="now")
-    ts = [s.ts for s in _rows(stream, redis_client)]
-    assert len(ts) >= 6 and ts == sorted(ts) and len(set(ts)) == len(ts)  # no pass reuses a timestamp
+    ts = [s.ts.timestamp() - START for s in _rows(stream, redis_client)]
+    # the second pass starts 1 s after the first pass's last row, not back at the source's first timestamp
+    assert ts == pytest.approx([0.0, 0.1, 0.2, 1.2, 1.3, 1.4], abs=1e-6)
+    assert sum(clock.sleeps) == pytest.approx(1.4, abs=1e-6)
 
 
 def test_rejected_rows_go_to_the_rejected_stream(redis_client, stream):
@@ -101,13 +107,20 @@ def test_rejected_rows_go_to_the_rejected_stream(redis_client, stream):
 
 def test_backpressure_waits_for_the_consumers(redis_client, stream):
     rows = [Sample("GPU-a", "M", T0 + timedelta(seconds=i), float(i)) for i in range(2000)]
-    streamer = _streamer(redis_client, stream, batch_size=10, high_water=5)
-    streamer.pipeline_depth = 1
+    settings = Settings(stream=stream, group="g", batch_size=10, retry_max_s=0.3, high_water=5)
+    waiting = threading.Event()
+
+    def sleep(seconds: float) -> None:  # the streamer sleeps only while it waits out backpressure here
+        waiting.set()
+        threading.Event().wait(0.005)
+
+    streamer = Streamer(Queue(redis_client, stream, "g", "s"), settings, sleep=sleep, pipeline_depth=1)
     done = threading.Event()
     threading.Thread(target=lambda: (streamer.run(lambda: iter(rows)), done.set()), daemon=True).start()
-    time.sleep(1.0)
+    assert waiting.wait(60)
     assert not done.is_set()  # blocked: nobody is consuming
     assert redis_client.xlen(stream) <= 10
+    assert streamer.metrics.backpressure._value.get() == 1
     consumer = Queue(redis_client, stream, "g", "c")
     acked = 0
     deadline = time.monotonic() + 60
@@ -119,7 +132,6 @@ def test_backpressure_waits_for_the_consumers(redis_client, stream):
     entries = consumer.read(1000, 50)
     acked += consumer.ack([eid for eid, _ in entries])
     assert acked * 10 == 2000
-    assert streamer.metrics.backpressure._value.get() >= 1
 
 
 def test_redis_outage_mid_stream_is_retried_without_loss(redis_client, stream, servers):
@@ -132,18 +144,23 @@ def test_redis_outage_mid_stream_is_retried_without_loss(redis_client, stream, s
     settings = Settings(stream=stream, group="g", batch_size=100, retry_max_s=0.3, high_water=0)
     streamer = Streamer(Queue(via, stream, "g", "s"), settings, pipeline_depth=1, sleep=time.sleep)
 
-    def slow_source():
+    def restore_after_a_retry():  # the outage lasts until the streamer has hit it and backed off once
+        while streamer.metrics.retries.labels("redis")._value.get() < 1 and not relay_closed.is_set():
+            relay_closed.wait(0.01)
+        relay.restore()
+
+    def source():
         for i, r in enumerate(rows):
             if i == 1000:
                 relay.cut()
-                threading.Timer(2.0, relay.restore).start()
-            if i % 100 == 0:
-                time.sleep(0.02)
+                threading.Thread(target=restore_after_a_retry, daemon=True).start()
             yield r
 
+    relay_closed = threading.Event()
     try:
-        summary = streamer.run(slow_source)
+        summary = streamer.run(source)
     finally:
+        relay_closed.set()
         relay.close()
     assert summary.published == 3000
     assert streamer.metrics.retries.labels("redis")._value.get() >= 1

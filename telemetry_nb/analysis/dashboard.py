@@ -24,7 +24,8 @@ WINDOWS = ("5m", "15m", "1h", "6h", "24h", "7d")
 
 def notebooks_dir() -> Path:
     """The notebooks: $TELEMETRY_NOTEBOOKS, the checkout's, the installed copy, or /app/notebooks in the image."""
-    candidates = [os.environ.get("TELEMETRY_NOTEBOOKS", ""), str(Path(__file__).resolve().parents[2] / "notebooks"),
+    checkout = Path(__file__).resolve().parents[2] / "notebooks"  # telemetry_nb/analysis/dashboard.py → repo root
+    candidates = [os.environ.get("TELEMETRY_NOTEBOOKS", ""), str(checkout),
                   str(Path(sys.prefix) / "share" / "telemetry-nb" / "notebooks"), "/app/notebooks"]
     for c in candidates:
         if c and (Path(c) / "dashboard.ipynb").exists():
@@ -205,7 +206,7 @@ class Dashboard:
 
     # -- data ----------------------------------------------------------------------------------
     def load(self) -> dict:
-        if self.metric_names is None or self.refreshes % 20 == 0:  # /api/v1/metrics counts rows: not every time
+        if self.metric_names is None or self.refreshes % 20 == 0:  # names rarely change: re-read them now and then
             self.metric_names = sorted(m.name for m in self.client.metrics())
         return self.ex.load_window(self.client, window=self.window.value, target_buckets=60,
                                    metrics=[self.metric.value, *self.ex.CHART_METRICS],

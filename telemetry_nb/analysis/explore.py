@@ -193,7 +193,7 @@ def load_window(client: TelemetryClient, *, start_time=None, end_time=None, wind
                 known_metrics: Iterable[str] | None = None) -> dict:
     """Inventory + aggregates for a window: {gpus, all_gpus, start, end, bucket_s, data, metrics}.
 
-    `known_metrics` (the stored metric names) saves a `/api/v1/metrics` call, which counts every row.
+    `known_metrics` (the stored metric names) saves a `/api/v1/metrics` call (one more round trip per load).
     """
     inventory = list(gpus) if gpus is not None else client.gpus()
     hosts = [hostnames] if isinstance(hostnames, str) else hostnames
@@ -249,13 +249,17 @@ def per_gpu(df: pd.DataFrame) -> pd.DataFrame:
     """One row per GPU with window min/avg/max of each metric (columns like `GPU_UTIL_max`)."""
     if df.empty:
         return pd.DataFrame(columns=["uuid", "hostname", "gpu_index", "gpu"])
-    w = _weighted(df, ["uuid", "hostname", "gpu_index", "gpu", "metric"])
+    keys = ["uuid", "hostname", "gpu_index", "gpu"]
+    w = _weighted(df, [*keys, "metric"])
     w["metric"] = w["metric"].map(short)
-    wide = w.pivot_table(index=["uuid", "hostname", "gpu_index", "gpu"], columns="metric",
-                         values=["min", "avg", "max", "count"], observed=True, dropna=False)
+    # pivot on one row number per GPU: a pivot on the four label columns with dropna=False (kept so that a GPU
+    # without an index stays) would fill in their cartesian product, one row per uuid x hostname x index x label
+    w["_row"] = w.groupby(keys, sort=True, dropna=False).ngroup()
+    wide = w.pivot_table(index="_row", columns="metric", values=["min", "avg", "max", "count"], dropna=False)
     wide.columns = [f"{m}_{stat}" for stat, m in wide.columns]
+    labels = w.drop_duplicates("_row").set_index("_row")[keys]
     last = df.groupby("uuid")["bucket"].max().rename("last_bucket")
-    return wide.reset_index().merge(last, on="uuid", how="left")
+    return labels.join(wide).sort_index().reset_index(drop=True).merge(last, on="uuid", how="left")
 
 
 # -- tables --------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""The API gateway: a FastAPI app over `store` (and `queue` for readiness); routes stay thin."""
+"""The API gateway: a FastAPI app over `store.Reader` (and Redis, via `pipeline.streams`, for readiness).
+
+Routes stay thin: parsing and validation here, the queries in the store.
+"""
 
 from __future__ import annotations
 
@@ -220,7 +223,7 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
                 "items": [{"bucket": rfc3339(a["bucket"]), "metric": a["metric"], "min": a["min"],
                            "avg": float(a["avg"]), "max": a["max"], "count": a["count"]} for a in rows]}
 
-    @app.get("/api/v1/metrics", summary="Metric names present, with row counts")
+    @app.get("/api/v1/metrics", summary="Metric names present, with row counts kept by the collectors")
     def list_metrics() -> dict:
         with reader() as r:
             rows = r.metric_counts()

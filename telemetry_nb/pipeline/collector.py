@@ -1,4 +1,4 @@
-"""Queue → store → ack: a consumer-group member that commits before it acknowledges.
+"""Redis stream → store → ack: a consumer-group member that commits before it acknowledges.
 
 Each read of up to `read_count` entries becomes one PostgreSQL transaction (thousands of rows);
 the next read from Redis runs in a thread while the current one is being written. On start it

@@ -1,4 +1,4 @@
-"""Source → queue: batch samples into stream entries, with pacing, re-stamping, sharding, backpressure.
+"""Source → Redis stream: batch samples into stream entries, with pacing, re-stamping, sharding, backpressure.
 
 Publishing never skips a row: a Redis outage is retried with backoff (a retried pipeline may add an
 entry twice, which the idempotent database write absorbs). Rejected rows go to `<stream>:rejected`.
@@ -53,7 +53,11 @@ class Summary:
 
 
 class Streamer:
-    """Publish samples from a source to `queue` in entries of `settings.batch_size` rows."""
+    """Publish samples from a source to `queue` in entries of `settings.batch_size` rows.
+
+    `clock` (epoch seconds) and `sleep` drive re-stamping to "now", pacing and backpressure waits, so tests
+    pass a fake clock instead of waiting; with the default `time.sleep`, `stop()` interrupts a wait.
+    """
 
     def __init__(self, queue: Queue, settings: Settings, *, metrics: PipelineMetrics | None = None,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
@@ -162,7 +166,7 @@ class Streamer:
                 continue
             if timestamps == "now":
                 if offset is None:
-                    start = datetime.now(UTC)
+                    start = datetime.fromtimestamp(self.clock(), UTC)
                     if not_before is not None and start < not_before:
                         start = not_before
                     offset = start - row.ts

@@ -9,10 +9,8 @@ Notebooks run with papermill in-process, on a `python3` kernel pinned to this in
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ import redis
 
 from telemetry_nb.embedded import free_port
 from tests.conftest import REPO, run_cli, start_cli, wait_http
+from tests.notebooks.fixture import FixtureStack, fixture_stack, write_kernelspec
 
 NOTEBOOKS = REPO / "notebooks"
 HOSTS, GPUS_PER_HOST, HISTORY_S, SEED = 16, 8, 800, 7
@@ -49,18 +48,18 @@ class Stack:
 @pytest.fixture(scope="session")
 def kernel_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A `python3` kernelspec for this interpreter on a private JUPYTER_PATH (for papermill, nbval, Voilà)."""
-    root = tmp_path_factory.mktemp("jupyter")
-    spec = root / "kernels" / "python3"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (telemetry-nb tests)", "language": "python", "metadata": {"debugger": False}}))
-    extra = {"JUPYTER_PATH": os.pathsep.join(p for p in (str(root), os.environ.get("JUPYTER_PATH", "")) if p),
-             "JUPYTER_PLATFORM_DIRS": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    extra = write_kernelspec(tmp_path_factory.mktemp("jupyter"))
     with pytest.MonkeyPatch.context() as mp:
         for k, v in extra.items():
             mp.setenv(k, v)
         yield extra
+
+
+@pytest.fixture(scope="session")
+def recorded_stack(servers, real_csv, kernel_env, tmp_path_factory) -> Iterator[FixtureStack]:
+    """The fixed fixture (tests/notebooks/fixture.py) the recorded notebooks were recorded on, live."""
+    with fixture_stack(servers, tmp_path_factory.mktemp("recorded"), kernel_env, real_csv) as s:
+        yield s
 
 
 def _wait_for(what: str, fn, timeout_s: float = 120, interval_s: float = 0.25):

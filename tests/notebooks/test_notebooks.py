@@ -238,6 +238,13 @@ def test_dashboard_cli_help():
     assert proc.returncode == 0 and "--api-url" in proc.stdout and "--refresh" in proc.stdout
 
 
+def test_dashboard_finds_the_checkouts_notebooks(monkeypatch):
+    from telemetry_nb.analysis.dashboard import notebooks_dir
+
+    monkeypatch.delenv("TELEMETRY_NOTEBOOKS", raising=False)
+    assert notebooks_dir() == NOTEBOOKS  # an editable install has no share/telemetry-nb copy
+
+
 def test_dashboard_cli_reports_a_missing_notebook(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "telemetry_nb.cli", "dashboard", "--notebook",
                            str(tmp_path / "nope.ipynb")], capture_output=True, text=True, timeout=60)
