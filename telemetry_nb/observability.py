@@ -29,6 +29,11 @@ class PipelineMetrics:
                                   registry=r)
         self.dead = Counter("telemetry_entries_dead_lettered", "Stream entries moved to the dead-letter stream",
                             registry=r)
+        self.dead_rows = Counter("telemetry_rows_dead_lettered",
+                                 "Rows PostgreSQL refused, dead-lettered alone (the rest of their entry stored)",
+                                 registry=r)
+        self.side_totals = Gauge("telemetry_side_stream_total", "Lifetime records added to a side stream "
+                                 "(<stream>:rejected, <stream>:dead), also those trimmed since", ["side"], registry=r)
         self.lost = Counter("telemetry_entries_lost", "Pending entries deleted from the stream before ack",
                             registry=r)
         self.claimed = Counter("telemetry_entries_claimed", "Stale entries claimed from other consumers",
