@@ -41,13 +41,15 @@ class _Window:
     since: float
     consumed: int = 0
     stored: int = 0
+    refused: int = 0
     entries: int = 0
     transactions: int = 0
     seconds: float = 0.0
 
-    def add(self, consumed: int, stored: int, entries: int, seconds: float) -> None:
+    def add(self, consumed: int, stored: int, entries: int, seconds: float, refused: int = 0) -> None:
         self.consumed += consumed
         self.stored += stored
+        self.refused += refused
         self.entries += entries
         self.transactions += 1
         self.seconds += seconds
@@ -174,21 +176,21 @@ class Collector:
         self.metrics.dead.inc(len(parts))
         self.metrics.dead_rows.inc(done.refused_rows)
         self.totals["dead"] += len(parts)
-        self._count(done.consumed, done.stored, 1, self.clock() - started)
+        self._count(done.consumed, done.stored, 1, self.clock() - started, done.refused_rows)
         log.info("Entry %s: stored %d rows, dead-lettered %d (%d transactions)", eid.decode(), done.stored,
                  done.refused_rows, done.transactions)
         return done.stored
 
-    def _count(self, consumed: int, stored: int, entries: int, elapsed: float) -> None:
+    def _count(self, consumed: int, stored: int, entries: int, elapsed: float, refused: int = 0) -> None:
         self.metrics.batch_seconds.observe(elapsed)
         self.metrics.consumed.inc(consumed)
         self.metrics.stored.inc(stored)
-        self.metrics.duplicates.inc(consumed - stored)
+        self.metrics.duplicates.inc(consumed - stored - refused)
         self.totals["consumed"] += consumed
         self.totals["stored"] += stored
         log.debug("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %.0f ms",
-                  consumed, entries, stored, consumed - stored, elapsed * 1000)
-        self._window.add(consumed, stored, entries, elapsed)
+                  consumed, entries, stored, consumed - stored - refused, elapsed * 1000)
+        self._window.add(consumed, stored, entries, elapsed, refused)
         if self.clock() - self._window.since >= LOG_EVERY_S:
             self._report()
 
@@ -196,9 +198,9 @@ class Collector:
         """One INFO line per few seconds of work, not one per transaction."""
         w = self._window
         if w.entries:
-            log.info("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %d transactions, "
-                     "%.0f ms writing", w.consumed, w.entries, w.stored, w.consumed - w.stored, w.transactions,
-                     w.seconds * 1000)
+            log.info("Consumed %d rows from %d entries; Stored %d rows (%d duplicates%s) in %d transactions, "
+                     "%.0f ms writing", w.consumed, w.entries, w.stored, w.consumed - w.stored - w.refused,
+                     f", {w.refused} dead-lettered" if w.refused else "", w.transactions, w.seconds * 1000)
         self._window = _Window(self.clock())
 
     def _dead(self, eid: bytes, fields: dict, error: str, deliveries: int = 0) -> None:

@@ -31,6 +31,12 @@ def connect(url: str, *, timeout_s: float = 10.0) -> redis.Redis:
                                 health_check_interval=30)
 
 
+def redis_probe(url: str, timeout_s: float = 2.0) -> Callable[[], object]:
+    """A cheap readiness probe: PING over a client of its own with short timeouts; raises when Redis is down."""
+    client = connect(url, timeout_s=timeout_s)
+    return client.ping
+
+
 def retry_redis(fn: Callable[[], T], *, log: logging.Logger, retry_max_s: float, on_retry: Callable[[], None],
                 should_stop: Callable[[], bool], what: str = "Redis") -> T:
     """Call `fn` until Redis answers: capped exponential backoff, a log line naming `what`, `on_retry` per failure."""
