@@ -317,7 +317,8 @@ def run_all(*, api_url: str | None = None, redis_url: str | None = None, databas
             namespace: str | None = None, expected: Mapping[str, int] | None = None, max_lag: int | None = 1000,
             max_pending: int | None = None, max_dead: int | None = None, min_consumers: int = 1,
             max_staleness_s: float | None = 300.0, release: str | None = None,
-            components: Sequence[str] | str | None = None, timeout_s: float = 0) -> list[CheckResult]:
+            components: Sequence[str] | str | None = None, timeout_s: float = 0,
+            stale_group_s: float = 86400.0) -> list[CheckResult]:
     """Every section, in order API → Redis → PostgreSQL → Kubernetes, retried until `timeout_s` (in all) passed."""
     deadline = time.monotonic() + max(float(timeout_s or 0), 0.0)
 
@@ -326,7 +327,8 @@ def run_all(*, api_url: str | None = None, redis_url: str | None = None, databas
 
     return [*retry(lambda: check_api(api_url), left()),
             *retry(lambda: check_redis(redis_url, stream, group, max_lag=max_lag, max_pending=max_pending,
-                                       max_dead=max_dead, min_consumers=min_consumers), left()),
+                                       max_dead=max_dead, min_consumers=min_consumers,
+                                       stale_group_s=stale_group_s), left()),
             *retry(lambda: check_postgres(database_url, max_staleness_s=max_staleness_s), left()),
             *retry(lambda: check_kubernetes(kube_context, namespace, expected, release=release,
                                             components=components), left())]
