@@ -148,3 +148,47 @@ def test_outages_and_refusals_are_told_apart_by_sqlstate(database_url):
     assert store.is_outage(psycopg.errors.lookup("57P01")("terminating connection due to administrator command"))
     assert store.is_outage(psycopg.errors.lookup("40P01")("deadlock detected"))
     assert store.is_outage(psycopg.errors.lookup("53100")("could not extend file: No space left on device"))
+
+
+def test_dirty_csv_end_to_end_every_good_row_stored_nothing_dead_lettered(cli_env, redis_client, stream, database_url,
+                                                                          tmp_path):
+    """Good rows interleaved with every kind of value PostgreSQL would refuse: the parser rejects each bad one."""
+    import csv
+
+    from telemetry_nb.sources.dcgm_csv import HEADER
+    from tests.conftest import run_cli
+
+    def row(i: int, **over) -> list[str]:
+        base = dict(timestamp=f"2025-07-18T20:{i // 60 % 60:02d}:{i % 60:02d}Z", metric_name="DCGM_FI_DEV_GPU_UTIL",
+                    gpu_id=str(i % 8), device="nvidia0", uuid=f"GPU-{i % 8}", modelName="H100", Hostname="node-1",
+                    container="c", pod="p", namespace="ns", value=str(i), labels_raw="")
+        base.update(over)
+        return [base[h] for h in HEADER]
+
+    bad_values = [
+        {"uuid": "GPU-\x00"}, {"metric_name": "M_" + os.urandom(4600).hex()}, {"Hostname": "h" * 3000},
+        {"pod": "p\x1bx"}, {"namespace": "n" * 1024, "pod": "p" * 1024, "container": "c" * 100},
+        {"gpu_id": str(2**31)}, {"gpu_id": "-3"}, {"timestamp": "0001-01-01T00:00:00+05:00"},
+        {"timestamp": "12345678901234567890"}, {"timestamp": "1990-01-01T00:00:00Z"},
+        {"timestamp": "2999-01-01T00:00:00Z"}, {"value": "inf"}, {"modelName": "m\x7fm"},
+    ]
+    rows, bad_lines, good = [], [], 0
+    for i in range(200):
+        if i % 15 == 7 and len(bad_lines) < len(bad_values):
+            rows.append(row(i, **bad_values[len(bad_lines)]))
+            bad_lines.append(len(rows) + 1)  # +1: the header is line 1
+        else:
+            rows.append(row(i))
+            good += 1
+    assert len(bad_lines) == len(bad_values)
+    path = tmp_path / "dirty.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([HEADER, *rows])
+    out = run_cli("stream", "--csv", str(path), "--batch-size", "50", env=cli_env)
+    assert f"published={good} rejected={len(bad_values)}" in out.stdout
+    run_cli("collect", "--drain", env=cli_env)
+    q = Queue(redis_client, stream, "collectors")
+    rejected = q.read_rejected(100)
+    assert [int(r["line"]) for r in rejected] == bad_lines and all(r["reason"] for r in rejected)
+    assert q.dead_count() == 0 and redis_client.xlen(q.dead_stream) == 0
+    assert len(_stored(database_url)) == good
