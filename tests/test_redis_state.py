@@ -7,8 +7,6 @@ import io
 import time
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from telemetry_nb.analysis import checks
 from telemetry_nb.config import Settings
 from telemetry_nb.model import Rejected, Sample
@@ -20,12 +18,6 @@ from telemetry_nb.sources.dcgm_csv import HEADER, read_samples
 from tests.conftest import run_cli
 
 T0 = datetime(2025, 7, 18, 20, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture(autouse=True)
-def _drop_counters(redis_client, stream):
-    yield
-    redis_client.delete(f"{stream}:dead:total", f"{stream}:rejected:total")
 
 
 def _node_entries(redis_client) -> int:

@@ -236,7 +236,12 @@ class Queue:
 
     def prune_consumers(self, idle_s: float) -> list[str]:
         """Remove other consumers idle longer than `idle_s` with nothing pending (restarts leave them behind)."""
-        removed = self.r.eval(_PRUNE, 1, self.stream, self.group, self.consumer, int(idle_s * 1000))
+        try:
+            removed = self.r.eval(_PRUNE, 1, self.stream, self.group, self.consumer, int(idle_s * 1000))
+        except redis.ResponseError as err:
+            if "NOGROUP" in str(err) or "no such key" in str(err).lower():
+                return []  # no group (yet, or any more): nothing to prune
+            raise
         return [r.decode() if isinstance(r, bytes) else str(r) for r in removed or []]
 
     # -- health --------------------------------------------------------------------------------
