@@ -172,7 +172,8 @@ class Collector:
         for part, why in done.refused:
             log.error("Dead-lettering %d of %d rows of entry %s to %s: %s (%s)", part.n, batch.n, eid.decode(),
                       self.queue.dead_stream, why, part.describe(1))
-        self._redis(lambda: self.queue.dead_letter_parts(eid, parts), what="Redis (dead letters and ack)")
+        deliveries = self._redis(lambda: self.queue.deliveries([eid])).get(eid, 1) if parts else 0
+        self._redis(lambda: self.queue.dead_letter_parts(eid, parts, deliveries), what="Redis (dead letters and ack)")
         self.metrics.dead.inc(len(parts))
         self.metrics.dead_rows.inc(done.refused_rows)
         self.totals["dead"] += len(parts)

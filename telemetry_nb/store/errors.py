@@ -19,8 +19,9 @@ OUTAGE_CLASSES = ("08",  # connection exception
 OUTAGE_CODES = frozenset({"40001",  # serialization_failure
                           "40P01",  # deadlock_detected
                           "55P03",  # lock_not_available
-                          "57014",  # query_canceled (statement timeout, pg_cancel_backend)
                           "25006"})  # read_only_sql_transaction: a failover left us on a standby
+# 57014 query_canceled (a statement timeout) is deliberately not an outage: a batch too big for the
+# timeout would time out on every retry, while split into smaller transactions it goes through.
 
 
 def is_outage(err: BaseException) -> bool:
