@@ -122,7 +122,8 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True, limi
     i_dev, i_model, i_cont, i_pod, i_ns, i_labels = (idx.get(name, width) for name in OPTIONAL)
     ts_cache: dict[str, datetime] = {}
     gpu_cache: dict[str, int | None] = {}
-    names_ok: set[tuple[str, ...]] = set()  # name tuples already checked against the limits
+    # fast path: printable and short enough for any byte count; only other rows get the exact check
+    metric_chars, text_chars = limits.metric_bytes // 4, limits.text_bytes // 4
     isfinite = math.isfinite
     prev_line = reader.line_num
 
@@ -188,19 +189,19 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True, limi
                     gpu_cache.clear()
                 gpu_cache[gpu_raw] = gpu_index
             row.append("")
-            names = (uuid, metric, row[i_host].strip(), row[i_dev].strip(), row[i_model].strip(),
-                     row[i_cont].strip(), row[i_pod].strip(), row[i_ns].strip())
-            if names not in names_ok:
-                why = limits.check_names(*names)
+            host, dev, model = row[i_host].strip(), row[i_dev].strip(), row[i_model].strip()
+            cont, pod, ns = row[i_cont].strip(), row[i_pod].strip(), row[i_ns].strip()
+            if not (uuid.isprintable() and metric.isprintable() and host.isprintable() and dev.isprintable()
+                    and model.isprintable() and cont.isprintable() and pod.isprintable() and ns.isprintable()
+                    and len(metric) <= metric_chars and len(uuid) + len(host) + len(dev) + len(model)
+                    + len(cont) + len(pod) + len(ns) <= text_chars):
+                why = limits.check_names(uuid, metric, host, dev, model, cont, pod, ns)
                 if why is not None:
                     raise ValueError(why)
-                if len(names_ok) > 65536:
-                    names_ok.clear()
-                names_ok.add(names)
         except ValueError as err:
             yield Rejected(line=line, reason=str(err), raw=_raw(row[:width]))
             continue
-        yield Sample(uuid, metric, ts, value, names[2], gpu_index, names[3], names[4], names[5], names[6], names[7],
+        yield Sample(uuid, metric, ts, value, host, gpu_index, dev, model, cont, pod, ns,
                      parse_labels(row[i_labels]) if with_labels and row[i_labels] else {})
 
 
