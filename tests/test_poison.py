@@ -98,7 +98,11 @@ def test_rows_postgres_refuses_inside_the_copy(redis_client, stream, database_ur
     q.publish([good])
     _, totals = _collect(redis_client, stream, database_url)
     assert totals["stored"] == 18 and len(_stored(database_url)) == 18
-    assert sorted(int(d["rows"]) for d in q.read_dead()) == [1, 1]
+    dead = q.read_dead()
+    assert sorted(int(d["rows"]) for d in dead) == [1, 1]
+    errors = " | ".join(d["error"] for d in dead)
+    assert "0000-07-18" in errors  # the database's own words, with the value it refused…
+    assert "[22021]" in errors and "0x00" in errors  # …and its SQLSTATE
 
 
 def test_gpu_index_beyond_int32_refused_alone(redis_client, stream, database_url):
