@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -33,7 +34,15 @@ def _collect(redis_client, stream, database_url, **kw) -> tuple[Collector, dict]
     settings = Settings(stream=stream, group="g", block_ms=100, retry_max_s=0.5, read_count=kw.pop("read_count", 5),
                         visibility_timeout_s=30, **kw)
     c = Collector(Queue(redis_client, stream, "g", "c1"), database_url, settings)
-    return c, c.run(drain=True)
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(c.run(drain=True)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)  # a generous deadline: a collector retrying a refusal forever never drains
+    if worker.is_alive():
+        c.stop()
+        worker.join(timeout=10)
+        pytest.fail("the collector did not drain the poisoned stream (retrying a refusal as an outage?)")
+    return c, out
 
 
 def _stored(database_url: str) -> list[tuple[str, str, float]]:
