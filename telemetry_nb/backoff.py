@@ -43,14 +43,15 @@ def retry(
     backoff: Backoff | None = None,
     on_retry: Callable[[BaseException], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    retryable: Callable[[BaseException], bool] = lambda _err: True,
 ) -> T:
-    """Call `fn` until it succeeds, logging `what` we wait for on every failure in `errors`."""
+    """Call `fn` until it succeeds, logging `what` we wait for on every failure in `errors` that is `retryable`."""
     backoff = backoff or Backoff()
     while True:
         try:
             result = fn()
         except errors as err:
-            if should_stop():
+            if should_stop() or not retryable(err):
                 raise
             delay = backoff.next_delay()
             log.warning("%s unavailable (%s: %s); retrying in %.1fs", what, type(err).__name__,

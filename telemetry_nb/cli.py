@@ -74,10 +74,11 @@ def _check_csv(path: str) -> Path:
     return p
 
 
-def _start_metrics(settings: Settings, metrics, ready) -> None:
+def _start_metrics(settings: Settings, metrics, probes) -> None:
+    """Serve /metrics, /health and /ready (from `probes`, name → callable that raises when down) if a port is set."""
     if settings.metrics_port:
-        from telemetry_nb.observability import serve_metrics
-        serve_metrics(settings.metrics_port, metrics, ready)
+        from telemetry_nb.observability import Readiness, serve_metrics
+        serve_metrics(settings.metrics_port, metrics, Readiness(probes).start())
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -108,8 +109,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     from telemetry_nb.observability import PipelineMetrics
     from telemetry_nb.pipeline.streamer import Streamer, parse_shard
-    from telemetry_nb.pipeline.streams import Queue, connect
+    from telemetry_nb.pipeline.streams import Queue, connect, redis_probe
     from telemetry_nb.sources.dcgm_csv import HeaderError, read_samples
+    from telemetry_nb.sources.limits import RowLimits
 
     path = _check_csv(args.csv)
     extra = {"high_water": args.high_water}
@@ -128,20 +130,24 @@ def cmd_stream(args: argparse.Namespace) -> int:
     settings = _with_servers(settings, need_db=False)
     log.info("Streaming %s to %s stream %r (shard %d/%d, batch %d rows)", path, redact(settings.redis_url),
              settings.stream, settings.shard_index, settings.shard_count, settings.batch_size)
+    try:
+        limits = RowLimits.from_settings(settings)
+    except ValueError as err:
+        raise CliError(f"TELEMETRY_MIN_TIMESTAMP: {err}") from None
     client = connect(settings.redis_url)
-    queue = Queue(client, settings.stream, settings.group, settings.consumer)
+    queue = Queue(client, settings.stream, settings.group, settings.consumer, side_maxlen=settings.side_maxlen)
     metrics = PipelineMetrics()
     with tqdm(unit="rows", unit_scale=True, disable=None, desc="stream") as bar:
         streamer = Streamer(queue, settings, metrics=metrics, progress=bar.update)
         streamer.source_name = str(path)
         _on_signals(streamer.stop)
-        _start_metrics(settings, metrics, lambda: _redis_ready(client))
+        _start_metrics(settings, metrics, {"redis": redis_probe(settings.redis_url)})
         workers = _stream_workers(args, path)
         if workers > 1:
             log.info("Parsing with %d worker processes (one pass, source timestamps)", workers)
-            summary = streamer.run_parallel(str(path), workers)
+            summary = streamer.run_parallel(str(path), workers, limits)
         else:
-            summary = streamer.run(lambda: read_samples(path, with_labels=False), loop=args.loop,
+            summary = streamer.run(lambda: read_samples(path, with_labels=False, limits=limits), loop=args.loop,
                                    timestamps=args.timestamps, rate=args.rate)
     print(f"published={summary.published} rejected={summary.rejected}")
     return 0
@@ -164,32 +170,26 @@ def _stream_workers(args: argparse.Namespace, path: Path) -> int:
     return n
 
 
-def _redis_ready(client) -> tuple[bool, str]:
-    try:
-        client.ping()
-        return True, "redis ok"
-    except Exception as err:  # noqa: BLE001
-        return False, f"redis: {err}"
-
-
 def cmd_collect(args: argparse.Namespace) -> int:
     from telemetry_nb.observability import PipelineMetrics
     from telemetry_nb.pipeline.collector import Collector
-    from telemetry_nb.pipeline.streams import Queue, connect
+    from telemetry_nb.pipeline.streams import Queue, connect, redis_probe
+    from telemetry_nb.store import postgres_probe
 
     extra = {"visibility_timeout_s": args.visibility_timeout, "max_deliveries": args.max_deliveries,
-             "read_count": args.read_count}
+             "read_count": args.read_count, "consumer_idle_limit_s": args.consumer_idle_limit}
     if args.consumer:
         extra["consumer"] = args.consumer
     settings = _with_servers(_settings(args, **extra))
     log.info("Collecting %s stream %r (group %r, consumer %r) into %s", redact(settings.redis_url),
              settings.stream, settings.group, settings.consumer, redact(settings.database_url))
     client = connect(settings.redis_url)
-    queue = Queue(client, settings.stream, settings.group, settings.consumer)
+    queue = Queue(client, settings.stream, settings.group, settings.consumer, side_maxlen=settings.side_maxlen)
     metrics = PipelineMetrics()
     collector = Collector(queue, settings.database_url, settings, metrics=metrics)
     _on_signals(collector.stop)
-    _start_metrics(settings, metrics, lambda: _redis_ready(client))
+    _start_metrics(settings, metrics, {"redis": redis_probe(settings.redis_url),
+                                       "postgresql": postgres_probe(settings.database_url)})
     totals = collector.run(drain=args.drain)
     print(" ".join(f"{k}={v}" for k, v in totals.items()))
     return 0
@@ -242,13 +242,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     settings = _with_servers(_settings(args))
     ok = True
-    try:
+    try:  # read-only: nothing here writes to Redis
         q = Queue(connect(settings.redis_url, timeout_s=5), settings.stream, settings.group)
         q.r.ping()
         print(f"redis      ok   {redact(settings.redis_url)} backlog={q.backlog()} dead={q.dead_count()} "
               f"rejected={q.rejected_count()}")
+        stale_after = args.stale_group_after if args.stale_group_after is not None else settings.group_stale_s
+        for g in q.group_uses():
+            if g.stale(stale_after):
+                print(f"  group    {g.name!r} STALE: no consumer for > {stale_after:g}s, holds entries back from "
+                      f"trimming for {g.holding_s:.0f}s (pending={g.pending}); if it is abandoned, remove it: "
+                      f"XGROUP DESTROY {settings.stream} {g.name}")
         for d in q.read_dead(args.dead) if args.dead else []:
-            print(f"  dead     {d.get('entry_id')} deliveries={d.get('deliveries')} {d.get('error')}")
+            rows = f" rows={d['rows']}" if "rows" in d else ""
+            print(f"  dead     {d.get('entry_id')} deliveries={d.get('deliveries')}{rows} {d.get('error')}")
+            if d.get("row"):
+                print(f"           {d['row'][:400]}")
         for r in q.read_rejected(args.rejected) if args.rejected else []:
             print(f"  rejected {r.get('source')}:{r.get('line')} {r.get('reason')}")
     except Exception as err:  # noqa: BLE001
@@ -266,6 +275,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------
+def parse_duration_arg(text: str) -> float:
+    """argparse type for `90s`, `10m`, `1h`, `1d`."""
+    from telemetry_nb.timeparse import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _common(p: argparse.ArgumentParser, *, db: bool = True, redis: bool = True) -> None:
     if redis:
         p.add_argument("--redis-url", help="Redis URL (redis://, rediss://, unix://); default $REDIS_URL "
@@ -327,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(one per core, up to 4, for files over 16 MB; default)")
     p.add_argument("--high-water", type=int, help="wait while more entries than this are unacknowledged "
                                                   "(default 2000; 0 disables)")
-    p.add_argument("--metrics-port", type=int, help="serve /metrics and /health on this port (default off)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics, /health and /ready (503 while Redis is "
+                                                    "unreachable) on this port (default off)")
     _common(p, db=False)
     p.set_defaults(func=cmd_stream)
 
@@ -336,12 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "transaction, then acknowledge it.")
     p.add_argument("--drain", action="store_true", help="exit 0 once no undelivered or pending entries remain")
     p.add_argument("--group", help="consumer group (default $TELEMETRY_GROUP or 'collectors')")
-    p.add_argument("--consumer", help="consumer name (default hostname-pid)")
+    p.add_argument("--consumer", help="consumer name (default $TELEMETRY_CONSUMER or hostname-pid); a stable name "
+                                      "lets a restarted collector re-read its own pending entries")
+    p.add_argument("--consumer-idle-limit", type=parse_duration_arg, metavar="DURATION",
+                   help="remove other consumers idle this long with nothing pending (default "
+                        "$TELEMETRY_CONSUMER_IDLE_LIMIT or 1h)")
     p.add_argument("--visibility-timeout", type=float, help="claim entries idle longer than this, seconds "
                                                             "(default 60)")
     p.add_argument("--max-deliveries", type=int, help="dead-letter entries delivered more often (default 5)")
     p.add_argument("--read-count", type=int, help="entries per read and transaction (default 20)")
-    p.add_argument("--metrics-port", type=int, help="serve /metrics and /health on this port (default off)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics, /health and /ready (503 while Redis or "
+                                                    "PostgreSQL is unreachable) on this port (default off)")
     _common(p)
     p.set_defaults(func=cmd_collect)
 
@@ -366,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Health check: exit 0 when both servers answer, 1 otherwise.")
     p.add_argument("--dead", type=int, default=0, metavar="N", help="also list the newest N dead-letter entries")
     p.add_argument("--rejected", type=int, default=0, metavar="N", help="also list the first N rejected rows")
+    p.add_argument("--stale-group-after", type=parse_duration_arg, metavar="DURATION",
+                   help="report consumer groups no collector used this long that hold entries back from trimming "
+                        "(default $TELEMETRY_GROUP_STALE_AFTER or 1d)")
     _common(p)
     p.set_defaults(func=cmd_check)
 

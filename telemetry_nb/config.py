@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from telemetry_nb.timeparse import parse_duration
+
 
 def _env_int(env: dict[str, str], name: str, default: int) -> int:
     raw = env.get(name)
@@ -27,6 +29,17 @@ def _env_float(env: dict[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
+
+
+def _env_duration(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse_duration(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a duration (e.g. 90s, 10m, 1h, 1d), "
+                         f"got {raw!r}") from None
 
 
 def with_password(url: str, password: str | None) -> str:
@@ -75,6 +88,11 @@ class Settings:
     home: Path = Path(".telemetry-nb")
     shard_index: int = 0
     shard_count: int = 1
+    side_maxlen: int = 100_000  # approximate cap of <stream>:rejected and <stream>:dead
+    consumer_idle_limit_s: float = 3600.0  # remove other consumers idle this long with nothing pending
+    group_stale_s: float = 86400.0  # `check` reports a group no collector used this long that holds entries
+    min_timestamp: str = "2000-01-01T00:00:00Z"  # the parser rejects older timestamps
+    max_future_s: float = 86400.0  # …and those further ahead of the streamer's clock than this
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -96,6 +114,11 @@ class Settings:
             home=Path(env.get("TELEMETRY_NB_HOME") or ".telemetry-nb"),
             shard_index=_env_int(env, "TELEMETRY_SHARD_INDEX", 0),
             shard_count=_env_int(env, "TELEMETRY_SHARD_COUNT", 1),
+            side_maxlen=_env_int(env, "TELEMETRY_SIDE_MAXLEN", 100_000),
+            consumer_idle_limit_s=_env_duration(env, "TELEMETRY_CONSUMER_IDLE_LIMIT", 3600.0),
+            group_stale_s=_env_duration(env, "TELEMETRY_GROUP_STALE_AFTER", 86400.0),
+            min_timestamp=env.get("TELEMETRY_MIN_TIMESTAMP") or "2000-01-01T00:00:00Z",
+            max_future_s=_env_duration(env, "TELEMETRY_MAX_FUTURE", 86400.0),
         )
         if env.get("TELEMETRY_CONSUMER"):
             settings = replace(settings, consumer=env["TELEMETRY_CONSUMER"])

@@ -6,7 +6,8 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -29,6 +30,11 @@ class PipelineMetrics:
                                   registry=r)
         self.dead = Counter("telemetry_entries_dead_lettered", "Stream entries moved to the dead-letter stream",
                             registry=r)
+        self.dead_rows = Counter("telemetry_rows_dead_lettered",
+                                 "Rows PostgreSQL refused, dead-lettered alone (the rest of their entry stored)",
+                                 registry=r)
+        self.side_totals = Gauge("telemetry_side_stream_total", "Lifetime records added to a side stream "
+                                 "(<stream>:rejected, <stream>:dead), also those trimmed since", ["side"], registry=r)
         self.lost = Counter("telemetry_entries_lost", "Pending entries deleted from the stream before ack",
                             registry=r)
         self.claimed = Counter("telemetry_entries_claimed", "Stale entries claimed from other consumers",
@@ -68,7 +74,66 @@ def peak_rss_kib(pid: int | str = "self") -> int:
     return max([peak, *(peak_rss_kib(c) for c in children)])
 
 
-def serve_metrics(port: int, metrics: PipelineMetrics, ready: Callable[[], tuple[bool, str]],
+class Readiness:
+    """/ready from cached probes: a background thread runs every probe each `interval_s`; a request only reads.
+
+    A probe is a callable that raises when its dependency is unreachable. The answer is "not ready"
+    before the first round, while any probe failed in the last round, and when the last round is older
+    than `stale_s` (a probe hangs, e.g. on a black-holed network).
+    """
+
+    def __init__(self, probes: Mapping[str, Callable[[], object]], *, interval_s: float = 1.0,
+                 stale_s: float | None = None, clock: Callable[[], float] = time.monotonic):
+        self.probes = dict(probes)
+        self.interval_s = interval_s
+        self.stale_s = stale_s if stale_s is not None else max(10.0, 3 * interval_s)
+        self.clock = clock
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._result: dict[str, str] | None = None
+        self._at = 0.0
+
+    def probe_once(self) -> dict[str, str]:
+        """Run every probe now; name → "ok" or the error."""
+        out = {}
+        for name, probe in self.probes.items():
+            try:
+                probe()
+                out[name] = "ok"
+            except Exception as err:  # noqa: BLE001 (any failure means not ready)
+                text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                out[name] = f"{type(err).__name__}: {text}"[:300]
+        with self._lock:
+            self._result, self._at = out, self.clock()
+        return out
+
+    def start(self) -> Readiness:
+        threading.Thread(target=self._loop, daemon=True, name="readiness").start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            before = self._result
+            now = self.probe_once()
+            if before is not None and (before == {k: "ok" for k in before}) != (now == {k: "ok" for k in now}):
+                log.warning("Readiness: %s", ", ".join(f"{k} {v}" for k, v in now.items()))
+            self._stop.wait(self.interval_s)
+
+    def __call__(self) -> tuple[bool, dict[str, str]]:
+        """(ready, name → "ok" or why not), from the last round of probes."""
+        with self._lock:
+            result, at = self._result, self._at
+        if result is None:
+            return False, {name: "not probed yet" for name in self.probes}
+        if self.clock() - at > self.stale_s:
+            return False, {name: f"no probe result for {self.clock() - at:.0f}s (hanging?)" for name in self.probes}
+        return all(v == "ok" for v in result.values()), dict(result)
+
+
+def serve_metrics(port: int, metrics: PipelineMetrics, ready: Callable[[], tuple[bool, object]],
                   host: str = "0.0.0.0") -> ThreadingHTTPServer:
     """Serve /metrics, /health (process alive) and /ready (dependencies reachable) in a daemon thread."""
 
@@ -80,7 +145,9 @@ def serve_metrics(port: int, metrics: PipelineMetrics, ready: Callable[[], tuple
                 self._send(200, b'{"status":"ok"}', "application/json")
             elif self.path.startswith("/ready"):
                 ok, detail = ready()
-                body = json.dumps({"status": "ready" if ok else "not ready", "detail": detail}).encode()
+                failed = [k for k, v in detail.items() if v != "ok"] if isinstance(detail, dict) else []
+                body = json.dumps({"status": "ready" if ok else "not ready", "detail": detail,
+                                   "failed": failed}).encode()
                 self._send(200 if ok else 503, body, "application/json")
             else:
                 self._send(404, b'{"detail":"not found"}', "application/json")

@@ -27,7 +27,10 @@ def parse_timestamp(text: str) -> datetime:
             epoch = float(s)
             if epoch > 1e11:
                 epoch /= 1000.0
-            return datetime.fromtimestamp(epoch, UTC)
+            try:
+                return datetime.fromtimestamp(epoch, UTC)
+            except ValueError:  # "year 391220960 is out of range"
+                raise OverflowError from None
         if s[-4:].upper() in (" UTC", " GMT"):
             s = s[:-4] + "+00:00"
         s = _SPACE_OFFSET.sub(r"\1+\2", s)

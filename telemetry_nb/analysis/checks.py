@@ -74,11 +74,15 @@ def check_api(api_url: str | None, *, timeout: float = 10.0) -> list[CheckResult
 # -- Redis ---------------------------------------------------------------------------------------
 def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *, max_lag: int | None = 1000,
                 max_pending: int | None = None, max_dead: int | None = None, min_consumers: int = 1,
-                consumer_idle_s: float = 60.0, timeout: float = 5.0) -> list[CheckResult]:
-    """Reachable; stream and group exist; active consumers; backlog and pending ≤ limits; dead letters.
+                consumer_idle_s: float = 60.0, stale_group_s: float = 86400.0,
+                timeout: float = 5.0) -> list[CheckResult]:
+    """Reachable; stream and group exist; active consumers; backlog and pending ≤ limits; no abandoned
+    group; dead letters. Read-only: nothing here writes to Redis.
 
     Lag and pending count stream *entries* (each a batch of up to `batch_size` rows). `max_pending`
     defaults to `max_lag`. A consumer is active when it talked to Redis in the last `consumer_idle_s`.
+    A group is abandoned when no consumer of it talked to Redis for `stale_group_s` while it holds
+    entries back from trimming (for longer than that, too).
     """
     if not redis_url:
         return [CheckResult("redis", SKIP, "not requested (redis_url not set)")]
@@ -86,7 +90,8 @@ def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *
 
     from telemetry_nb.pipeline.streams import Queue, connect
 
-    names = ["redis.stream", "redis.group", "redis.consumers", "redis.lag", "redis.pending", "redis.dead_letter"]
+    names = ["redis.stream", "redis.group", "redis.consumers", "redis.lag", "redis.pending", "redis.groups",
+             "redis.dead_letter"]
     try:
         client = connect(redis_url, timeout_s=timeout)
         info = client.info("server")
@@ -105,7 +110,7 @@ def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *
             if group not in groups:
                 out.append(CheckResult("redis.group", FAIL, f"consumer group {group!r} not on stream {stream!r} "
                                                             f"(groups: {sorted(groups) or 'none'})"))
-                out += [CheckResult(n, SKIP, f"skipped: no group {group!r}") for n in names[2:-1]]
+                out += [CheckResult(n, SKIP, f"skipped: no group {group!r}") for n in names[2:5]]
             else:
                 out.append(CheckResult("redis.group", PASS, f"group {group!r} exists"))
                 consumers = client.xinfo_consumers(stream, group)
@@ -118,8 +123,17 @@ def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *
                 out.append(_bound("redis.lag", backlog, max_lag, "backlog entries"))
                 out.append(_bound("redis.pending", pending, max_lag if max_pending is None else max_pending,
                                   "pending entries"))
+            stale = [g for g in q.group_uses() if g.stale(stale_group_s)]
+            if stale:
+                out.append(CheckResult("redis.groups", FAIL, "abandoned consumer groups (no consumer for > "
+                                       f"{stale_group_s:g}s) hold entries back from trimming: " + ", ".join(
+                                           f"{g.name!r} for {g.holding_s:.0f}s" for g in stale)
+                                       + f"; remove with XGROUP DESTROY {stream} NAME"))
+            else:
+                out.append(CheckResult("redis.groups", PASS, f"no group unused for > {stale_group_s:g}s holds "
+                                                              "entries back"))
         dead = q.dead_count()
-        detail = f"{dead} entries in {q.dead_stream}"
+        detail = f"{dead} dead letters ever written to {q.dead_stream}"
         if dead:
             last = q.read_dead(1)[0]
             detail += f"; newest error: {last.get('error', '')[:160]}"
@@ -303,7 +317,8 @@ def run_all(*, api_url: str | None = None, redis_url: str | None = None, databas
             namespace: str | None = None, expected: Mapping[str, int] | None = None, max_lag: int | None = 1000,
             max_pending: int | None = None, max_dead: int | None = None, min_consumers: int = 1,
             max_staleness_s: float | None = 300.0, release: str | None = None,
-            components: Sequence[str] | str | None = None, timeout_s: float = 0) -> list[CheckResult]:
+            components: Sequence[str] | str | None = None, timeout_s: float = 0,
+            stale_group_s: float = 86400.0) -> list[CheckResult]:
     """Every section, in order API → Redis → PostgreSQL → Kubernetes, retried until `timeout_s` (in all) passed."""
     deadline = time.monotonic() + max(float(timeout_s or 0), 0.0)
 
@@ -312,7 +327,8 @@ def run_all(*, api_url: str | None = None, redis_url: str | None = None, databas
 
     return [*retry(lambda: check_api(api_url), left()),
             *retry(lambda: check_redis(redis_url, stream, group, max_lag=max_lag, max_pending=max_pending,
-                                       max_dead=max_dead, min_consumers=min_consumers), left()),
+                                       max_dead=max_dead, min_consumers=min_consumers,
+                                       stale_group_s=stale_group_s), left()),
             *retry(lambda: check_postgres(database_url, max_staleness_s=max_staleness_s), left()),
             *retry(lambda: check_kubernetes(kube_context, namespace, expected, release=release,
                                             components=components), left())]

@@ -87,6 +87,18 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
     }
 
 
+def encode_batch(batch: RowBatch) -> dict[bytes, bytes]:
+    """A `RowBatch` back into stream-entry fields (a dead-lettered subset stays replayable as is)."""
+    return {
+        b"v": VERSION,
+        b"n": str(batch.n).encode(),
+        b"gpus": json.dumps([list(g) for g in batch.gpus], separators=(",", ":")).encode(),
+        b"metrics": json.dumps([list(m) for m in batch.metrics], separators=(",", ":")).encode(),
+        b"workloads": json.dumps([list(w) for w in batch.workloads], separators=(",", ":")).encode(),
+        b"rows": batch.rows,
+    }
+
+
 def decode(fields: dict[bytes, bytes]) -> RowBatch:
     """Decode a stream entry; raises `CodecError` naming what is wrong with it."""
     version = fields.get(b"v")

@@ -3,8 +3,10 @@
 Each read of up to `read_count` entries becomes one PostgreSQL transaction (thousands of rows);
 the next read from Redis runs in a thread while the current one is being written. On start it
 re-reads its own pending entries; it periodically claims entries other (dead) collectors left
-idle past the visibility timeout; an entry that cannot be decoded or written, or that was delivered
-more than `max_deliveries` times, moves to `<stream>:dead` with its error.
+idle past the visibility timeout; an entry that cannot be decoded, or that was delivered more than
+`max_deliveries` times, moves to `<stream>:dead` with its error. Errors are told apart by SQLSTATE:
+an outage is retried, a refusal of the data is isolated to the refused rows, which alone are
+dead-lettered (every other row of the entry is stored).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from telemetry_nb import store
 from telemetry_nb.backoff import Backoff, retry
 from telemetry_nb.config import Settings
 from telemetry_nb.observability import PipelineMetrics
+from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.codec import CodecError, decode
 from telemetry_nb.pipeline.streams import REDIS_ERRORS, Entry, Queue, T, retry_redis
 from telemetry_nb.store import RowBatch
+from telemetry_nb.store.isolate import isolate, refused_by_data
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 5.0
@@ -37,13 +41,15 @@ class _Window:
     since: float
     consumed: int = 0
     stored: int = 0
+    refused: int = 0
     entries: int = 0
     transactions: int = 0
     seconds: float = 0.0
 
-    def add(self, consumed: int, stored: int, entries: int, seconds: float) -> None:
+    def add(self, consumed: int, stored: int, entries: int, seconds: float, refused: int = 0) -> None:
         self.consumed += consumed
         self.stored += stored
+        self.refused += refused
         self.entries += entries
         self.transactions += 1
         self.seconds += seconds
@@ -81,8 +87,8 @@ class Collector:
                 except BaseException:
                     conn.close()
                     raise
-            self._writer = retry(open_writer, what="PostgreSQL", errors=store.RETRYABLE, log=log,
-                                 backoff=Backoff(self.settings.retry_max_s),
+            self._writer = retry(open_writer, what="PostgreSQL", errors=(Exception,), retryable=store.is_outage,
+                                 log=log, backoff=Backoff(self.settings.retry_max_s),
                                  on_retry=lambda e: self.metrics.retries.labels("postgresql").inc(),
                                  should_stop=self.stop_event.is_set)
             self._conn = self._writer.conn
@@ -116,54 +122,86 @@ class Collector:
         return stored
 
     def _write(self, good: list[tuple[bytes, RowBatch]], raw: dict[bytes, dict]) -> int:
+        """Write entries in one transaction, then ack them; a refused group is split until each refusal is isolated."""
+        started = self.clock()
+        try:
+            result = self._commit([b for _, b in good])
+        except Exception as err:
+            if not refused_by_data(err):
+                raise
+            if len(good) > 1:
+                log.warning("PostgreSQL refused a transaction of %d entries (%s); splitting it to isolate the "
+                            "refused rows", len(good), store.reason(err))
+                mid = len(good) // 2
+                return self._write(good[:mid], raw) + self._write(good[mid:], raw)
+            return self._isolate(good[0][0], good[0][1], raw[good[0][0]], err)
+        elapsed = self.clock() - started
+        ids = [eid for eid, _ in good]
+        self._redis(lambda: self.queue.ack(ids), what="Redis (ack after commit)")
+        self._count(result.consumed, result.stored, len(ids), elapsed)
+        return result.stored
+
+    def _commit(self, batches: list[RowBatch]) -> store.WriteResult:
+        """One transaction; outages (by SQLSTATE) are retried with backoff, refusals of the data raised."""
         backoff = Backoff(self.settings.retry_max_s)
         while True:
             writer = self._db_writer()
-            started = self.clock()
             try:
-                result = writer.write([b for _, b in good])
-            except store.RETRYABLE as err:
+                return writer.write(batches)
+            except Exception as err:
+                if not store.is_outage(err):
+                    raise
                 self._drop_db()
                 if self.stop_event.is_set():
                     raise
                 delay = backoff.next_delay()
                 self.metrics.retries.labels("postgresql").inc()
-                log.warning("PostgreSQL unavailable (%s: %s); %d entries stay pending; retrying in %.1fs",
-                            type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "",
-                            len(good), delay)
+                log.warning("PostgreSQL unavailable (%s); %d batches stay pending; retrying in %.1fs",
+                            store.reason(err), len(batches), delay)
                 backoff.sleep(delay)
-                continue
-            except psycopg.Error as err:
-                if len(good) > 1:
-                    log.warning("Batch write failed (%s); retrying its %d entries one by one", err, len(good))
-                    return sum(self._write([g], raw) for g in good)
-                eid = good[0][0]
-                self._dead(eid, raw[eid], f"database rejected the batch: {type(err).__name__}: {err}".strip())
-                return 0
-            break
-        elapsed = self.clock() - started
+
+    def _isolate(self, eid: bytes, batch: RowBatch, fields: dict, err: BaseException) -> int:
+        """Store every row of a refused entry the database accepts; dead-letter the others with its reason, ack."""
+        log.warning("PostgreSQL refused entry %s (%s); isolating the refused rows among its %d", eid.decode(),
+                    store.reason(err), batch.n)
+        started = self.clock()
+        done = isolate(batch, lambda part: self._commit([part]))
+        parts = [(codec.encode_batch(part), f"database rejected the batch: {why} ({part.n} of {batch.n} rows "
+                  "refused; the others are stored)", {b"rows": str(part.n).encode(), b"row": part.describe().encode()})
+                 for part, why in done.refused]
+        for part, why in done.refused:
+            log.error("Dead-lettering %d of %d rows of entry %s to %s: %s (%s)", part.n, batch.n, eid.decode(),
+                      self.queue.dead_stream, why, part.describe(1))
+        deliveries = self._redis(lambda: self.queue.deliveries([eid])).get(eid, 1) if parts else 0
+        self._redis(lambda: self.queue.dead_letter_parts(eid, parts, deliveries), what="Redis (dead letters and ack)")
+        self.metrics.dead.inc(len(parts))
+        self.metrics.dead_rows.inc(done.refused_rows)
+        self.totals["dead"] += len(parts)
+        self._count(done.consumed, done.stored, 1, self.clock() - started, done.refused_rows)
+        log.info("Entry %s: stored %d rows, dead-lettered %d (%d transactions)", eid.decode(), done.stored,
+                 done.refused_rows, done.transactions)
+        return done.stored
+
+    def _count(self, consumed: int, stored: int, entries: int, elapsed: float, refused: int = 0) -> None:
         self.metrics.batch_seconds.observe(elapsed)
-        ids = [eid for eid, _ in good]
-        self._redis(lambda: self.queue.ack(ids), what="Redis (ack after commit)")
-        self.metrics.consumed.inc(result.consumed)
-        self.metrics.stored.inc(result.stored)
-        self.metrics.duplicates.inc(result.consumed - result.stored)
-        self.totals["consumed"] += result.consumed
-        self.totals["stored"] += result.stored
+        self.metrics.consumed.inc(consumed)
+        self.metrics.stored.inc(stored)
+        self.metrics.duplicates.inc(consumed - stored - refused)
+        self.totals["consumed"] += consumed
+        self.totals["stored"] += stored
         log.debug("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %.0f ms",
-                  result.consumed, len(ids), result.stored, result.consumed - result.stored, elapsed * 1000)
-        self._window.add(result.consumed, result.stored, len(ids), elapsed)
+                  consumed, entries, stored, consumed - stored - refused, elapsed * 1000)
+        self._window.add(consumed, stored, entries, elapsed, refused)
         if self.clock() - self._window.since >= LOG_EVERY_S:
             self._report()
-        return result.stored
 
     def _report(self) -> None:
         """One INFO line per few seconds of work, not one per transaction."""
         w = self._window
         if w.entries:
-            log.info("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %d transactions, "
-                     "%.0f ms writing", w.consumed, w.entries, w.stored, w.consumed - w.stored, w.transactions,
-                     w.seconds * 1000)
+            log.info("Consumed %d rows from %d entries; Stored %d rows (%d duplicates%s) in %d transactions, "
+                     "%.0f ms writing", w.consumed, w.entries, w.stored, w.consumed - w.stored - w.refused,
+                     f", {w.refused} dead-lettered" if w.refused else "", w.transactions, w.seconds * 1000)
         self._window = _Window(self.clock())
 
     def _dead(self, eid: bytes, fields: dict, error: str, deliveries: int = 0) -> None:
@@ -266,8 +304,7 @@ class Collector:
                 if not entries or now >= next_sweep:
                     next_sweep = now + sweep_every
                     self.claim_stale()
-                    self._redis(self.queue.safe_trim)
-                    self.metrics.lag.set(self._redis(self.queue.backlog))
+                    self._housekeeping()
                     if not entries and drain and self._drained():
                         log.info("Drained: no undelivered or pending entries remain in %s", self.queue.stream)
                         break
@@ -287,6 +324,17 @@ class Collector:
         log.info("Collector done: consumed=%d stored=%d dead=%d lost=%d", self.totals["consumed"],
                  self.totals["stored"], self.totals["dead"], self.totals["lost"])
         return dict(self.totals)
+
+    def _housekeeping(self) -> None:
+        """Trim what every group acknowledged, drop consumers left by restarts, refresh the gauges."""
+        self._redis(self.queue.safe_trim)
+        removed = self._redis(lambda: self.queue.prune_consumers(self.settings.consumer_idle_limit_s))
+        if removed:
+            log.info("Removed %d consumers idle for more than %.0fs with nothing pending: %s", len(removed),
+                     self.settings.consumer_idle_limit_s, ", ".join(removed[:10]))
+        self.metrics.lag.set(self._redis(self.queue.backlog))
+        self.metrics.side_totals.labels("dead").set(self._redis(self.queue.dead_count))
+        self.metrics.side_totals.labels("rejected").set(self._redis(self.queue.rejected_count))
 
     def _drained(self) -> bool:
         backlog = self._redis(self.queue.backlog)

@@ -74,6 +74,7 @@ class Streamer:
         self._pending: list[dict[bytes, bytes]] = []
         self._pending_rows = 0
         self._rejects: list[Rejected] = []
+        self._repeat_rejects = 0
         self._started = 0.0
         self._entries_at_check = -(10 ** 9)
         self._last_log = 0.0
@@ -112,11 +113,12 @@ class Streamer:
         log.info("Streamer done: published=%d rejected=%d entries=%d passes=%d", self.summary.published,
                  self.summary.rejected, self.summary.entries, self.summary.passes)
 
-    def run_parallel(self, path: str, workers: int) -> Summary:
+    def run_parallel(self, path: str, workers: int, limits=None) -> Summary:
         """One pass over a CSV file with `workers` processes parsing and encoding chunks, published in order.
 
         For bulk loads with source timestamps; CSV parsing is the streamer's bottleneck, and it is
-        per-row Python work that only more processes can spread over more cores.
+        per-row Python work that only more processes can spread over more cores. `limits` (a
+        `RowLimits`) bound what the parsers accept.
         """
         from telemetry_nb.sources.dcgm_csv import split_records
 
@@ -130,7 +132,7 @@ class Streamer:
                 for chunk in split_records(path):
                     if self.stop_event.is_set():
                         break
-                    inflight.append(pool.submit(encode_chunk, chunk, self.settings.batch_size, shard))
+                    inflight.append(pool.submit(encode_chunk, chunk, self.settings.batch_size, shard, limits))
                     if len(inflight) >= 2 * workers:
                         self._take(inflight.popleft().result())
                 while inflight:
@@ -203,6 +205,9 @@ class Streamer:
         if self._rejects:
             rejects, self._rejects = self._rejects, []
             self._redis(lambda: self.queue.reject(rejects, self.source_name))
+        if self._repeat_rejects:
+            repeats, self._repeat_rejects = self._repeat_rejects, 0
+            self._redis(lambda: self.queue.count_rejected(repeats))
         if not self._pending:
             return
         self._wait_for_consumers()
@@ -222,8 +227,12 @@ class Streamer:
             self._last_log, self._logged_rows, self._logged_entries = now, self.summary.published, self.summary.entries
 
     def _reject(self, row: Rejected) -> None:
+        """Count a rejected row; publish it to `<stream>:rejected` on a source's first pass only."""
         self.summary.rejected += 1
         self.metrics.rejected.inc()
+        if self.summary.passes:  # a looped file rejects the same rows again: count them, do not repeat them
+            self._repeat_rejects += 1
+            return
         if self.summary.rejected <= MAX_LOGGED_REJECTS:
             log.warning("Rejected line %d: %s", row.line, row.reason)
         elif self.summary.rejected == MAX_LOGGED_REJECTS + 1:
@@ -246,6 +255,7 @@ class Streamer:
         self._redis(self.queue.safe_trim)
         waited = False
         while not self.stop_event.is_set():
+            self._redis(self.queue.safe_trim)  # backlog is read-only: trim what was acked since
             backlog = self._redis(self.queue.backlog)
             self.metrics.lag.set(backlog)
             if backlog <= high * 0.8:
@@ -273,7 +283,8 @@ class Streamer:
         self.stop_event.set()
 
 
-def encode_chunk(chunk, batch_size: int, shard: tuple[int, int]) -> tuple[list[tuple[dict, int]], list[Rejected]]:
+def encode_chunk(chunk, batch_size: int, shard: tuple[int, int], limits=None
+                 ) -> tuple[list[tuple[dict, int]], list[Rejected]]:
     """Parse one chunk of a CSV file and encode its samples in batches (runs in a worker process)."""
     from telemetry_nb.sources.dcgm_csv import read_chunk
 
@@ -281,7 +292,7 @@ def encode_chunk(chunk, batch_size: int, shard: tuple[int, int]) -> tuple[list[t
     entries: list[tuple[dict, int]] = []
     rejected: list[Rejected] = []
     batch: list[Sample] = []
-    for row in read_chunk(chunk):
+    for row in read_chunk(chunk, limits=limits):
         if isinstance(row, Rejected):
             rejected.append(row)
         elif shard_n <= 1 or shard_of(row.uuid, shard_n) == shard_i:

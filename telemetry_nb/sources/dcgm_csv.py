@@ -11,13 +11,14 @@ import csv
 import io
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 from telemetry_nb.model import Rejected, Sample
+from telemetry_nb.sources.limits import RowLimits
 from telemetry_nb.timeparse import parse_timestamp
 
 REQUIRED = ("timestamp", "metric_name", "gpu_id", "uuid", "Hostname", "value")
@@ -88,16 +89,23 @@ def _column_index(header: list[str]) -> dict[str, int]:
     return index
 
 
-def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> Iterator[Sample | Rejected]:
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def read_samples(source: str | Path | IO[str], *, with_labels: bool = True, limits: RowLimits | None = None,
+                 now: Callable[[], datetime] = _utcnow) -> Iterator[Sample | Rejected]:
     """Yield a `Sample` for every good row and a `Rejected` for every bad one, in file order.
 
     Raises `HeaderError` before yielding anything when a required column is missing.
-    `with_labels=False` skips parsing `labels_raw` (the pipeline does not store labels).
+    `with_labels=False` skips parsing `labels_raw` (the pipeline does not store labels). A row the
+    database could not store (see `RowLimits`; timestamps are checked against `now()`) is rejected.
     """
     if isinstance(source, str | Path):
         with open(source, encoding="utf-8-sig", newline="", errors="replace") as fh:
-            yield from read_samples(fh, with_labels=with_labels)
+            yield from read_samples(fh, with_labels=with_labels, limits=limits, now=now)
         return
+    limits = limits or RowLimits()
     reader = csv.reader(source)
     try:
         header = next(reader)
@@ -114,6 +122,8 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
     i_dev, i_model, i_cont, i_pod, i_ns, i_labels = (idx.get(name, width) for name in OPTIONAL)
     ts_cache: dict[str, datetime] = {}
     gpu_cache: dict[str, int | None] = {}
+    # fast path: printable and short enough for any byte count; only other rows get the exact check
+    metric_chars, text_chars = limits.metric_bytes // 4, limits.text_bytes // 4
     isfinite = math.isfinite
     prev_line = reader.line_num
 
@@ -144,6 +154,9 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
                 if raw_ts.strip().lower() == "timestamp":
                     raise ValueError("repeated header row")
                 ts = parse_timestamp(raw_ts)
+                why = limits.check_ts(raw_ts, ts, now())
+                if why is not None:
+                    raise ValueError(why)
                 if len(ts_cache) > 4096:
                     ts_cache.clear()
                 ts_cache[raw_ts] = ts
@@ -168,14 +181,27 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
                 try:
                     gpu_index = int(gpu_raw) if gpu_raw.strip() else None
                 except ValueError:
-                    raise ValueError(f"non-integer gpu_id {gpu_raw!r}") from None
+                    raise ValueError(f"non-integer gpu_id {gpu_raw[:40]!r}") from None
+                why = None if gpu_index is None else limits.check_gpu_id(gpu_raw, gpu_index)
+                if why is not None:
+                    raise ValueError(why)
+                if len(gpu_cache) > 4096:
+                    gpu_cache.clear()
                 gpu_cache[gpu_raw] = gpu_index
+            row.append("")
+            host, dev, model = row[i_host].strip(), row[i_dev].strip(), row[i_model].strip()
+            cont, pod, ns = row[i_cont].strip(), row[i_pod].strip(), row[i_ns].strip()
+            if not (uuid.isprintable() and metric.isprintable() and host.isprintable() and dev.isprintable()
+                    and model.isprintable() and cont.isprintable() and pod.isprintable() and ns.isprintable()
+                    and len(metric) <= metric_chars and len(uuid) + len(host) + len(dev) + len(model)
+                    + len(cont) + len(pod) + len(ns) <= text_chars):
+                why = limits.check_names(uuid, metric, host, dev, model, cont, pod, ns)
+                if why is not None:
+                    raise ValueError(why)
         except ValueError as err:
-            yield Rejected(line=line, reason=str(err), raw=_raw(row))
+            yield Rejected(line=line, reason=str(err), raw=_raw(row[:width]))
             continue
-        row.append("")
-        yield Sample(uuid, metric, ts, value, row[i_host].strip(), gpu_index, row[i_dev].strip(),
-                     row[i_model].strip(), row[i_cont].strip(), row[i_pod].strip(), row[i_ns].strip(),
+        yield Sample(uuid, metric, ts, value, host, gpu_index, dev, model, cont, pod, ns,
                      parse_labels(row[i_labels]) if with_labels and row[i_labels] else {})
 
 
@@ -222,13 +248,15 @@ def _whole_record(fh: IO[bytes], data: bytes) -> bytes:
     return data
 
 
-def read_chunk(chunk: Chunk, *, with_labels: bool = False) -> Iterator[Sample | Rejected]:
+def read_chunk(chunk: Chunk, *, with_labels: bool = False, limits: RowLimits | None = None,
+               now: Callable[[], datetime] = _utcnow) -> Iterator[Sample | Rejected]:
     """`read_samples` over one chunk, with line numbers of the whole file."""
     with open(chunk.path, "rb") as fh:
         fh.seek(chunk.offset)
         text = fh.read(chunk.length).decode("utf-8", errors="replace")
     shift = chunk.first_line - 1 - chunk.header.count("\n")
-    for item in read_samples(io.StringIO(chunk.header + text, newline=""), with_labels=with_labels):
+    for item in read_samples(io.StringIO(chunk.header + text, newline=""), with_labels=with_labels, limits=limits,
+                             now=now):
         if isinstance(item, Rejected):
             item.line += shift
         yield item
@@ -237,4 +265,4 @@ def read_chunk(chunk: Chunk, *, with_labels: bool = False) -> Iterator[Sample | 
 def _raw(row: list[str]) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="").writerow(row)
-    return buf.getvalue()[:4096]
+    return buf.getvalue()[:4096].encode("utf-8", "replace").decode()  # lone surrogates cannot go to Redis

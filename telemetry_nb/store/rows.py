@@ -46,3 +46,62 @@ class RowBatch:
     gpus: list[GpuRow] = field(default_factory=list)
     metrics: list[MetricRow] = field(default_factory=list)
     workloads: list[WorkloadRow] = field(default_factory=list)
+
+    def lines(self) -> list[bytes]:
+        """The COPY lines, each with its newline."""
+        parts = self.rows.split(b"\n")
+        lines = [p + b"\n" for p in parts[:-1]]
+        if parts[-1]:
+            lines.append(parts[-1])
+        return lines
+
+    def subset(self, lines: list[bytes]) -> RowBatch:
+        """A batch of just `lines` (some of this batch's), with only the inventory rows they refer to."""
+        gids: set[int] = set()
+        per_metric: dict[int, int] = {}
+        wids: set[int] = set()
+        for line in lines:
+            parts = line.rstrip(b"\n").split(b"\t")
+            gids.add(_int(parts[0]))
+            if len(parts) > 2:
+                mid = _int(parts[2])
+                per_metric[mid] = per_metric.get(mid, 0) + 1
+            if len(parts) > 4 and parts[4] != b"\\N":
+                wids.add(_int(parts[4]))
+        return RowBatch(n=len(lines), rows=b"".join(lines), gpus=[g for g in self.gpus if g.id in gids],
+                        metrics=[m._replace(rows=per_metric[m.id]) for m in self.metrics if m.id in per_metric],
+                        workloads=[w for w in self.workloads if w.id in wids])
+
+    def halves(self) -> tuple[RowBatch, RowBatch]:
+        """The first and the second half of the rows, as two batches (for isolating refused rows)."""
+        lines = self.lines()
+        mid = len(lines) // 2
+        return self.subset(lines[:mid]), self.subset(lines[mid:])
+
+    def describe(self, limit: int = 3) -> str:
+        """The first `limit` rows in words (names instead of ids, control characters escaped), for operators."""
+        gpus = {g.id: g for g in self.gpus}
+        metrics = {m.id: m.name for m in self.metrics}
+        out = []
+        for line in self.lines()[:limit]:
+            parts = line.rstrip(b"\n").decode(errors="replace").split("\t")
+            parts += [""] * (5 - len(parts))
+            gpu = gpus.get(_int(parts[0].encode()))
+            name = metrics.get(_int(parts[2].encode()), parts[2])
+            where = f"gpu {_short(gpu.uuid)} on {_short(gpu.hostname)}" if gpu else f"gpu id {parts[0]}"
+            out.append(f"{where} metric {_short(name)} ts {_short(parts[1])} value {_short(parts[3])}")
+        more = self.n - len(out)
+        return "; ".join(out) + (f"; and {more} more" if more > 0 else "")
+
+
+def _int(text: bytes) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 0
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """`repr`-escaped (NUL and other control characters visible), cut to `limit` characters."""
+    shown = repr(text)[1:-1]
+    return shown if len(shown) <= limit else f"{shown[:limit]}…({len(text.encode(errors='replace'))} bytes)"

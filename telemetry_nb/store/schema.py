@@ -8,6 +8,7 @@ index behind the API's per-GPU, time-ordered, cursor-paginated reads.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import psycopg
 
@@ -75,6 +76,26 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
     """A connection with a short connect timeout, so outages surface as retryable errors."""
     kwargs.setdefault("connect_timeout", 10)
     return psycopg.connect(url, **kwargs)
+
+
+def postgres_probe(url: str, timeout_s: int = 2) -> Callable[[], object]:
+    """A cheap readiness probe: `SELECT 1` on a connection of its own, reopened after a failure; raises when down."""
+    state: dict[str, psycopg.Connection | None] = {"conn": None}
+
+    def probe() -> object:
+        conn = state["conn"]
+        try:
+            if conn is None or conn.closed:
+                conn = state["conn"] = connect(url, autocommit=True, connect_timeout=timeout_s,
+                                               options=f"-c statement_timeout={timeout_s * 1000}")
+            return conn.execute("SELECT 1").fetchone()
+        except Exception:
+            if conn is not None:
+                conn.close()
+            state["conn"] = None
+            raise
+
+    return probe
 
 
 def migrate(conn: psycopg.Connection) -> int:

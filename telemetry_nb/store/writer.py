@@ -15,10 +15,6 @@ CREATE TEMP TABLE IF NOT EXISTS staging (
 ) ON COMMIT DELETE ROWS
 """
 
-RETRYABLE = (psycopg.OperationalError, psycopg.errors.DeadlockDetected,
-             psycopg.errors.SerializationFailure, psycopg.InterfaceError)
-
-
 class IdCollision(psycopg.DataError):
     """Two names hashed to the same id: the batch is refused rather than mislabelled."""
 

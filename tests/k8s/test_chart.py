@@ -638,9 +638,11 @@ def test_streamer_command_probes_and_default_input(render):
     assert c["args"] == ["stream", "--csv", "/data/input.csv", "--loop", "--timestamps", "now"]
     assert "command" not in c, "the image's ENTRYPOINT (telemetry-nb) must run"
     assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in c["ports"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/health", "port": "metrics"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}  # 503 while a dependency is down
     assert rendered.env_configmap()["TELEMETRY_METRICS_PORT"] == "9100"
+    assert rendered.env_configmap()["TELEMETRY_SIDE_MAXLEN"] == "100000"
+    assert rendered.env_configmap()["TELEMETRY_CONSUMER_IDLE_LIMIT"] == "1h"
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/data"]["name"] == "input" and mounts["/data"]["readOnly"] is True
     vol = {v["name"]: v for v in pod_spec(sts)["volumes"]}["input"]
@@ -730,8 +732,8 @@ def test_collector(render):
     c = main_container(dep)
     assert c["args"] == ["collect"]
     assert dep["spec"]["replicas"] == 2
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/health", "port": "metrics"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}  # 503 while a dependency is down
     assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in c["ports"]
     assert env_of(c)["TELEMETRY_CONSUMER"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     pdb = rendered.one("collector", "PodDisruptionBudget")
