@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from telemetry_nb import store
 from telemetry_nb.analysis.client import APIError, Gpu, TelemetryClient, format_ts, parse_ts
 from telemetry_nb.embedded import free_port
 from tests.conftest import run_cli, start_cli, wait_http
@@ -98,7 +99,9 @@ def test_errors_carry_status_and_the_apis_detail(loaded):
     assert client.ready()["status"] == "ready"
 
 
-def test_ready_raises_503_naming_the_failed_dependency(cli_env, tmp_path):
+def test_ready_raises_503_naming_the_failed_dependency(cli_env, database_url, tmp_path):
+    with store.connect(database_url, autocommit=True) as conn:  # the schema is there: only Redis is down
+        store.migrate(conn)
     port = free_port()
     env = {**cli_env, "REDIS_URL": "redis://127.0.0.1:1/0"}
     proc = start_cli("serve", "--port", str(port), env=env, log_path=tmp_path / "api.log")
