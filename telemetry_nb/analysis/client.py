@@ -105,12 +105,18 @@ class MetricInfo:
 
 
 class TelemetryClient:
-    """`TelemetryClient(api_url)`; the URL defaults to $TELEMETRY_API_URL, then http://127.0.0.1:8000."""
+    """`TelemetryClient(api_url, token=...)`; the URL defaults to $TELEMETRY_API_URL, then http://127.0.0.1:8000.
 
-    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0,
+    `token` (default $TELEMETRY_API_TOKEN) is sent as `Authorization: Bearer …` when the API requires one.
+    """
+
+    def __init__(self, base_url: str | None = None, *, token: str | None = None, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None):
         self.base_url = (base_url or os.environ.get("TELEMETRY_API_URL") or DEFAULT_API_URL).rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        token = token or os.environ.get("TELEMETRY_API_TOKEN") or None
+        headers = {"Authorization": f"Bearer {token.strip()}"} if token else None
+        self.authenticated = token is not None
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -122,7 +128,7 @@ class TelemetryClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"TelemetryClient({self.base_url!r})"
+        return f"TelemetryClient({self.base_url!r}{', token=***' if self.authenticated else ''})"
 
     # -- plumbing ------------------------------------------------------------------------------
     def _get(self, path: str, params: dict | list | None = None, *, ok: Sequence[int] = ()) -> tuple[int, Any]:

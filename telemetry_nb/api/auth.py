@@ -41,6 +41,8 @@ class Tokens:
         self._lock = threading.Lock()
         if self.path:
             self._reload()
+        elif not self._tokens:
+            log.warning("$%s holds no token: every /api/v1 request is refused", TOKENS_ENV)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Tokens | None:
@@ -84,6 +86,8 @@ class Tokens:
     def current(self) -> tuple[bytes, ...]:
         if self.path:
             self._reload()
+        elif not self._tokens:
+            log.warning("$%s holds no token: every /api/v1 request is refused", TOKENS_ENV)
         return self._tokens
 
     def accepts(self, presented: str) -> bool:

@@ -46,7 +46,7 @@ def parse_time(name: str, text: str | None) -> datetime | None:
 
     Clamping is exact for a query bound: no stored row lies outside datetime's range.
     """
-    if text is None or text == "":
+    if text is None:
         return None
     m = _RFC3339.match(text)
     if not m:
