@@ -49,7 +49,9 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     emb = Embedded(home)
     was_running = emb.status()
     env_urls = emb.env()
-    env = {**os.environ, **env_urls, "TELEMETRY_NB_HOME": str(home)}
+    # the demo runs without API tokens, whatever the shell that starts it has configured
+    env = {k: v for k, v in os.environ.items() if k not in ("TELEMETRY_API_TOKENS", "TELEMETRY_API_TOKENS_FILE")}
+    env = {**env, **env_urls, "TELEMETRY_NB_HOME": str(home)}
     csv_path = args.csv
     if csv_path is None:
         csv_path = str(home / "demo.csv")

@@ -12,6 +12,8 @@ import httpx
 import pytest
 
 from telemetry_nb import store
+from telemetry_nb.analysis import checks
+from telemetry_nb.analysis.checks import FAIL, PASS
 from telemetry_nb.analysis.client import APIError, TelemetryClient
 from telemetry_nb.api.auth import Tokens
 from telemetry_nb.embedded import free_port
@@ -168,6 +170,19 @@ def test_tokens_guard_every_v1_route_and_leave_service_routes_open(loaded_env, t
         with pytest.raises(APIError) as err, TelemetryClient(base, token=wrong) as client:
             client.gpus()
         assert err.value.status == 401 and wrong not in str(err.value)
+        # the deployment checks and `telemetry-nb check` pass it too, and say what is wrong without it
+        good = "tnb-rotated-token-99"
+        r = {c.name: c for c in checks.check_api(base, token=good)}
+        assert r["api.auth"].status == PASS and "token accepted" in r["api.auth"].detail
+        r = {c.name: c for c in checks.check_api(base, token="")}
+        assert r["api.auth"].status == FAIL and "requires a bearer token" in r["api.auth"].detail
+        assert r["api.health"].status == PASS and r["api.ready"].status == PASS
+        env = {k: v for k, v in loaded_env.items() if k != "TELEMETRY_API_TOKEN"}
+        ok = run_cli("check", "--api-url", base, env={**env, "TELEMETRY_API_TOKEN": good})
+        assert "api.auth   ok" in ok.stdout and good not in ok.stdout + ok.stderr
+        refused = run_cli("check", "--api-url", base, "--api-token", wrong, env=env, check=False)
+        assert refused.returncode == 1 and "api.auth   FAIL" in refused.stdout and "not accepted" in refused.stdout
+        assert wrong not in refused.stdout + refused.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=15)

@@ -23,6 +23,7 @@ def test_api_checks(api_server):
     r = by_name(checks.check_api(api_server))
     assert r["api.health"].status == PASS and r["api.ready"].status == PASS
     assert '"redis": "ok"' in r["api.ready"].detail
+    assert r["api.auth"].status == PASS and "no token sent" in r["api.auth"].detail
     dead = by_name(checks.check_api(f"http://127.0.0.1:{free_port()}", timeout=2))
     assert dead["api.health"].status == FAIL and dead["api.ready"].status == SKIP
     assert checks.check_api("")[0].status == SKIP

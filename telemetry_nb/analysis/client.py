@@ -47,6 +47,17 @@ def format_ts(ts: TimeArg) -> str | None:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def format_bucket(bucket: str | float) -> str:
+    """Seconds → the API's bucket text (`30s`, `250ms`, `12d`: at most 6 digits); a string passes as is."""
+    if isinstance(bucket, str):
+        return bucket
+    ms = max(1, round(float(bucket) * 1000))
+    for unit, size in (("s", 1000), ("ms", 1), ("m", 60_000), ("h", 3_600_000), ("d", 86_400_000)):
+        if ms % size == 0 and ms // size <= 999_999:
+            return f"{ms // size}{unit}"
+    return f"{min(999_999, round(ms / 86_400_000))}d"
+
+
 @dataclass(frozen=True)
 class Gpu:
     uuid: str
@@ -213,9 +224,7 @@ class TelemetryClient:
     def aggregate(self, uuid: str, *, metric: str | Sequence[str] | None = None, bucket: str | float = "1m",
                   start_time: TimeArg = None, end_time: TimeArg = None) -> Aggregate:
         """Per-bucket min/avg/max/count computed by PostgreSQL; `bucket` is `30s`, `5m`, … or seconds."""
-        if isinstance(bucket, int | float):
-            bucket = f"{int(bucket)}s" if float(bucket).is_integer() else f"{bucket}s"
-        params: list[tuple[str, Any]] = [("bucket", bucket)]
+        params: list[tuple[str, Any]] = [("bucket", format_bucket(bucket))]
         params += [(k, v) for k, v in (("start_time", format_ts(start_time)), ("end_time", format_ts(end_time)))
                    if v is not None]
         params += [("metric", m) for m in _metrics(metric)]

@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -99,6 +100,11 @@ class Tokens:
         return ok
 
 
+# module level, so that the (postponed) annotation below resolves
+_SCHEME = HTTPBearer(auto_error=False, description="a token of TELEMETRY_API_TOKENS(_FILE)")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_SCHEME)]
+
+
 def bearer_auth(tokens: Tokens | None) -> Callable:
     """A FastAPI dependency that admits only requests carrying one of `tokens` (any request when None)."""
     if tokens is None:
@@ -106,10 +112,7 @@ def bearer_auth(tokens: Tokens | None) -> Callable:
             return None
         return open_access
 
-    scheme = HTTPBearer(auto_error=False, description="a token of TELEMETRY_API_TOKENS(_FILE)")
-
-    async def require_token(request: Request,
-                            credentials: HTTPAuthorizationCredentials | None = Depends(scheme)) -> None:
+    async def require_token(request: Request, credentials: Credentials) -> None:
         if credentials is None:
             reason, header = "missing bearer token: send 'Authorization: Bearer <token>'", "Bearer"
         elif not tokens.accepts(credentials.credentials):

@@ -22,7 +22,8 @@ MAX_TEXT = 1024  # bytes-ish limit of hostnames, models, uuids (the streamer's l
 MAX_METRIC = 256  # the streamer's limit for metric names
 
 # RFC 3339 date-time; a space where the offset's sign belongs is a `+` a URL query decoded into a space
-_RFC3339 = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+\- ])(\d{2}):(\d{2}))$")
+_RFC3339 = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
+                      r"(?:([Zz])|([+\- ])(\d{2}):(\d{2}))$")
 
 # a GPU page's cursor is the last uuid of the page; a telemetry page's is `<epoch µs>.<metric id>`
 GPU_CURSOR_PATTERN = UUID_PATTERN
