@@ -70,6 +70,12 @@ def _writable_jupyter_dirs(env: dict[str, str]) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    from telemetry_nb.extras import missing_notebook_modules, notebooks_extra_message
+
+    missing = missing_notebook_modules()
+    if missing:
+        print(f"error: {notebooks_extra_message('the dashboard', missing)}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     if args.api_url:
         env["TELEMETRY_API_URL"] = args.api_url
