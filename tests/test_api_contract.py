@@ -15,6 +15,7 @@ from telemetry_nb import store
 from telemetry_nb.analysis import checks
 from telemetry_nb.analysis.checks import FAIL, PASS
 from telemetry_nb.analysis.client import APIError, TelemetryClient
+from telemetry_nb.api.app import openapi_document
 from telemetry_nb.api.auth import Tokens
 from telemetry_nb.embedded import free_port
 from tests.conftest import REPO, run_cli, start_cli, wait_http
@@ -65,6 +66,20 @@ def test_schemathesis_finds_no_failure(loaded_env, tmp_path):
     assert "No issues found" in out and "8 selected / 8 total" in out, out[-3000:]
     assert "API Links:" in out  # the stateful phase followed list → GPU links into real GPUs
     assert TOKEN not in (tmp_path / "api.log").read_text()
+
+
+def test_openapi_documents_401_and_the_bearer_scheme_only_when_tokens_are_on():
+    open_doc, guarded = openapi_document(), openapi_document(tokens=Tokens(["x" * 16]))
+    assert "securitySchemes" not in open_doc.get("components", {})
+    for doc, has_401 in ((open_doc, False), (guarded, True)):
+        for path, item in doc["paths"].items():
+            responses = item["get"]["responses"]
+            assert ("401" in responses) == (has_401 and path.startswith("/api/v1/")), path
+            if path.startswith("/api/v1/"):
+                assert "503" in responses and responses["200"]["content"]["application/json"]["schema"]["$ref"]
+    telemetry = {p["name"]: p["schema"] for p in guarded["paths"]["/api/v1/gpus/{uuid}/telemetry"]["get"]["parameters"]}
+    assert telemetry["start_time"]["format"] == "date-time" and telemetry["cursor"]["pattern"]
+    assert telemetry["metric"]["items"]["pattern"] and "401" in guarded["paths"]["/api/v1/metrics"]["get"]["responses"]
 
 
 # -- an empty database: no schema yet -----------------------------------------------------------------
