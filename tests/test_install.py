@@ -4,6 +4,7 @@ runs them on the embedded servers, and carries no notebook stack (Jupyter, panda
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,5 +80,20 @@ def test_core_install_runs_the_services_without_jupyter(tmp_path):
         finally:
             server.terminate()
             server.wait(timeout=15)
+        # the demo runs the services without the extra and says what it left out
+        demo_port = free_port()
+        with open(tmp_path / "demo.log", "w") as log:
+            demo = subprocess.Popen([str(cli), "demo", "--port", str(demo_port), "--hosts", "1",
+                                     "--gpus-per-host", "1"], env=env, cwd=tmp_path, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        try:
+            wait_http(f"http://127.0.0.1:{demo_port}/health", timeout_s=90)
+            assert httpx.get(f"http://127.0.0.1:{demo_port}/api/v1/metrics", timeout=10).status_code == 200
+        finally:
+            demo.send_signal(signal.SIGINT)
+            demo.wait(timeout=60)
+        out = (tmp_path / "demo.log").read_text()
+        assert "Dashboard:  not started: the dashboard needs the notebooks extra" in out, out[-2000:]
+        assert "telemetry-nb[notebooks]" in out and "Traceback" not in out
     finally:
         run("embedded", "stop", check=False)
