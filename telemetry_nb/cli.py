@@ -271,7 +271,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001
         ok = False
         print(f"postgresql FAIL {redact(settings.database_url)}: {str(err).strip()}")
+    api_url = args.api_url or os.environ.get("TELEMETRY_API_URL")
+    if api_url:
+        ok = _check_api(api_url, args.api_token) and ok
     return 0 if ok else 1
+
+
+def _check_api(api_url: str, token: str | None) -> bool:
+    """The API's health, readiness and a data route with the bearer token (arg or $TELEMETRY_API_TOKEN)."""
+    from telemetry_nb.analysis.checks import FAIL, PASS, check_api
+
+    results = check_api(api_url, token=token, timeout=5)
+    for r in results:
+        print(f"{r.name:<10} {'ok' if r.status == PASS else r.status.upper():<4} {r.detail}")
+    return not any(r.status == FAIL for r in results)
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -394,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-group-after", type=parse_duration_arg, metavar="DURATION",
                    help="report consumer groups no collector used this long that hold entries back from trimming "
                         "(default $TELEMETRY_GROUP_STALE_AFTER or 1d)")
+    p.add_argument("--api-url", help="also check the API at this URL (default $TELEMETRY_API_URL; unset: skipped)")
+    p.add_argument("--api-token", help="bearer token for the API (default $TELEMETRY_API_TOKEN, which keeps it "
+                                       "out of the process list)")
     _common(p)
     p.set_defaults(func=cmd_check)
 

@@ -39,6 +39,15 @@ def _cli(*args: str) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    dashboard_note = ""
+    if not args.no_dashboard:
+        from telemetry_nb.extras import missing_notebook_modules, notebooks_extra_message
+
+        missing = missing_notebook_modules()
+        if missing:  # the services still run: say clearly what is left out and how to get it
+            dashboard_note = notebooks_extra_message("not started: the dashboard", missing)
+            log.warning("Running the demo without the dashboard: %s", dashboard_note)
+            args.no_dashboard = True
     ports = [("--port", args.port)] + ([] if args.no_dashboard else [("--dashboard-port", args.dashboard_port)])
     for flag, port in ports:
         if not port_free("127.0.0.1", port):
@@ -49,7 +58,9 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     emb = Embedded(home)
     was_running = emb.status()
     env_urls = emb.env()
-    env = {**os.environ, **env_urls, "TELEMETRY_NB_HOME": str(home)}
+    # the demo runs without API tokens, whatever the shell that starts it has configured
+    env = {k: v for k, v in os.environ.items() if k not in ("TELEMETRY_API_TOKENS", "TELEMETRY_API_TOKENS_FILE")}
+    env = {**env, **env_urls, "TELEMETRY_NB_HOME": str(home)}
     csv_path = args.csv
     if csv_path is None:
         csv_path = str(home / "demo.csv")
@@ -83,6 +94,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     print(f"\ntelemetry-nb demo is running (data in {home})\n"
           f"  API:        {api}/api/v1/gpus\n"
           f"  API docs:   {api}/docs\n"
+          + (f"  Dashboard:  {dashboard_note}\n" if dashboard_note else "")
           + ("" if args.no_dashboard else f"  Dashboard:  http://127.0.0.1:{args.dashboard_port}\n")
           + f"  Redis:      {env_urls['REDIS_URL']}\n  PostgreSQL: {env_urls['DATABASE_URL']}\n"
           "Press Ctrl-C to stop.\n", flush=True)

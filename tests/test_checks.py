@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import redis
 
+from telemetry_nb import store
 from telemetry_nb.analysis import checks
 from telemetry_nb.analysis.checks import FAIL, PASS, SKIP, CheckResult
 from telemetry_nb.embedded import free_port
@@ -19,10 +20,15 @@ def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
     return {r.name: r for r in results}
 
 
-def test_api_checks(api_server):
+def test_api_checks(api_server, database_url):
+    before = by_name(checks.check_api(api_server))
+    assert before["api.ready"].status == FAIL and "schema" in before["api.ready"].detail  # no collector ran yet
+    with store.connect(database_url, autocommit=True) as conn:
+        store.migrate(conn)
     r = by_name(checks.check_api(api_server))
     assert r["api.health"].status == PASS and r["api.ready"].status == PASS
     assert '"redis": "ok"' in r["api.ready"].detail
+    assert r["api.auth"].status == PASS and "no token sent" in r["api.auth"].detail
     dead = by_name(checks.check_api(f"http://127.0.0.1:{free_port()}", timeout=2))
     assert dead["api.health"].status == FAIL and dead["api.ready"].status == SKIP
     assert checks.check_api("")[0].status == SKIP

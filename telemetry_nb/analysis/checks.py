@@ -46,20 +46,22 @@ def _bound(name: str, value: float, limit: float | None, what: str) -> CheckResu
 
 
 # -- API -----------------------------------------------------------------------------------------
-def check_api(api_url: str | None, *, timeout: float = 10.0) -> list[CheckResult]:
-    """`/health` answers 200 and `/ready` answers 200 (it reports 503 with the failed dependencies)."""
+def check_api(api_url: str | None, *, token: str | None = None, timeout: float = 10.0) -> list[CheckResult]:
+    """`/health` and `/ready` answer 200 (it reports 503 with the failed dependencies), and a data route
+    (`/api/v1/metrics`) answers with `token` (default $TELEMETRY_API_TOKEN) when the API requires one."""
     if not api_url:
         return [CheckResult("api", SKIP, "not requested (api_url not set)")]
     from telemetry_nb.analysis.client import APIError, TelemetryClient
 
     out = []
-    with TelemetryClient(api_url, timeout=timeout) as api:
+    with TelemetryClient(api_url, token=token, timeout=timeout) as api:
         try:
             body = api.health()
             out.append(CheckResult("api.health", PASS, f"{api_url}/health: {body.get('status', body)}"))
         except APIError as err:
             out.append(CheckResult("api.health", FAIL, str(err)))
             out.append(CheckResult("api.ready", SKIP, "skipped: /health failed"))
+            out.append(CheckResult("api.auth", SKIP, "skipped: /health failed"))
             return out
         try:
             body = api.ready()
@@ -68,6 +70,16 @@ def check_api(api_url: str | None, *, timeout: float = 10.0) -> list[CheckResult
             failed = err.body.get("failed") if isinstance(err.body, dict) else None
             detail = f"{api_url}/ready -> HTTP {err.status}" + (f": failed {failed}" if failed else f": {err.detail}")
             out.append(CheckResult("api.ready", FAIL, detail))
+        try:
+            n = len(api.metrics())
+            how = "token accepted" if api.authenticated else "no token sent"
+            out.append(CheckResult("api.auth", PASS, f"{api_url}/api/v1/metrics: {n} metrics ({how})"))
+        except APIError as err:
+            hint = ""
+            if err.status == 401:
+                hint = ("; the API requires a bearer token: set api_token / $TELEMETRY_API_TOKEN" if not
+                        api.authenticated else "; the token was not accepted")
+            out.append(CheckResult("api.auth", FAIL, f"{err}{hint}"))
     return out
 
 
@@ -318,14 +330,14 @@ def run_all(*, api_url: str | None = None, redis_url: str | None = None, databas
             max_pending: int | None = None, max_dead: int | None = None, min_consumers: int = 1,
             max_staleness_s: float | None = 300.0, release: str | None = None,
             components: Sequence[str] | str | None = None, timeout_s: float = 0,
-            stale_group_s: float = 86400.0) -> list[CheckResult]:
+            stale_group_s: float = 86400.0, api_token: str | None = None) -> list[CheckResult]:
     """Every section, in order API → Redis → PostgreSQL → Kubernetes, retried until `timeout_s` (in all) passed."""
     deadline = time.monotonic() + max(float(timeout_s or 0), 0.0)
 
     def left() -> float:
         return max(0.0, deadline - time.monotonic())
 
-    return [*retry(lambda: check_api(api_url), left()),
+    return [*retry(lambda: check_api(api_url, token=api_token), left()),
             *retry(lambda: check_redis(redis_url, stream, group, max_lag=max_lag, max_pending=max_pending,
                                        max_dead=max_dead, min_consumers=min_consumers,
                                        stale_group_s=stale_group_s), left()),

@@ -47,6 +47,17 @@ def format_ts(ts: TimeArg) -> str | None:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def format_bucket(bucket: str | float) -> str:
+    """Seconds → the API's bucket text (`30s`, `250ms`, `12d`: at most 6 digits); a string passes as is."""
+    if isinstance(bucket, str):
+        return bucket
+    ms = max(1, round(float(bucket) * 1000))
+    for unit, size in (("s", 1000), ("ms", 1), ("m", 60_000), ("h", 3_600_000), ("d", 86_400_000)):
+        if ms % size == 0 and ms // size <= 999_999:
+            return f"{ms // size}{unit}"
+    return f"{min(999_999, round(ms / 86_400_000))}d"
+
+
 @dataclass(frozen=True)
 class Gpu:
     uuid: str
@@ -105,12 +116,18 @@ class MetricInfo:
 
 
 class TelemetryClient:
-    """`TelemetryClient(api_url)`; the URL defaults to $TELEMETRY_API_URL, then http://127.0.0.1:8000."""
+    """`TelemetryClient(api_url, token=...)`; the URL defaults to $TELEMETRY_API_URL, then http://127.0.0.1:8000.
 
-    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0,
+    `token` (default $TELEMETRY_API_TOKEN) is sent as `Authorization: Bearer …` when the API requires one.
+    """
+
+    def __init__(self, base_url: str | None = None, *, token: str | None = None, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None):
         self.base_url = (base_url or os.environ.get("TELEMETRY_API_URL") or DEFAULT_API_URL).rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        token = token or os.environ.get("TELEMETRY_API_TOKEN") or None
+        headers = {"Authorization": f"Bearer {token.strip()}"} if token else None
+        self.authenticated = token is not None
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -122,7 +139,7 @@ class TelemetryClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"TelemetryClient({self.base_url!r})"
+        return f"TelemetryClient({self.base_url!r}{', token=***' if self.authenticated else ''})"
 
     # -- plumbing ------------------------------------------------------------------------------
     def _get(self, path: str, params: dict | list | None = None, *, ok: Sequence[int] = ()) -> tuple[int, Any]:
@@ -207,9 +224,7 @@ class TelemetryClient:
     def aggregate(self, uuid: str, *, metric: str | Sequence[str] | None = None, bucket: str | float = "1m",
                   start_time: TimeArg = None, end_time: TimeArg = None) -> Aggregate:
         """Per-bucket min/avg/max/count computed by PostgreSQL; `bucket` is `30s`, `5m`, … or seconds."""
-        if isinstance(bucket, int | float):
-            bucket = f"{int(bucket)}s" if float(bucket).is_integer() else f"{bucket}s"
-        params: list[tuple[str, Any]] = [("bucket", bucket)]
+        params: list[tuple[str, Any]] = [("bucket", format_bucket(bucket))]
         params += [(k, v) for k, v in (("start_time", format_ts(start_time)), ("end_time", format_ts(end_time)))
                    if v is not None]
         params += [("metric", m) for m in _metrics(metric)]

@@ -71,12 +71,20 @@ def _writable_jupyter_dirs(env: dict[str, str]) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    from telemetry_nb.extras import missing_notebook_modules, notebooks_extra_message
+
+    missing = missing_notebook_modules()
+    if missing:
+        print(f"error: {notebooks_extra_message('the dashboard', missing)}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     if args.api_url:
         env["TELEMETRY_API_URL"] = args.api_url
     env.setdefault("TELEMETRY_API_URL", DEFAULT_API_URL)
     if args.refresh is not None:
         env["TELEMETRY_DASHBOARD_REFRESH_S"] = str(args.refresh)
+    if args.api_token:  # to the kernel through the environment, never on Voilà's command line
+        env["TELEMETRY_API_TOKEN"] = args.api_token
     try:
         notebook = Path(args.notebook) if args.notebook else notebooks_dir() / "dashboard.ipynb"
     except FileNotFoundError as err:
@@ -101,6 +109,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--port", type=int, default=8866, help="port (default 8866)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--api-url", help=f"API base URL (default $TELEMETRY_API_URL or {DEFAULT_API_URL})")
+    p.add_argument("--api-token", help="bearer token for the API (default $TELEMETRY_API_TOKEN, which keeps it "
+                                       "out of the process list)")
     p.add_argument("--refresh", type=int, help="auto-refresh period in seconds (default 30; 0 turns it off)")
     p.add_argument("--notebook", help="dashboard notebook (default notebooks/dashboard.ipynb)")
     p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
@@ -148,7 +158,7 @@ class Dashboard:
     """Fleet overview, pickers (host, GPU, metric, window) and charts as SVG, refreshed every `refresh_s`."""
 
     def __init__(self, api_url: str | None = None, *, refresh_s: int | None = None, window: str = "15m",
-                 idle_threshold: float = 5.0):
+                 idle_threshold: float = 5.0, api_token: str | None = None):
         import ipywidgets as w
 
         from telemetry_nb.analysis import explore
@@ -160,7 +170,7 @@ class Dashboard:
             refresh_s = int(os.environ.get("TELEMETRY_DASHBOARD_REFRESH_S") or 30)
         self.refresh_s = refresh_s
         self.idle_threshold = idle_threshold
-        self.client = TelemetryClient(self.api_url, timeout=20)
+        self.client = TelemetryClient(self.api_url, token=api_token, timeout=20)  # token default: $TELEMETRY_API_TOKEN
         self.loaded: dict | None = None
         self.metric_names: list[str] | None = None
         self.refreshes = 0

@@ -24,15 +24,34 @@ GPU_COLUMNS = "uuid, hostname, gpu_index, device, model_name, first_seen, last_s
 
 
 class Reader:
-    """The read queries behind the API and the checks; every call uses a connection from `conn`."""
+    """The read queries behind the API and the checks; every call uses a connection from `conn`.
 
-    def __init__(self, conn: psycopg.Connection):
+    With `missing_schema_is_empty` (an autocommit connection), a database no collector has migrated yet
+    reads as an empty store instead of raising `UndefinedTable`.
+    """
+
+    def __init__(self, conn: psycopg.Connection, *, missing_schema_is_empty: bool = False):
         self.conn = conn
+        self.missing_schema_is_empty = missing_schema_is_empty
 
     def _all(self, sql: str, params: Sequence | dict = ()) -> list[dict]:
         with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(sql, params)
+            try:
+                cur.execute(sql, params)
+            except psycopg.errors.UndefinedTable:
+                if not self.missing_schema_is_empty:
+                    raise
+                return []
             return cur.fetchall()
+
+    def schema_version(self) -> int | None:
+        """The applied schema version; None when no collector has created the schema yet."""
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+            if not cur.fetchone()[0]:
+                return None
+            cur.execute("SELECT max(version) FROM schema_version")
+            return cur.fetchone()[0]
 
     def list_gpus(self, *, hostname: str | None = None, model_name: str | None = None,
                   after: str | None = None, limit: int = 100) -> list[dict]:

@@ -508,6 +508,8 @@ BAD_VALUES = [
     ({"config": {"batchSize": 0}}, "/config/batchSize"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"redis": {"replicas": 3}}, "/redis/replicas"),
+    ({"apiAuth": {"tokens": ["short"]}}, "/apiAuth/tokens/0"),
+    ({"apiAuth": {"enabled": "yes"}}, "/apiAuth/enabled"),
     ({"streamr": {"replicas": 2}}, "streamr"),
     ({"collector": {"replica": 2}}, "replica"),
 ]
@@ -922,3 +924,69 @@ def test_values_files_describe_the_three_layouts():
     assert hybrid["streamer"]["enabled"] and not hybrid["redis"]["enabled"] and not hybrid["postgresql"]["enabled"]
     for doc in (same, edge, central, hybrid):
         yaml.safe_dump(doc)  # plain data, no anchors trickery
+
+
+# ------------------------------------------------------------------------ API tokens -------
+
+
+API_TOKENS = f"{PREFIX}-api-tokens"
+GIVEN_TOKENS = ["tnb-chart-token-aaaaaaaaaaaa", "tnb-chart-token-bbbbbbbbbbbb"]
+
+
+def _outside_secrets(rendered: Rendered) -> str:
+    """Everything rendered except Secret objects: other manifests (as YAML) and NOTES.txt."""
+    docs = [yaml.safe_dump(d) for d in rendered.docs if d["kind"] != "Secret"]
+    notes = [t for path, t in rendered.templates.items() if not path.endswith((".yaml", ".yml"))]
+    return "\n".join(docs + notes)
+
+
+@pytest.mark.parametrize("scenario", [*SCENARIOS, "given-tokens"])
+def test_api_token_never_appears_outside_secrets(render, scenario):
+    values = {"apiAuth": {"tokens": GIVEN_TOKENS}} if scenario == "given-tokens" else scenario_values(scenario)
+    rendered = render(values)
+    tokens = [t for t in (rendered.secret_value(API_TOKENS, "tokens") or "").splitlines() if t]
+    if scenario == "given-tokens":
+        assert tokens == GIVEN_TOKENS and rendered.secret_value(API_TOKENS, "token") == GIVEN_TOKENS[0]
+    text = _outside_secrets(rendered)
+    for token in tokens:
+        assert token not in text
+
+
+def test_api_tokens_are_generated_and_reach_gateway_dashboard_and_helm_test(render):
+    rendered = render("same-cluster")
+    token = rendered.secret_value(API_TOKENS, "token")
+    assert token and len(token) >= 32 and rendered.secret_value(API_TOKENS, "tokens") == token
+    api = rendered.one("api-gateway")
+    env = env_of(main_container(api))
+    path = env["TELEMETRY_API_TOKENS_FILE"]["value"]
+    mount = next(m for m in main_container(api)["volumeMounts"] if m["name"] == "api-tokens")
+    assert path == f"{mount['mountPath']}/tokens" and mount["readOnly"] and "subPath" not in mount
+    volume = next(v for v in pod_spec(api)["volumes"] if v["name"] == "api-tokens")
+    assert volume["secret"] == {"secretName": API_TOKENS, "items": [{"key": "tokens", "path": "tokens"}]}
+    for component in ("dashboard", "deployment-check"):
+        env = env_of(main_container(rendered.one(component)))
+        assert env["TELEMETRY_API_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": API_TOKENS, "key": "token"}
+    notes = next(t for p, t in rendered.templates.items() if p.endswith("NOTES.txt"))
+    assert f"get secret {API_TOKENS} -o jsonpath='{{.data.token}}' | base64 -d" in notes
+    assert 'Authorization: Bearer $TOKEN' in notes
+
+
+def test_api_auth_off_or_from_an_existing_secret(render):
+    off = render({"apiAuth": {"enabled": False}})
+    assert not [s for s in off.of_kind("Secret") if s["metadata"]["name"] == API_TOKENS]
+    assert "TELEMETRY_API_TOKENS_FILE" not in env_of(main_container(off.one("api-gateway")))
+    assert "TELEMETRY_API_TOKEN" not in env_of(main_container(off.one("dashboard")))
+    assert "bearer token" not in next(t for p, t in off.templates.items() if p.endswith("NOTES.txt"))
+    own = render({"apiAuth": {"existingSecret": "my-api-tokens", "existingSecretTokensKey": "accepted",
+                              "existingSecretClientKey": "mine"}})
+    assert not [s for s in own.of_kind("Secret") if "api-tokens" in s["metadata"]["name"]]
+    volume = next(v for v in pod_spec(own.one("api-gateway"))["volumes"] if v["name"] == "api-tokens")
+    assert volume["secret"] == {"secretName": "my-api-tokens", "items": [{"key": "accepted", "path": "tokens"}]}
+    env = env_of(main_container(own.one("dashboard")))
+    assert env["TELEMETRY_API_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "my-api-tokens", "key": "mine"}
+
+
+def test_edge_cluster_without_api_has_no_token_secret(render):
+    rendered = render("edge")
+    assert "api-gateway" not in rendered.components()
+    assert not [s for s in rendered.of_kind("Secret") if s["metadata"]["name"] == API_TOKENS]

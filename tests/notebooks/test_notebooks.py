@@ -15,7 +15,8 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 
 from telemetry_nb.analysis import explore
-from tests.conftest import run_cli, start_cli
+from telemetry_nb.embedded import free_port
+from tests.conftest import run_cli, start_cli, wait_http
 from tests.notebooks.conftest import HISTORY_ROWS, HOSTS, NOTEBOOKS, run_notebook
 
 ALL = ["01_deployment_check.ipynb", "02_data_flow_verification.ipynb", "03_gpu_telemetry_exploration.ipynb",
@@ -47,13 +48,13 @@ def test_stored_notebooks_are_stripped():
 
 
 @pytest.mark.parametrize("name, params", [
-    ("01_deployment_check.ipynb", ["api_url", "redis_url", "database_url", "stream", "group", "kube_context",
+    ("01_deployment_check.ipynb", ["api_url", "api_token", "redis_url", "database_url", "stream", "group", "kube_context",
                                    "namespace", "expected", "max_lag", "max_staleness_s", "report_path", "release",
                                    "expected_components", "timeout_s", "max_dead"]),
-    ("02_data_flow_verification.ipynb", ["api_url", "redis_url", "database_url", "stream", "rows", "timeout_s",
+    ("02_data_flow_verification.ipynb", ["api_url", "api_token", "redis_url", "database_url", "stream", "rows", "timeout_s",
                                          "max_latency_s", "cleanup", "report_path"]),
-    ("03_gpu_telemetry_exploration.ipynb", ["api_url", "start_time", "end_time", "window", "hostnames", "metrics"]),
-    ("dashboard.ipynb", ["api_url"]),
+    ("03_gpu_telemetry_exploration.ipynb", ["api_url", "api_token", "start_time", "end_time", "window", "hostnames", "metrics"]),
+    ("dashboard.ipynb", ["api_url", "api_token"]),
 ])
 def test_parameters_cell_declares(name, params):
     import papermill as pm
@@ -82,6 +83,31 @@ def test_deployment_check_passes_on_a_live_stack(stack, tmp_path):
     rows = next(c["detail"] for c in report["checks"] if c["name"] == "postgres.rows")
     assert int(rows.split()[0]) >= HISTORY_ROWS
     assert "***" not in json.dumps(report["parameters"]) or "@" in stack.redis_url
+
+
+def test_deployment_check_sends_the_api_token(stack, tmp_path):
+    """Against an API that requires a token: passes with `api_token`, fails naming api.auth without it."""
+    token = "tnb-notebook-token-31337"
+    port = free_port()
+    env = {k: v for k, v in stack.env.items() if k != "TELEMETRY_API_TOKEN"}
+    proc = start_cli("serve", "--port", str(port), env={**env, "TELEMETRY_API_TOKENS": token},
+                     log_path=tmp_path / "api-auth.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        api_url = f"http://127.0.0.1:{port}"
+        run_notebook("01_deployment_check.ipynb", tmp_path / "with",
+                     **_check_params(stack, tmp_path / "with", api_url=api_url, api_token=token, max_staleness_s=0))
+        report = json.loads((tmp_path / "with" / "report.json").read_text())
+        auth = next(c for c in report["checks"] if c["name"] == "api.auth")
+        assert report["ok"] and auth["status"] == "pass" and "token accepted" in auth["detail"]
+        assert token not in json.dumps(report)
+        with pytest.raises(PapermillExecutionError) as err:
+            run_notebook("01_deployment_check.ipynb", tmp_path / "without",
+                         **_check_params(stack, tmp_path / "without", api_url=api_url, max_staleness_s=0))
+        assert "failed checks: api.auth" in str(err.value)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 def test_deployment_check_fails_naming_redis_on_a_wrong_url(stack, tmp_path):

@@ -323,3 +323,35 @@ periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ .probe.timeoutSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}
 {{- end -}}
+
+{{/* The Secret holding the API tokens, and its keys. "" when auth is off, or when this release runs
+no API gateway and was given no tokens (a generated one could match no API). */}}
+{{- define "tp.apiAuth.secretName" -}}
+{{- $a := .Values.apiAuth -}}
+{{- if $a.enabled -}}
+{{- if $a.existingSecret -}}
+{{- $a.existingSecret -}}
+{{- else if or .Values.apiGateway.enabled $a.tokens -}}
+{{- printf "%s-api-tokens" (include "tp.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tp.apiAuth.tokensKey" -}}
+{{- if .Values.apiAuth.existingSecret -}}{{ .Values.apiAuth.existingSecretTokensKey | default "tokens" }}{{- else -}}tokens{{- end -}}
+{{- end -}}
+
+{{- define "tp.apiAuth.clientKey" -}}
+{{- if .Values.apiAuth.existingSecret -}}{{ .Values.apiAuth.existingSecretClientKey | default "token" }}{{- else -}}token{{- end -}}
+{{- end -}}
+
+{{/* TELEMETRY_API_TOKEN from the Secret, for the API's clients (dashboard, helm test). */}}
+{{- define "tp.apiAuth.clientEnv" -}}
+{{- if include "tp.apiAuth.secretName" . }}
+- name: TELEMETRY_API_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tp.apiAuth.secretName" . }}
+      key: {{ include "tp.apiAuth.clientKey" . }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,90 @@
+"""The API's response bodies as pydantic models: the OpenAPI document's schemas, and the shapes routes return."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class Gpu(BaseModel):
+    """One GPU of the inventory; first/last seen are the times of its oldest and newest stored sample."""
+
+    uuid: str
+    hostname: str
+    gpu_index: int | None
+    device: str
+    model_name: str
+    first_seen: datetime | None
+    last_seen: datetime | None
+
+
+class GpuPage(BaseModel):
+    items: list[Gpu]
+    next_cursor: str | None = Field(description="pass back as `cursor` for the next page; null on the last page")
+
+
+class Point(BaseModel):
+    timestamp: datetime
+    metric: str
+    value: float
+
+
+class TelemetryPage(BaseModel):
+    gpu: Gpu
+    items: list[Point]
+    next_cursor: str | None = Field(description="pass back as `cursor` for the next page; null on the last page")
+
+
+class Bucket(BaseModel):
+    bucket: datetime = Field(description="start of the bucket")
+    metric: str
+    min: float
+    avg: float
+    max: float
+    count: int
+
+
+class Aggregate(BaseModel):
+    gpu: Gpu
+    bucket_seconds: float
+    items: list[Bucket]
+
+
+class MetricInfo(BaseModel):
+    name: str
+    rows: int = Field(description="rows stored for this metric, all GPUs")
+
+
+class MetricList(BaseModel):
+    items: list[MetricInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "not ready"]
+    failed: list[str] = Field(description="what is not ready: postgresql, schema, redis")
+    checks: dict[str, str] = Field(description="per dependency: `ok` or why not")
+    detail: str | None = Field(None, description="a one-line summary when not ready")
+
+
+class ErrorBody(BaseModel):
+    """404, 401 and 503 answers."""
+
+    detail: str
+
+
+class ParamErrorBody(BaseModel):
+    """422: `detail` starts with the name of the offending parameter; `errors` lists schema violations."""
+
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+def error(description: str, model: type[BaseModel] = ErrorBody, **extra: Any) -> dict[str, Any]:
+    """An entry of a route's `responses`: a documented error status with its body."""
+    return {"model": model, "description": description, **extra}

@@ -1,0 +1,174 @@
+"""The /api/v1 routes: inventory, per-GPU telemetry and aggregates, metrics. Thin over `store.Reader`.
+
+`build_v1_router` takes the store and the auth dependency; a new route goes into it and inherits both
+(and the documented 401/503 answers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import psycopg
+import psycopg_pool
+from fastapi import APIRouter, Depends, HTTPException, Query
+
+from telemetry_nb.api import models
+from telemetry_nb.api.params import (
+    Bucket,
+    EndTime,
+    GpuCursor,
+    Hostname,
+    Metrics,
+    ModelName,
+    ParamError,
+    StartTime,
+    TelemetryCursor,
+    Uuid,
+    decode_telemetry_cursor,
+    encode_telemetry_cursor,
+    parse_bucket,
+    parse_time,
+)
+from telemetry_nb.store import Reader
+
+log = logging.getLogger(__name__)
+_OUTAGE_CLASSES = ("08", "53", "57", "58")  # connection, resources, operator intervention, system
+
+
+class Store:
+    """Readers over a connection pool; an unreachable or overloaded database is a 503, never a 500."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, *, timeout_s: float = 5.0):
+        self.pool, self.timeout_s = pool, timeout_s
+
+    @contextmanager
+    def reader(self) -> Iterator[Reader]:
+        try:
+            with self.pool.connection(timeout=self.timeout_s) as conn:
+                yield Reader(conn, missing_schema_is_empty=True)
+        except psycopg_pool.PoolTimeout as err:
+            raise HTTPException(503, f"database unavailable: {err}") from None
+        except psycopg.Error as err:
+            state = err.sqlstate or ""
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if not state or state[:2] in _OUTAGE_CLASSES:
+                raise HTTPException(503, f"database unavailable: {first_line}") from None
+            if state.startswith("22"):  # a value PostgreSQL cannot use: the request's fault
+                raise ParamError(f"request: the database refused a value: {first_line}") from None
+            raise
+
+
+def gpu_out(row: dict) -> dict[str, Any]:
+    def utc(ts: datetime | None) -> datetime | None:
+        return ts.astimezone(UTC) if ts is not None else None
+
+    return {"uuid": row["uuid"], "hostname": row["hostname"], "gpu_index": row["gpu_index"],
+            "device": row["device"], "model_name": row["model_name"],
+            "first_seen": utc(row["first_seen"]), "last_seen": utc(row["last_seen"])}
+
+
+def _window(start_time: str | None, end_time: str | None) -> tuple[datetime | None, datetime | None]:
+    start, end = parse_time("start_time", start_time), parse_time("end_time", end_time)
+    if start and end and end < start:
+        raise ParamError(f"end_time: {end_time} is before start_time {start_time}")
+    return start, end
+
+
+def _gpu_and_metrics(r: Reader, uuid: str, metric: list[str] | None) -> tuple[dict, dict[str, int] | None]:
+    gpu = r.get_gpu(uuid)
+    if gpu is None:
+        raise HTTPException(404, f"GPU {uuid!r} not found")
+    if not metric:
+        return gpu, None
+    ids = r.metric_ids(metric)
+    unknown = [m for m in metric if m not in ids]
+    if unknown:
+        raise ParamError(f"metric: unknown metric(s) {', '.join(unknown)}; GET /api/v1/metrics lists them")
+    return gpu, ids
+
+
+NOT_FOUND = {404: models.error("no GPU with this uuid (or no such path)")}
+BAD_PARAMS = {422: models.error("a parameter is invalid; `detail` starts with its name", models.ParamErrorBody)}
+GPU_LINKS = {"links": {
+    "GetGpu": {"operationId": "get_gpu", "parameters": {"uuid": "$response.body#/items/0/uuid"}},
+    "GetTelemetry": {"operationId": "get_telemetry", "parameters": {"uuid": "$response.body#/items/0/uuid"}},
+    "GetAggregate": {"operationId": "get_aggregate", "parameters": {"uuid": "$response.body#/items/0/uuid"}},
+}}
+
+
+def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIRouter:
+    """The /api/v1 routes over `store`, every one behind the `auth` dependency."""
+    responses: dict[int | str, dict[str, Any]] = {
+        503: models.error("the database is unreachable or overloaded; retry later")}
+    if auth_enabled:
+        responses[401] = models.error(
+            "no bearer token, or one not accepted", headers={"WWW-Authenticate": {
+                "description": "`Bearer` (no token) or `Bearer error=\"invalid_token\"`",
+                "schema": {"type": "string"}}})
+    router = APIRouter(prefix="/api/v1", dependencies=[Depends(auth)], responses=responses)
+
+    @router.get("/gpus", summary="GPU inventory, cursor-paginated by uuid", operation_id="list_gpus",
+                responses={**BAD_PARAMS, 200: GPU_LINKS})
+    def list_gpus(hostname: Hostname = None, model_name: ModelName = None,
+                  limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
+                  cursor: GpuCursor = None) -> models.GpuPage:
+        with store.reader() as r:
+            rows = r.list_gpus(hostname=hostname, model_name=model_name, after=cursor or None, limit=limit)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return models.GpuPage(items=[gpu_out(g) for g in rows], next_cursor=rows[-1]["uuid"] if more else None)
+
+    @router.get("/gpus/{uuid}", summary="One GPU", operation_id="get_gpu", responses={**NOT_FOUND, **BAD_PARAMS})
+    def get_gpu(uuid: Uuid) -> models.Gpu:
+        with store.reader() as r:
+            gpu = r.get_gpu(uuid)
+        if gpu is None:
+            raise HTTPException(404, f"GPU {uuid!r} not found")
+        return models.Gpu(**gpu_out(gpu))
+
+    @router.get("/gpus/{uuid}/telemetry", summary="Telemetry of one GPU in a time range, by timestamp",
+                operation_id="get_telemetry", responses={**NOT_FOUND, **BAD_PARAMS})
+    def telemetry(uuid: Uuid, start_time: StartTime = None, end_time: EndTime = None, metric: Metrics = None,
+                  limit: Annotated[int, Query(ge=1, le=10000, description="page size")] = 1000,
+                  cursor: TelemetryCursor = None) -> models.TelemetryPage:
+        start, end = _window(start_time, end_time)
+        after = decode_telemetry_cursor(cursor) if cursor else None
+        with store.reader() as r:
+            gpu, ids = _gpu_and_metrics(r, uuid, metric)
+            rows = r.telemetry(gpu["id"], start=start, end=end, metric_ids=None if ids is None else list(ids.values()),
+                               after=after, limit=limit)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = encode_telemetry_cursor(rows[-1]["timestamp"], rows[-1]["metric_id"]) if more else None
+        return models.TelemetryPage.model_construct(
+            gpu=models.Gpu(**gpu_out(gpu)), next_cursor=next_cursor,
+            items=[models.Point.model_construct(timestamp=t["timestamp"].astimezone(UTC), metric=t["metric"],
+                                                value=t["value"]) for t in rows])
+
+    @router.get("/gpus/{uuid}/telemetry/aggregate", summary="Per-bucket min/avg/max/count, computed in SQL",
+                operation_id="get_aggregate", responses={**NOT_FOUND, **BAD_PARAMS})
+    def aggregate(uuid: Uuid, metric: Metrics = None, bucket: Bucket = "1m", start_time: StartTime = None,
+                  end_time: EndTime = None) -> models.Aggregate:
+        start, end = _window(start_time, end_time)
+        seconds = parse_bucket(bucket)
+        with store.reader() as r:
+            gpu, ids = _gpu_and_metrics(r, uuid, metric)
+            if ids is None:
+                ids = r.metric_ids(r.metric_names())
+            rows = r.aggregate(gpu["id"], list(ids.values()), timedelta(seconds=seconds), start=start, end=end)
+        return models.Aggregate(gpu=gpu_out(gpu), bucket_seconds=seconds,
+                                items=[{"bucket": a["bucket"].astimezone(UTC), "metric": a["metric"],
+                                        "min": a["min"], "avg": float(a["avg"]), "max": a["max"],
+                                        "count": a["count"]} for a in rows])
+
+    @router.get("/metrics", summary="Metric names present, with row counts kept by the collectors", operation_id="list_metrics")
+    def list_metrics() -> models.MetricList:
+        with store.reader() as r:
+            rows = r.metric_counts()
+        return models.MetricList(items=[{"name": m["name"], "rows": m["rows"]} for m in rows])
+
+    return router

@@ -1,0 +1,50 @@
+"""schemathesis hooks (SCHEMATHESIS_HOOKS=tests.schemathesis_hooks) for the API test.
+
+They only drop requests whose rejection depends on what OpenAPI cannot express: a time window whose
+end is before its start (a rule across two parameters), and metric names the database does not hold
+for a GPU it does hold (a rule on the data). Every other schema-valid request must be accepted.
+Known GPUs and metrics come from the live API under test ($TELEMETRY_API_URL).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import httpx
+import schemathesis
+
+from telemetry_nb.api.params import ParamError, parse_time
+
+
+@cache
+def _known() -> tuple[frozenset[str], frozenset[str]]:
+    base = os.environ["TELEMETRY_API_URL"]
+    headers = {"Authorization": f"Bearer {os.environ['TELEMETRY_API_TOKEN']}"} if os.environ.get(
+        "TELEMETRY_API_TOKEN") else {}
+    gpus = httpx.get(f"{base}/api/v1/gpus", params={"limit": 1000}, headers=headers).json()["items"]
+    metrics = httpx.get(f"{base}/api/v1/metrics", headers=headers).json()["items"]
+    return frozenset(g["uuid"] for g in gpus), frozenset(m["name"] for m in metrics)
+
+
+def _time(query: dict, name: str):
+    try:
+        return parse_time(name, query.get(name)) if isinstance(query.get(name), str) else None
+    except ParamError:
+        return None
+
+
+@schemathesis.hook
+def filter_case(context, case) -> bool:
+    query = case.query or {}
+    start, end = _time(query, "start_time"), _time(query, "end_time")
+    if start and end and end < start:
+        return False
+    uuid = (case.path_parameters or {}).get("uuid")
+    metric = query.get("metric")
+    if isinstance(uuid, str) and metric is not None:
+        gpus, metrics = _known()
+        names = metric if isinstance(metric, list) else [metric]
+        if uuid in gpus and any(isinstance(m, str) and m not in metrics for m in names):
+            return False
+    return True
