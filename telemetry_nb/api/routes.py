@@ -165,7 +165,8 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
                                         "min": a["min"], "avg": float(a["avg"]), "max": a["max"],
                                         "count": a["count"]} for a in rows])
 
-    @router.get("/metrics", summary="Metric names present, with row counts kept by the collectors", operation_id="list_metrics")
+    @router.get("/metrics", summary="Metric names present, with row counts kept by the collectors",
+                operation_id="list_metrics")
     def list_metrics() -> models.MetricList:
         with store.reader() as r:
             rows = r.metric_counts()

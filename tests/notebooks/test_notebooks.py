@@ -48,12 +48,14 @@ def test_stored_notebooks_are_stripped():
 
 
 @pytest.mark.parametrize("name, params", [
-    ("01_deployment_check.ipynb", ["api_url", "api_token", "redis_url", "database_url", "stream", "group", "kube_context",
-                                   "namespace", "expected", "max_lag", "max_staleness_s", "report_path", "release",
+    ("01_deployment_check.ipynb", ["api_url", "api_token", "redis_url", "database_url", "stream", "group",
+                                   "kube_context", "namespace", "expected", "max_lag", "max_staleness_s", "report_path",
+                                   "release",
                                    "expected_components", "timeout_s", "max_dead"]),
-    ("02_data_flow_verification.ipynb", ["api_url", "api_token", "redis_url", "database_url", "stream", "rows", "timeout_s",
-                                         "max_latency_s", "cleanup", "report_path"]),
-    ("03_gpu_telemetry_exploration.ipynb", ["api_url", "api_token", "start_time", "end_time", "window", "hostnames", "metrics"]),
+    ("02_data_flow_verification.ipynb", ["api_url", "api_token", "redis_url", "database_url", "stream", "rows",
+                                         "timeout_s", "max_latency_s", "cleanup", "report_path"]),
+    ("03_gpu_telemetry_exploration.ipynb", ["api_url", "api_token", "start_time", "end_time", "window", "hostnames",
+                                            "metrics"]),
     ("dashboard.ipynb", ["api_url", "api_token"]),
 ])
 def test_parameters_cell_declares(name, params):
