@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
 from telemetry_nb import __version__
 from telemetry_nb.pipeline.streams import connect as redis_connect
@@ -57,7 +58,28 @@ def _decode_cursor(text: str) -> object:
 def _gpu_out(row: dict) -> dict:
     return {"uuid": row["uuid"], "hostname": row["hostname"], "gpu_index": row["gpu_index"],
             "device": row["device"], "model_name": row["model_name"],
-            "first_seen": rfc3339(row["first_seen"]), "last_seen": rfc3339(row["last_seen"])}
+            "first_seen": rfc3339(row["first_seen"]), "last_seen": rfc3339(row["last_seen"]),
+            "pci_bus_id": row["pci_bus_id"], "driver_version": row["driver_version"], "labels": row["labels"],
+            "parent_uuid": row["parent_uuid"] or None, "mig_profile": row["mig_profile"] or None,
+            "mig_instance": row["mig_instance"]}
+
+
+class Event(BaseModel):
+    """One GPU event: for `kind` xid, the XID code a GPU started reporting at `timestamp`, with its message."""
+
+    timestamp: str
+    uuid: str
+    hostname: str
+    kind: str
+    code: int
+    message: str
+
+
+class EventPage(BaseModel):
+    """A page of events in (timestamp, GPU, kind) order; follow `next_cursor` until it is null."""
+
+    items: list[Event]
+    next_cursor: str | None
 
 
 def create_app(database_url: str, redis_url: str | None = None, *, pool_size: int = 8) -> FastAPI:
@@ -141,12 +163,15 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
 
     @app.get("/api/v1/gpus", summary="GPU inventory, cursor-paginated by uuid")
     def list_gpus(hostname: str | None = None, model_name: str | None = None,
-                  limit: Annotated[int, Query(ge=1, le=1000)] = 100, cursor: str | None = None) -> dict:
+                  limit: Annotated[int, Query(ge=1, le=1000)] = 100, cursor: str | None = None,
+                  parent_uuid: Annotated[str | None, Query(description="only the MIG instances of this GPU")] = None,
+                  ) -> dict:
         after = _decode_cursor(cursor) if cursor else None
         if after is not None and not isinstance(after, str):
             raise ParamError("cursor: invalid cursor for /api/v1/gpus")
         with reader() as r:
-            rows = r.list_gpus(hostname=hostname, model_name=model_name, after=after, limit=limit)
+            rows = r.list_gpus(hostname=hostname, model_name=model_name, after=after, limit=limit,
+                               parent_uuid=parent_uuid)
         more = len(rows) > limit
         rows = rows[:limit]
         return {"items": [_gpu_out(g) for g in rows],
@@ -219,6 +244,28 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
         return {"gpu": _gpu_out(gpu), "bucket_seconds": seconds,
                 "items": [{"bucket": rfc3339(a["bucket"]), "metric": a["metric"], "min": a["min"],
                            "avg": float(a["avg"]), "max": a["max"], "count": a["count"]} for a in rows]}
+
+    @app.get("/api/v1/events", summary="GPU events (XID errors), cursor-paginated by time", response_model=EventPage)
+    def list_events(uuid: str | None = None, kind: str | None = None, start_time: str | None = None,
+                    end_time: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                    cursor: str | None = None) -> EventPage:
+        start, end = _window(start_time, end_time)
+        after = None
+        if cursor:
+            c = _decode_cursor(cursor)
+            if not (isinstance(c, list) and len(c) == 3 and isinstance(c[0], str) and isinstance(c[1], int)
+                    and isinstance(c[2], str)):
+                raise ParamError("cursor: invalid cursor for /api/v1/events")
+            after = (parse_time("cursor", c[0]), c[1], c[2])
+        with reader() as r:
+            rows = r.events(uuid=uuid, kind=kind, start=start, end=end, after=after, limit=limit)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        last = rows[-1] if rows else None
+        return EventPage(items=[Event(timestamp=rfc3339(e["ts"]), uuid=e["uuid"], hostname=e["hostname"],
+                                      kind=e["kind"], code=e["code"], message=e["message"]) for e in rows],
+                         next_cursor=_encode_cursor([last["ts"].isoformat(), last["gpu_id"], last["kind"]])
+                         if more and last else None)
 
     @app.get("/api/v1/metrics", summary="Metric names present, with row counts")
     def list_metrics() -> dict:

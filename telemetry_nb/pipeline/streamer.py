@@ -75,6 +75,7 @@ class Streamer:
         self._last_log = 0.0
         self._logged_rows = self._logged_entries = 0
         self.source_name = ""
+        self._group_ready = False
 
     def _redis(self, fn: Callable[[], T], what: str = "Redis") -> T:
         return retry_redis(fn, what=what, log=log, retry_max_s=self.settings.retry_max_s,
@@ -99,6 +100,20 @@ class Streamer:
             self.flush()
         self._done_log()
         return self.summary
+
+    def publish(self, rows: Iterable[Sample | Rejected]) -> int:
+        """Publish one lot of rows from a live source now: sharding, batching, rejects, backpressure, retries.
+
+        Returns the rows kept (after sharding). The lot is flushed before returning.
+        """
+        if not self._group_ready:
+            self._redis(self.queue.ensure_group)
+            self._group_ready = True
+        before = self.summary.published + self._pending_rows
+        self._one_pass(rows, "source", None, None)
+        kept = self.summary.published + self._pending_rows - before
+        self.flush()
+        return kept
 
     def _done_log(self) -> None:
         if self.summary.published > self._logged_rows:
@@ -221,7 +236,7 @@ class Streamer:
         self.summary.rejected += 1
         self.metrics.rejected.inc()
         if self.summary.rejected <= MAX_LOGGED_REJECTS:
-            log.warning("Rejected line %d: %s", row.line, row.reason)
+            log.warning("Rejected %sline %d: %s", f"{row.source} " if row.source else "", row.line, row.reason)
         elif self.summary.rejected == MAX_LOGGED_REJECTS + 1:
             log.warning("More rejected rows: no longer logging each one; all are in %s", self.queue.rejected_stream)
         self._rejects.append(row)
@@ -277,7 +292,7 @@ def encode_chunk(chunk, batch_size: int, shard: tuple[int, int]) -> tuple[list[t
     entries: list[tuple[dict, int]] = []
     rejected: list[Rejected] = []
     batch: list[Sample] = []
-    for row in read_chunk(chunk):
+    for row in read_chunk(chunk, with_labels=True):
         if isinstance(row, Rejected):
             rejected.append(row)
         elif shard_n <= 1 or shard_of(row.uuid, shard_n) == shard_i:

@@ -90,8 +90,8 @@ class Queue:
         pipe = self.r.pipeline(transaction=False)
         n = 0
         for row in rows:
-            pipe.xadd(self.rejected_stream, {"source": source, "line": str(row.line), "reason": row.reason,
-                                             "raw": row.raw})
+            pipe.xadd(self.rejected_stream, {"source": row.source or source, "line": str(row.line),
+                                             "reason": row.reason, "raw": row.raw})
             n += 1
         if n:
             pipe.execute()

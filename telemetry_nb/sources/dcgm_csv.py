@@ -14,10 +14,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import IO
 
 from telemetry_nb.model import Rejected, Sample
+from telemetry_nb.sources.labels import Identity, identity
 from telemetry_nb.timeparse import parse_timestamp
 
 REQUIRED = ("timestamp", "metric_name", "gpu_id", "uuid", "Hostname", "value")
@@ -92,7 +94,7 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
     """Yield a `Sample` for every good row and a `Rejected` for every bad one, in file order.
 
     Raises `HeaderError` before yielding anything when a required column is missing.
-    `with_labels=False` skips parsing `labels_raw` (the pipeline does not store labels).
+    `with_labels=False` skips parsing `labels_raw` (the inventory then gets no labels).
     """
     if isinstance(source, str | Path):
         with open(source, encoding="utf-8-sig", newline="", errors="replace") as fh:
@@ -174,9 +176,30 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
             yield Rejected(line=line, reason=str(err), raw=_raw(row))
             continue
         row.append("")
-        yield Sample(uuid, metric, ts, value, row[i_host].strip(), gpu_index, row[i_dev].strip(),
-                     row[i_model].strip(), row[i_cont].strip(), row[i_pod].strip(), row[i_ns].strip(),
-                     parse_labels(row[i_labels]) if with_labels and row[i_labels] else {})
+        labels, ident = _labels_and_identity(uuid, row[i_labels]) if with_labels and row[i_labels] else _NO_LABELS
+        if ident is None:
+            yield Sample(uuid, metric, ts, value, row[i_host].strip(), gpu_index, row[i_dev].strip(),
+                         row[i_model].strip(), row[i_cont].strip(), row[i_pod].strip(), row[i_ns].strip(), labels)
+        elif isinstance(ident, str):
+            yield Rejected(line=line, reason=ident, raw=_raw(row[:-1]))
+        else:  # labels_raw → inventory (PCI bus, driver, every static label) and MIG identity
+            yield Sample(ident.uuid, metric, ts, value, row[i_host].strip(), gpu_index, row[i_dev].strip(),
+                         row[i_model].strip(), row[i_cont].strip(), row[i_pod].strip(), row[i_ns].strip(), labels,
+                         ident.pci_bus_id, ident.driver_version, ident.parent_uuid, ident.mig_profile,
+                         ident.mig_instance)
+
+
+_NO_LABELS: tuple[dict[str, str], None] = ({}, None)
+
+
+@lru_cache(maxsize=65536)
+def _labels_and_identity(uuid: str, raw: str) -> tuple[dict[str, str], Identity | str]:
+    """labels_raw parsed once per distinct text (rows repeat them); the dict is shared, never mutate it."""
+    labels = parse_labels(raw)
+    try:
+        return labels, identity(uuid, labels)
+    except ValueError as err:
+        return labels, str(err)
 
 
 @dataclass

@@ -6,6 +6,7 @@ The store knows rows, not stream entries: the pipeline's codec decodes an entry 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import NamedTuple
 
 
@@ -37,6 +38,28 @@ class WorkloadRow(NamedTuple):
     container: str
 
 
+class InventoryRow(NamedTuple):
+    """What the inventory knows of a GPU beyond `GpuRow`: every static label, and MIG identity."""
+
+    id: int
+    pci_bus_id: str
+    driver_version: str
+    labels: dict[str, str]
+    parent_uuid: str
+    mig_profile: str
+    mig_instance: int | None
+
+
+class EventRow(NamedTuple):
+    """One reading of an event-carrying metric (XID: the last code); the writer stores changes of it."""
+
+    gpu_id: int
+    ts: datetime
+    kind: str
+    code: int
+    message: str
+
+
 @dataclass
 class RowBatch:
     """`n` telemetry rows as COPY text (`gpu_id, ts, metric_id, value, workload_id`) and their inventory rows."""
@@ -46,3 +69,5 @@ class RowBatch:
     gpus: list[GpuRow] = field(default_factory=list)
     metrics: list[MetricRow] = field(default_factory=list)
     workloads: list[WorkloadRow] = field(default_factory=list)
+    inventory: list[InventoryRow] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)

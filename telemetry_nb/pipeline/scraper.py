@@ -1,0 +1,202 @@
+"""Exporters → queue: scrape every target each interval, parse, and publish through the `Streamer`.
+
+Targets are fetched concurrently (aiohttp on one asyncio loop, keep-alive connections reused across
+cycles, at most `concurrency` at a time, `timeout_s` each; aiohttp's C HTTP parser fetches ~10x
+faster than httpx here, which decides whether 1,000 targets fit in a cycle). A target that fails is logged once when
+it goes down and once when it comes back, counted, and retried next interval; the others are
+published as usual. Samples are stamped with the target's scrape start (in milliseconds, as
+Prometheus does) unless they carry their own timestamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aiohttp
+
+from telemetry_nb.model import Rejected, Sample
+from telemetry_nb.observability import ScrapeMetrics
+from telemetry_nb.pipeline.streamer import Streamer
+from telemetry_nb.sources.scrape import ExpositionParser
+from telemetry_nb.sources.targets import Targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fetched:
+    """One target's answer in one cycle: the body (or the error) and when the scrape started."""
+
+    url: str
+    started: float
+    seconds: float
+    body: str | None = None
+    error: str = ""
+
+
+@dataclass
+class CycleResult:
+    """What one scrape cycle did."""
+
+    targets: int = 0
+    up: int = 0
+    samples: int = 0
+    rejected: int = 0
+    published: int = 0
+    seconds: float = 0.0
+    fetch_seconds: float = 0.0
+    down: list[str] = field(default_factory=list)
+
+
+class Scraper:
+    """Scrape `targets` every `interval_s` and publish the samples with `streamer`."""
+
+    def __init__(self, streamer: Streamer, targets: Targets, metrics: ScrapeMetrics, *, interval_s: float = 15.0,
+                 timeout_s: float = 5.0, concurrency: int = 100, clock: Callable[[], float] = time.time):
+        self.streamer = streamer
+        self.targets = targets
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.concurrency = concurrency
+        self.clock = clock
+        self.parser = ExpositionParser()
+        self.stop_event = streamer.stop_event
+        self._down: dict[str, str] = {}  # target → error, for targets that are down
+        self._known: set[str] = set()
+        self._loop = asyncio.new_event_loop()
+        self._client: aiohttp.ClientSession | None = None
+        self.cycles = 0
+
+    # -- fetching ------------------------------------------------------------------------------
+    def _http(self) -> aiohttp.ClientSession:
+        if self._client is None:  # created on the loop that uses it
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.concurrency, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s), headers={"Accept": "text/plain;version=0.0.4"})
+        return self._client
+
+    async def _fetch(self, client: aiohttp.ClientSession, url: str) -> Fetched:
+        started = self.clock()
+        t0 = time.perf_counter()
+        try:
+            async with client.get(url) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    return Fetched(url, started, time.perf_counter() - t0, error=f"HTTP {resp.status}")
+            return Fetched(url, started, time.perf_counter() - t0, body=body.decode("utf-8", errors="replace"))
+        except TimeoutError:
+            return Fetched(url, started, time.perf_counter() - t0, error=f"timed out after {self.timeout_s:g}s")
+        except (aiohttp.ClientError, OSError, ValueError) as err:
+            return Fetched(url, started, time.perf_counter() - t0,
+                           error=f"{type(err).__name__}: {str(err) or 'connection failed'}")
+
+    async def _fetch_all(self, urls: list[str]) -> list[Fetched]:
+        client = self._http()  # its connector lets `concurrency` requests run at once, the rest queue
+        return list(await asyncio.gather(*(self._fetch(client, u) for u in urls)))
+
+    # -- one cycle -----------------------------------------------------------------------------
+    def cycle(self) -> CycleResult:
+        """Fetch every target once, parse and publish what answered; never raises for a target's failure."""
+        t0 = time.perf_counter()
+        urls = self.targets.current()
+        for gone in self._known - set(urls):
+            self.metrics.forget(gone)
+            self._down.pop(gone, None)
+        self._known = set(urls)
+        self.metrics.targets.set(len(urls))
+        result = CycleResult(targets=len(urls))
+        fetched = self._loop.run_until_complete(self._fetch_all(urls)) if urls else []
+        result.fetch_seconds = time.perf_counter() - t0
+        rows: list[Sample | Rejected] = []
+        for f in fetched:
+            self.metrics.duration.labels(f.url).set(f.seconds)
+            if f.body is None:
+                self._mark_down(f.url, f.error)
+                result.down.append(f.url)
+                continue
+            self._mark_up(f.url)
+            result.up += 1
+            n = 0
+            scrape_ts = datetime.fromtimestamp(int(f.started * 1000) / 1000, UTC)
+            for row in self.parser.parse(f.body, scrape_ts, default_host=_host_of(f.url)):
+                if type(row) is Rejected:
+                    row.source = f.url
+                    result.rejected += 1
+                else:
+                    n += 1
+                rows.append(row)
+            self.metrics.samples.labels(f.url).set(n)
+            result.samples += n
+        result.published = self.streamer.publish(rows) if rows else 0
+        result.seconds = time.perf_counter() - t0
+        self.metrics.cycle_seconds.observe(result.seconds)
+        self.cycles += 1
+        return result
+
+    def _mark_down(self, url: str, error: str) -> None:
+        self.metrics.up.labels(url).set(0)
+        self.metrics.failures.labels(url).inc()
+        if url not in self._down:
+            log.warning("Target %s is down: %s (retrying every %gs)", url, error, self.interval_s)
+        self._down[url] = error
+
+    def _mark_up(self, url: str) -> None:
+        self.metrics.up.labels(url).set(1)
+        self.metrics.failures.labels(url)  # the series exists (0) before the first failure
+        if url in self._down:
+            del self._down[url]
+            log.info("Target %s is up again", url)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, *, cycles: int | None = None) -> int:
+        """Scrape every interval until stopped (or `cycles` done); returns the cycles run."""
+        next_at = self.clock()
+        done = 0
+        try:
+            while not self.stop_event.is_set():
+                result = self.cycle()
+                done += 1
+                log.log(logging.INFO if done == 1 or result.down else logging.DEBUG,
+                        "Scrape cycle %d: %d/%d targets up, %d samples, %d rejected, %.0f ms (fetch %.0f ms)",
+                        done, result.up, result.targets, result.samples, result.rejected, result.seconds * 1000,
+                        result.fetch_seconds * 1000)
+                if cycles is not None and done >= cycles:
+                    break
+                next_at += self.interval_s
+                now = self.clock()
+                if now > next_at:
+                    skipped = int((now - next_at) // self.interval_s) + 1
+                    log.warning("Scrape cycle took %.1fs, longer than the %gs interval; skipping %d", result.seconds,
+                                self.interval_s, skipped)
+                    next_at += skipped * self.interval_s
+                self.stop_event.wait(max(0.0, next_at - self.clock()))
+        finally:
+            self.streamer.flush()
+            self.close()
+        return done
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._loop.run_until_complete(self._client.close())
+            self._client = None
+        if not self._loop.is_closed():
+            self._loop.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+def _host_of(url: str) -> str:
+    """The target's host, for samples whose labels name none (Prometheus' `instance` without the port)."""
+    rest = url.split("://", 1)[-1]
+    host = rest.split("/", 1)[0]
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
