@@ -380,14 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="run everything on embedded servers with sample data (the main job)",
-                       description="Start the embedded servers, generate sample data unless --csv is given, and "
-                                   "run streamer (live replay) + collector + API (+ dashboard) until Ctrl-C.")
-    p.add_argument("--csv", help="DCGM CSV to replay (default: generated sample data)")
+                       description="Start the embedded servers and run a source + collector + API (+ dashboard) "
+                                   "until Ctrl-C. The source scrapes a built-in fake dcgm-exporter serving "
+                                   "generated GPUs, or your exporters (--scrape URL), or replays a CSV (--csv).")
+    p.add_argument("--csv", help="DCGM CSV to replay live instead of scraping")
+    p.add_argument("--scrape", action="append", metavar="URL",
+                   help="a real dcgm-exporter to scrape, e.g. http://gpu-node:9400/metrics (repeatable)")
+    p.add_argument("--scrape-interval", default="1s", help="scrape interval in the demo (default 1s)")
     p.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
     p.add_argument("--dashboard-port", type=int, default=8866, help="Voilà dashboard port (default 8866)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the Voilà dashboard")
-    p.add_argument("--hosts", type=int, default=4, help="hosts in the generated sample (default 4)")
-    p.add_argument("--gpus-per-host", type=int, default=8, help="GPUs per generated host (default 8)")
+    p.add_argument("--hosts", type=int, default=4, help="fake exporter hosts (default 4)")
+    p.add_argument("--gpus-per-host", type=int, default=8, help="GPUs per fake host (default 8)")
     _common(p, db=False, redis=False)
     p.set_defaults(func=cmd_demo)
 

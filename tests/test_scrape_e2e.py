@@ -243,3 +243,59 @@ def test_scrape_collect_api_exact_with_a_killed_and_restarted_scraper(cli_env, e
     rejected = queue.read_rejected(5)
     assert rejected and all(r["source"] == f"{exporters.base}/node-a/metrics" and r["line"] == "13"
                             and r["reason"] == "malformed sample line" for r in rejected)
+
+
+def test_scrape_refuses_bad_usage(cli_env):
+    none = run_cli("scrape", env=cli_env, check=False, timeout=60)
+    assert none.returncode == 2 and "give exactly one of --target" in none.stderr
+    both = run_cli("scrape", "--target", "x:1", "--kubernetes", env=cli_env, check=False, timeout=60)
+    assert both.returncode == 2 and "give exactly one of --target" in both.stderr
+    missing = run_cli("scrape", "--targets-file", "/nonexistent/targets", env=cli_env, check=False, timeout=60)
+    assert missing.returncode == 2 and "targets file not found" in missing.stderr
+    bad = run_cli("scrape", "--target", "x:1", "--interval", "often", env=cli_env, check=False, timeout=60)
+    assert bad.returncode == 2 and "invalid duration" in bad.stderr
+
+
+def test_demo_scrapes_a_given_exporter(tmp_path):
+    """`demo --scrape URL` against an exporter it did not start (here the fake one, run as a separate process)."""
+    import os
+    import subprocess
+    import sys
+
+    from telemetry_nb.embedded import Embedded
+
+    exporter_port, api_port = free_port(), free_port()
+    exporter = subprocess.Popen([sys.executable, "-m", "telemetry_nb.cli", "fake-exporter", "--port",
+                                 str(exporter_port), "--targets", "2", "--gpus", "4", "--fields", "11"])
+    home = tmp_path / "demo-home"
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(TELEMETRY_NB_HOME=str(home), PYTHONUNBUFFERED="1")
+    url = f"http://127.0.0.1:{exporter_port}/target/1/metrics"
+    log = open(tmp_path / "demo.log", "w")
+    demo = subprocess.Popen([sys.executable, "-m", "telemetry_nb.cli", "demo", "--scrape", url, "--port",
+                             str(api_port), "--no-dashboard"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{api_port}"
+
+        def ready() -> bool:
+            try:
+                return len(httpx.get(f"{base}/api/v1/gpus", timeout=2).json()["items"]) == 4 and \
+                    len(httpx.get(f"{base}/api/v1/events", timeout=2).json()["items"]) == 1
+            except (httpx.HTTPError, ValueError, KeyError):
+                return False
+
+        _wait_for(ready, "the demo to show the exporter's 4 GPUs and its XID event", 90)
+        gpus = httpx.get(f"{base}/api/v1/gpus").json()["items"]
+        assert {g["hostname"] for g in gpus} == {"gpu-node-0002"}
+        assert all(g["driver_version"] == "550.54.15" and g["pci_bus_id"] and g["labels"]["Hostname"] ==
+                   "gpu-node-0002" for g in gpus)
+        (event,) = httpx.get(f"{base}/api/v1/events").json()["items"]
+        assert (event["code"], event["message"], event["hostname"]) == (13, "Graphics Engine Exception",
+                                                                        "gpu-node-0002")
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=40) == 0
+        log.close()
+        exporter.terminate()
+        exporter.wait(10)
+        Embedded(home).stop()

@@ -16,11 +16,11 @@ import uuid as uuidlib
 
 log = logging.getLogger(__name__)
 
-FIELDS = (
-    "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_GPU_TEMP",
-    "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+FIELDS = (  # the CSV generator's ten first (what the notebooks chart), then XID, then the rest of a real default set
     "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_ENC_UTIL", "DCGM_FI_DEV_DEC_UTIL",
-    "DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_RESERVED",
+    "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE",
+    "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_MEMORY_TEMP",
+    "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "DCGM_FI_DEV_FB_RESERVED",
     "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL", "DCGM_FI_DEV_VGPU_LICENSE_STATUS", "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
     "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "DCGM_FI_DEV_ROW_REMAP_FAILURE", "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
     "DCGM_FI_PROF_SM_ACTIVE", "DCGM_FI_PROF_SM_OCCUPANCY", "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
@@ -30,6 +30,16 @@ FIELDS = (
     "DCGM_FI_DEV_POWER_MGMT_LIMIT", "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
     "DCGM_FI_DEV_RETIRED_SBE", "DCGM_FI_DEV_RETIRED_DBE", "DCGM_FI_DEV_PSTATE", "DCGM_FI_DEV_FAN_SPEED",
 )
+# plausible (idle, busy) value ranges; fields not listed read 0
+_RANGES = {
+    "DCGM_FI_DEV_GPU_UTIL": ((0, 2), (60, 100)), "DCGM_FI_DEV_MEM_COPY_UTIL": ((0, 1), (15, 60)),
+    "DCGM_FI_DEV_GPU_TEMP": ((27, 33), (55, 75)), "DCGM_FI_DEV_MEMORY_TEMP": ((30, 36), (55, 80)),
+    "DCGM_FI_DEV_POWER_USAGE": ((60, 75), (350, 690)), "DCGM_FI_DEV_FB_USED": ((0, 512), (45000, 79000)),
+    "DCGM_FI_DEV_FB_FREE": ((81000, 81559), (2500, 36000)), "DCGM_FI_DEV_SM_CLOCK": ((345, 345), (1755, 1980)),
+    "DCGM_FI_DEV_MEM_CLOCK": ((2619, 2619), (2619, 2619)), "DCGM_FI_DEV_POWER_MGMT_LIMIT": ((700, 700), (700, 700)),
+    "DCGM_FI_DEV_PSTATE": ((8, 8), (0, 0)),
+}
+XID_GPU = (1, 3)  # (host, gpu) of the one fake GPU that reports an XID error
 MODEL = "NVIDIA H100 80GB HBM3"
 DRIVER = "550.54.15"
 
@@ -47,17 +57,18 @@ def render_target(index: int, gpus: int = 8, fields: int = 10, variant: int = 0,
         for g, u in enumerate(uuids):
             pod = f'container="pytorch",namespace="ml-training",pod="trainer-{index}-{g // 4}"' if busy[g] else \
                 'container="",namespace="",pod=""'
+            xid = name == "DCGM_FI_DEV_XID_ERRORS" and (index, g) == XID_GPU
+            extra = ',err_code="13",err_msg="Graphics Engine Exception"' if xid else ""
             if name == "DCGM_FI_DEV_XID_ERRORS":
-                value = "0"
-            elif name in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL"):
-                value = str(vr.randint(60, 100) if busy[g] else 0)
+                value = "13" if xid else "0"
             elif name.startswith("DCGM_FI_PROF_") and name.endswith("ACTIVE"):
                 value = f"{vr.uniform(0.5, 1) if busy[g] else 0.0:.6f}"
             else:
-                value = str(vr.randint(0, 2000))
+                low, high = _RANGES.get(name, ((0, 0), (0, 0)))[busy[g]]
+                value = str(vr.randint(low, high))
             out.append(f'{name}{{gpu="{g}",UUID="{u}",pci_bus_id="00000000:{0x18 + g * 0x10:02X}:00.0",'
                        f'device="nvidia{g}",modelName="{MODEL}",Hostname="{host}",DCGM_FI_DRIVER_VERSION="{DRIVER}",'
-                       f'{pod}}} {value}\n')
+                       f'{pod}{extra}}} {value}\n')
     return "".join(out).encode()
 
 
