@@ -137,3 +137,35 @@ def test_events_api_filters_paginates_and_refuses_bad_parameters(database_url, a
         r = httpx.get(f"{api}/api/v1/events", params=params)
         assert r.status_code == 422 and r.json()["detail"].startswith(start), (params, r.text)
     assert "/api/v1/events" in httpx.get(f"{api}/openapi.json").json()["paths"]
+
+
+def test_notebooks_use_gr_engine_active_where_gpu_util_is_absent_and_list_xid_gpus():
+    import pandas as pd
+
+    from telemetry_nb.analysis import explore
+    from telemetry_nb.analysis.client import Event, Gpu
+
+    t = pd.Timestamp("2026-03-01T12:00:00Z")
+    rows = [("GPU-p", "h", 0, "h/0", t, explore.UTIL, 50.0, 60.0, 70.0, 4),
+            ("GPU-p", "h", 0, "h/0", t, explore.GR_ENGINE, 0.1, 0.2, 0.3, 4),  # has UTIL: left alone
+            ("GPU-p:gi1", "h", 0, "h/0", t, explore.GR_ENGINE, 0.25, 0.5, 0.75, 4)]
+    df = pd.DataFrame(rows, columns=explore.AGG_COLUMNS)
+    df.attrs["bucket_seconds"] = 60
+    out = explore.utilization_fallback(df)
+    util = out[out["metric"] == explore.UTIL].set_index("uuid")
+    assert util.loc["GPU-p", "avg"] == 60.0
+    assert tuple(util.loc["GPU-p:gi1", ["min", "avg", "max", "count"]]) == (25.0, 50.0, 75.0, 4)
+    assert len(out) == 4 and out.attrs["bucket_seconds"] == 60
+
+    gpus = [Gpu("GPU-a", "h1", 3, "nvidia3", "H100", None, None)]
+    events = [Event(t, "GPU-a", "h1", "xid", 43, "GPU stopped processing"),
+              Event(t + pd.Timedelta("1min"), "GPU-a", "h1", "xid", 79, "GPU has fallen off the bus"),
+              Event(t, "GPU-b", "h2", "xid", 13, "Graphics Engine Exception")]
+    table = explore.xid_gpus(events, gpus)
+    assert table.to_dict("records") == [
+        {"gpu": "h1/3", "uuid": "GPU-a", "errors": 2, "last_code": 79, "last_message": "GPU has fallen off the bus",
+         "last_at": t + pd.Timedelta("1min")},
+        {"gpu": "h2/?", "uuid": "GPU-b", "errors": 1, "last_code": 13, "last_message": "Graphics Engine Exception",
+         "last_at": t}]
+    assert list(explore.xid_gpus(events, gpus, "h2")["uuid"]) == ["GPU-b"]
+    assert explore.xid_gpus([], gpus).empty
