@@ -94,17 +94,88 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
         inv[0] = gpus[uuid][0]
     for e in events:
         e[0] = int(e[0])
+    return _fields(lines, gpus.values(), metrics, per_metric, workloads, inventory.values(), events)
+
+
+def _fields(lines: list[str], gpus: Iterable[list], metrics: dict[str, str], per_metric: dict[str, int],
+            workloads: dict[tuple[str, str, str], str], inventory: Iterable[list], events: list[list]
+            ) -> dict[bytes, bytes]:
     return {
         b"v": VERSION,
         b"n": str(len(lines)).encode(),
-        b"gpus": json.dumps(list(gpus.values()), separators=(",", ":")).encode(),
+        b"gpus": json.dumps(list(gpus), separators=(",", ":")).encode(),
         b"metrics": json.dumps([[int(i), n, per_metric[n]] for n, i in metrics.items()],
                                separators=(",", ":")).encode(),
         b"workloads": json.dumps([[int(i), *w] for w, i in workloads.items()], separators=(",", ":")).encode(),
-        b"inventory": json.dumps([i for i in inventory.values() if _informative(i)], separators=(",", ":")).encode(),
+        b"inventory": json.dumps([i for i in inventory if _informative(i)], separators=(",", ":")).encode(),
         b"events": json.dumps(events, separators=(",", ":")).encode(),
         b"rows": "".join(lines).encode(),
     }
+
+
+class Series:
+    """What every sample of one series shares (a `Sample` minus metric, time and value), ids worked out once.
+
+    For live sources whose series repeat every scrape: `encode_series` then does per sample only what
+    differs (the row text and the per-metric counts), the same entry `encode` would make.
+    """
+
+    __slots__ = ("uuid", "gid", "wid", "workload", "gpu_row", "inventory_row", "static", "err_msg", "prefix",
+                 "_shard")
+
+    def __init__(self, t: Sample):
+        self.uuid = t.uuid
+        self.gid = gpu_key(t.uuid)
+        self.workload = (t.namespace, t.pod, t.container) if (t.pod or t.namespace or t.container) else None
+        self.wid = str(workload_key(*self.workload)) if self.workload else "\\N"
+        self.gpu_row = [self.gid, t.uuid, t.hostname, t.gpu_index, t.device, t.model_name]
+        self.static = static_labels(t.labels)
+        self.inventory_row = [self.gid, t.pci_bus_id, t.driver_version, self.static, t.parent_uuid, t.mig_profile,
+                              t.mig_instance]
+        self.err_msg = t.labels.get("err_msg", "")
+        self.prefix = f"{self.gid}\t"
+        self._shard: tuple[int, int] = (0, -1)
+
+    def shard(self, count: int, shard_of) -> int:
+        """This series' shard of `count` (by `shard_of(uuid, count)`), remembered."""
+        if self._shard[0] != count:
+            self._shard = (count, shard_of(self.uuid, count))
+        return self._shard[1]
+
+
+def encode_series(rows: Iterable[tuple[Series, str, str, float]]) -> dict[bytes, bytes]:
+    """Encode (series, metric, timestamp text, value) rows into one stream entry, exactly as `encode` would."""
+    lines: list[str] = []
+    append = lines.append
+    gpus: dict[int, list] = {}
+    inventory: dict[int, list] = {}
+    metrics: dict[str, str] = {}
+    per_metric: dict[str, int] = {}
+    workloads: dict[tuple[str, str, str], str] = {}
+    events: list[list] = []
+    seen: set[Series] = set()
+    for series, metric, ts, value in rows:
+        if series not in seen:
+            seen.add(series)
+            gid = series.gid
+            inv = inventory.get(gid)
+            if inv is None:
+                gpus[gid] = series.gpu_row
+                inv = inventory[gid] = list(series.inventory_row)
+                inv[3] = dict(series.static)
+            else:
+                inv[3].update(series.static)
+            if series.workload is not None:
+                workloads[series.workload] = series.wid
+        mid = metrics.get(metric)
+        if mid is None:
+            mid = metrics[metric] = str(metric_key(metric))
+            per_metric[metric] = 0
+        per_metric[metric] += 1
+        append(f"{series.prefix}{ts}\t{mid}\t{value!r}\t{series.wid}\n")
+        if metric == XID_METRIC and float(value).is_integer():
+            events.append([series.gid, ts, "xid", int(value), series.err_msg])
+    return _fields(lines, gpus.values(), metrics, per_metric, workloads, inventory.values(), events)
 
 
 def _informative(inv: list) -> bool:

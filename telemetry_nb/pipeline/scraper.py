@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import signal
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,8 +25,9 @@ import aiohttp
 
 from telemetry_nb.model import Rejected, Sample
 from telemetry_nb.observability import ScrapeMetrics
+from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.streamer import Streamer
-from telemetry_nb.sources.scrape import ExpositionParser
+from telemetry_nb.sources.scrape import ExpositionParser, SeriesInfo
 from telemetry_nb.sources.targets import Targets
 
 log = logging.getLogger(__name__)
@@ -57,7 +62,8 @@ class Scraper:
     """Scrape `targets` every `interval_s` and publish the samples with `streamer`."""
 
     def __init__(self, streamer: Streamer, targets: Targets, metrics: ScrapeMetrics, *, interval_s: float = 15.0,
-                 timeout_s: float = 5.0, concurrency: int = 100, clock: Callable[[], float] = time.time):
+                 timeout_s: float = 5.0, concurrency: int = 100, clock: Callable[[], float] = time.time,
+                 workers: int = 1, make_worker: Callable[[], Scraper] | None = None):
         self.streamer = streamer
         self.targets = targets
         self.metrics = metrics
@@ -65,13 +71,15 @@ class Scraper:
         self.timeout_s = timeout_s
         self.concurrency = concurrency
         self.clock = clock
-        self.parser = ExpositionParser()
+        self.parser = ExpositionParser(series_factory=_series)
         self.stop_event = streamer.stop_event
         self._down: dict[str, str] = {}  # target → error, for targets that are down
         self._known: set[str] = set()
         self._loop = asyncio.new_event_loop()
         self._client: aiohttp.ClientSession | None = None
         self.cycles = 0
+        self.published = self.rejected = 0
+        self._pool = _Workers(workers, make_worker) if workers > 1 and make_worker is not None else None
 
     # -- fetching ------------------------------------------------------------------------------
     def _http(self) -> aiohttp.ClientSession:
@@ -110,34 +118,73 @@ class Scraper:
             self._down.pop(gone, None)
         self._known = set(urls)
         self.metrics.targets.set(len(urls))
-        result = CycleResult(targets=len(urls))
-        fetched = self._loop.run_until_complete(self._fetch_all(urls)) if urls else []
-        result.fetch_seconds = time.perf_counter() - t0
-        rows: list[Sample | Rejected] = []
-        for f in fetched:
-            self.metrics.duration.labels(f.url).set(f.seconds)
-            if f.body is None:
-                self._mark_down(f.url, f.error)
-                result.down.append(f.url)
-                continue
-            self._mark_up(f.url)
-            result.up += 1
-            n = 0
-            scrape_ts = datetime.fromtimestamp(int(f.started * 1000) / 1000, UTC)
-            for row in self.parser.parse(f.body, scrape_ts, default_host=_host_of(f.url)):
-                if type(row) is Rejected:
-                    row.source = f.url
-                    result.rejected += 1
-                else:
-                    n += 1
-                rows.append(row)
-            self.metrics.samples.labels(f.url).set(n)
-            result.samples += n
-        result.published = self.streamer.publish(rows) if rows else 0
+        if self._pool is None:
+            result, per_target = self.scrape(urls)
+        else:  # each worker process scrapes, parses and publishes its share of the targets
+            result, per_target = CycleResult(targets=len(urls)), []
+            for part, targets in self._pool.scrape(urls):
+                per_target += targets
+                result.up += part.up
+                result.samples += part.samples
+                result.rejected += part.rejected
+                result.published += part.published
+                result.fetch_seconds = max(result.fetch_seconds, part.fetch_seconds)
+                self.streamer.metrics.published.inc(part.published)  # the workers' own counters are not served
+                self.streamer.metrics.rejected.inc(part.rejected)
+        for url, seconds, samples, error in per_target:
+            self.metrics.duration.labels(url).set(seconds)
+            if error is None:
+                self._mark_up(url)
+                self.metrics.samples.labels(url).set(samples)
+            else:
+                self._mark_down(url, error)
+                result.down.append(url)
         result.seconds = time.perf_counter() - t0
         self.metrics.cycle_seconds.observe(result.seconds)
         self.cycles += 1
+        self.published += result.published
+        self.rejected += result.rejected
         return result
+
+    def scrape(self, urls: list[str]) -> tuple[CycleResult, list[tuple[str, float, int, str | None]]]:
+        """Fetch, parse and publish `urls` once; returns the totals and (url, seconds, samples, error) per target."""
+        t0 = time.perf_counter()
+        result = CycleResult(targets=len(urls))
+        fetched = self._loop.run_until_complete(self._fetch_all(urls)) if urls else []
+        result.fetch_seconds = time.perf_counter() - t0
+        per_target: list[tuple[str, float, int, str | None]] = []
+        rows: list[tuple[codec.Series, str, str, float] | Rejected] = []
+        append = rows.append
+        ts_text: dict[datetime, str] = {}
+        for f in fetched:
+            if f.body is None:
+                per_target.append((f.url, f.seconds, 0, f.error))
+                continue
+            result.up += 1
+            n = 0
+            scrape_ts = datetime.fromtimestamp(int(f.started * 1000) / 1000, UTC)
+            scrape_text = scrape_ts.isoformat()
+            for row in self.parser.rows(f.body, scrape_ts, default_host=_host_of(f.url)):
+                if type(row) is Rejected:
+                    row.source = f.url
+                    result.rejected += 1
+                    append(row)
+                    continue
+                _, series, name, ts, value = row
+                if ts is scrape_ts:
+                    text = scrape_text
+                else:
+                    text = ts_text.get(ts)
+                    if text is None:
+                        text = ts_text[ts] = ts.isoformat()
+                append((series, name, text, value))
+                n += 1
+            f.body = None  # parsed: let the text go
+            per_target.append((f.url, f.seconds, n, None))
+            result.samples += n
+        result.published = self.streamer.publish_series(rows) if rows else 0
+        result.seconds = time.perf_counter() - t0
+        return result, per_target
 
     def _mark_down(self, url: str, error: str) -> None:
         self.metrics.up.labels(url).set(0)
@@ -182,6 +229,9 @@ class Scraper:
         return done
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._client is not None:
             self._loop.run_until_complete(self._client.close())
             self._client = None
@@ -190,6 +240,75 @@ class Scraper:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+class _Workers:
+    """Worker processes (forked), each with its own Scraper, Redis connection and keep-alive connections.
+
+    Parsing is per-sample Python work that only more processes spread over more cores. A target always
+    goes to the same worker (stable hash of its URL). A worker whose parent died exits within a second.
+    """
+
+    def __init__(self, n: int, make_worker: Callable[[], Scraper]):
+        ctx = multiprocessing.get_context("fork")
+        self.conns, self.procs = [], []
+        for i in range(n):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(theirs, make_worker, os.getpid()), daemon=True,
+                               name=f"scrape-worker-{i}")
+            proc.start()
+            theirs.close()
+            self.conns.append(mine)
+            self.procs.append(proc)
+        log.info("Scraping with %d worker processes", n)
+
+    def scrape(self, urls: list[str]) -> list[tuple[CycleResult, list]]:
+        parts: list[list[str]] = [[] for _ in self.conns]
+        for url in urls:
+            parts[zlib.crc32(url.encode()) % len(parts)].append(url)
+        for conn, part in zip(self.conns, parts, strict=True):
+            conn.send(part)
+        return [conn.recv() for conn in self.conns]
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=30)
+
+
+def _worker_main(conn, make_worker: Callable[[], Scraper], parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us, after the cycle in progress
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    scraper = make_worker()
+    try:
+        while True:
+            if not conn.poll(1.0):
+                if os.getppid() != parent:
+                    return
+                continue
+            urls = conn.recv()
+            if urls is None:
+                return
+            conn.send(scraper.scrape(urls))
+    except (EOFError, OSError):
+        return
+    finally:
+        scraper.close()
+
+
+def _series(info: SeriesInfo) -> codec.Series:
+    """The codec's per-series record for a series the parser met for the first time."""
+    return codec.Series(Sample(info.uuid, "", _EPOCH, 0.0, info.hostname, info.gpu_index, info.device,
+                               info.model_name, info.container, info.pod, info.namespace, info.labels,
+                               info.pci_bus_id, info.driver_version, info.parent_uuid, info.mig_profile,
+                               info.mig_instance))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _host_of(url: str) -> str:

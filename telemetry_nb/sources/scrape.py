@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -92,18 +92,37 @@ def series_info(labels: dict[str, str], default_host: str = "") -> SeriesInfo:
 
 
 class ExpositionParser:
-    """Parses scrapes of one or many targets; keeps the parsed label sets between calls (they repeat)."""
+    """Parses scrapes of one or many targets; keeps the parsed label sets between calls (they repeat).
 
-    def __init__(self, default_host: str = ""):
+    `series_factory`, if given, is called once per distinct series (with its `SeriesInfo`); `rows()`
+    yields what it returned next to each sample, so a caller can attach its own per-series work.
+    """
+
+    def __init__(self, default_host: str = "", series_factory: Callable[[SeriesInfo], object] | None = None):
         self.default_host = default_host
-        self._series: dict[str, dict[str, SeriesInfo | str]] = {}  # host → label text → parsed
+        self.series_factory = series_factory
+        self._series: dict[str, dict[str, tuple[SeriesInfo, object] | str]] = {}  # host → label text → parsed
         self._size = 0
-        self._names: set[str] = set()
+        self._names: set[str] = set()  # valid metric names seen: DCGM fields, and others (ignored)
+        self._others: set[str] = set()
         self.ignored = 0  # non-DCGM families (the exporter's own metrics)
 
     def parse(self, text: str, scrape_ts: datetime, *, default_host: str | None = None
               ) -> Iterator[Sample | Rejected]:
         """Samples of one scrape, in order; `scrape_ts` stamps samples that carry no timestamp."""
+        for row in self.rows(text, scrape_ts, default_host=default_host):
+            if type(row) is Rejected:
+                yield row
+                continue
+            info, _, name, ts, value = row
+            yield Sample(info.uuid, name, ts, value, info.hostname, info.gpu_index, info.device, info.model_name,
+                         info.container, info.pod, info.namespace, info.labels, info.pci_bus_id,
+                         info.driver_version, info.parent_uuid, info.mig_profile, info.mig_instance)
+
+    def rows(self, text: str, scrape_ts: datetime, *, default_host: str | None = None
+             ) -> Iterator[tuple[SeriesInfo, object, str, datetime, float] | Rejected]:
+        """(series info, factory's object, metric, time, value) per sample, or `Rejected`, in order."""
+        factory = self.series_factory
         host = self.default_host if default_host is None else default_host
         if self._size > _CACHE_LIMIT:
             self._series.clear()
@@ -112,14 +131,20 @@ class ExpositionParser:
         if series is None:
             series = self._series[host] = {}
         size_before = len(series)
-        names = self._names
         seen: set[tuple[str, str]] = set()
-        isfinite = math.isfinite
         blanks = _BLANKS
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line or line[0] == "#":
+        dcgm, others = self._names, self._others
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lineno = 0
+        for line in text.split("\n"):
+            lineno += 1
+            if not line:
                 continue
-            if line[-1] == "\r" or line[0] in " \t":
+            c = line[0]
+            if c == "#":
+                continue
+            if c == " " or c == "\t":
                 line = line.strip()
                 if not line or line[0] == "#":
                     continue
@@ -132,60 +157,66 @@ class ExpositionParser:
                 name, label_text, rest = line[:brace], line[brace + 1:close], line[close + 1:].split()
                 if close < brace:
                     rest = []
-            if not 1 <= len(rest) <= 2 or (name not in names and not _valid_name(name, names)):
+            n = len(rest)
+            if n == 0 or n > 2 or (name not in dcgm and name not in others and not _valid_name(name, dcgm, others)):
                 yield Rejected(lineno, "malformed sample line", line[:MAX_RAW])
                 continue
             value_text = rest[0]
-            ts_text = rest[1] if len(rest) == 2 else None
             try:
                 value = float(value_text)
             except ValueError:
                 yield Rejected(lineno, f"non-numeric value {value_text!r}", line[:MAX_RAW])
                 continue
-            if not name.startswith("DCGM_"):
+            if name not in dcgm and (name in others or not name.startswith("DCGM_")):
                 self.ignored += 1
                 continue
-            info = series.get(label_text)
-            if info is None:
+            cached = series.get(label_text)
+            if cached is None:
                 try:
                     info = series_info(parse_labels(label_text), host)
+                    cached = (info, factory(info) if factory is not None else None)
                 except ValueError as err:
-                    info = str(err)
-                series[label_text] = info
-            if type(info) is str:
-                yield Rejected(lineno, info, line[:MAX_RAW])
+                    cached = str(err)
+                series[label_text] = cached
+            if type(cached) is str:
+                yield Rejected(lineno, cached, line[:MAX_RAW])
                 continue
-            if not isfinite(value):
-                yield Rejected(lineno, f"non-finite value {value_text!r}", line[:MAX_RAW])
-                continue
-            if value in blanks:
-                yield Rejected(lineno, f"DCGM blank value {value_text} ({blanks[value]} field not supported or "
-                                       "not available)", line[:MAX_RAW])
-                continue
-            ts = scrape_ts
-            if ts_text is not None:
+            info = cached[0]
+            if not -1e300 < value < 2147483632.0:  # NaN, ±Inf and DCGM's blank sentinels are all out here
+                if not math.isfinite(value):
+                    yield Rejected(lineno, f"non-finite value {value_text!r}", line[:MAX_RAW])
+                    continue
+                if value in blanks:
+                    yield Rejected(lineno, f"DCGM blank value {value_text} ({blanks[value]} field not supported "
+                                           "or not available)", line[:MAX_RAW])
+                    continue
+            if n == 1:
+                ts = scrape_ts
+                key = (name, info.uuid)
+            else:
+                ts_text = rest[1]
                 try:
                     ts = datetime.fromtimestamp(int(ts_text) / 1000, UTC)
                 except (ValueError, OverflowError, OSError):
                     yield Rejected(lineno, f"invalid timestamp {ts_text!r}", line[:MAX_RAW])
                     continue
-            key = (name, info.uuid) if ts_text is None else (name, info.uuid + "\0" + ts_text)
+                key = (name, info.uuid + "\0" + ts_text)
             if key in seen:
                 yield Rejected(lineno, f"duplicate series: {name} of {info.uuid} already in this scrape "
                                        "(first kept)", line[:MAX_RAW])
                 continue
             seen.add(key)
-            yield Sample(info.uuid, name, ts, value, info.hostname, info.gpu_index, info.device, info.model_name,
-                         info.container, info.pod, info.namespace, info.labels, info.pci_bus_id,
-                         info.driver_version, info.parent_uuid, info.mig_profile, info.mig_instance)
+            yield info, cached[1], name, ts, value
         self._size += len(series) - size_before
 
 
-def _valid_name(name: str, names: set[str]) -> bool:
+def _valid_name(name: str, dcgm: set[str], others: set[str]) -> bool:
+    """Whether `name` is a valid metric name; remembered in `dcgm` (DCGM fields) or `others`."""
     if _NAME.fullmatch(name) is None:
         return False
-    if len(names) < 10_000:
-        names.add(name)
+    known = dcgm if name.startswith("DCGM_") else others
+    if len(known) < 10_000:
+        known.add(name)
     return True
 
 
