@@ -299,3 +299,18 @@ def test_demo_scrapes_a_given_exporter(tmp_path):
         exporter.terminate()
         exporter.wait(10)
         Embedded(home).stop()
+
+
+def test_worker_processes_share_the_targets_and_publish_each_scrape_once(cli_env, exporters, database_url):
+    import psycopg
+
+    targets = [a for t in ("node-a", "node-b") for a in ("--target", f"{exporters.base}/{t}/metrics")]
+    out = run_cli("scrape", *targets, "--workers", "2", "--cycles", "3", "--interval", "0.2s", env=cli_env)
+    # node-a: 6 samples a scrape (one malformed line rejected), node-b: 5
+    assert out.stdout.strip().splitlines()[-1] == "cycles=3 published=33 rejected=3"
+    assert "Scraping with 2 worker processes" in out.stderr
+    assert (exporters.count("node-a"), exporters.count("node-b")) == (3, 3)
+    run_cli("collect", "--drain", env=cli_env)
+    with psycopg.connect(database_url) as conn:
+        n, distinct = conn.execute("SELECT count(*), count(DISTINCT (gpu_id, ts, metric_id)) FROM telemetry").fetchone()
+    assert n == distinct == 33

@@ -192,7 +192,7 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True) -> I
 _NO_LABELS: tuple[dict[str, str], None] = ({}, None)
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=8192)  # bounded: memory stays flat whatever the file
 def _labels_and_identity(uuid: str, raw: str) -> tuple[dict[str, str], Identity | str]:
     """labels_raw parsed once per distinct text (rows repeat them); the dict is shared, never mutate it."""
     labels = parse_labels(raw)
