@@ -101,24 +101,10 @@ class Streamer:
         self._done_log()
         return self.summary
 
-    def publish(self, rows: Iterable[Sample | Rejected]) -> int:
-        """Publish one lot of rows from a live source now: sharding, batching, rejects, backpressure, retries.
-
-        Returns the rows kept (after sharding). The lot is flushed before returning.
-        """
-        if not self._group_ready:
-            self._redis(self.queue.ensure_group)
-            self._group_ready = True
-        before = self.summary.published + self._pending_rows
-        self._one_pass(rows, "source", None, None)
-        kept = self.summary.published + self._pending_rows - before
-        self.flush()
-        return kept
-
     def publish_series(self, rows: Iterable[tuple[codec.Series, str, str, float] | Rejected]) -> int:
-        """`publish` for pre-identified rows (series, metric, timestamp text, value) of a live source.
+        """Publish one lot of a live source's rows (series, metric, timestamp text, value) now, and flush.
 
-        The same entries, sharding, rejects, backpressure and retries as `publish`, with the per-series
+        The same entries, sharding, rejects, backpressure and retries as `run`, with the per-series
         work done once per series instead of once per sample (`codec.encode_series`). Returns rows kept.
         """
         if not self._group_ready:
