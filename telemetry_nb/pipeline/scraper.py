@@ -31,6 +31,7 @@ from telemetry_nb.sources.scrape import ExpositionParser, SeriesInfo
 from telemetry_nb.sources.targets import Targets
 
 log = logging.getLogger(__name__)
+PUBLISH_EVERY = 50_000  # rows parsed before they are published, within a cycle
 
 
 @dataclass
@@ -182,7 +183,12 @@ class Scraper:
             f.body = None  # parsed: let the text go
             per_target.append((f.url, f.seconds, n, None))
             result.samples += n
-        result.published = self.streamer.publish_series(rows) if rows else 0
+            if len(rows) >= PUBLISH_EVERY:  # memory stays bounded whatever the number of targets
+                result.published += self.streamer.publish_series(rows)
+                rows = []
+                append = rows.append
+        if rows:
+            result.published += self.streamer.publish_series(rows)
         result.seconds = time.perf_counter() - t0
         return result, per_target
 
