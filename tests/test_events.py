@@ -137,6 +137,13 @@ def test_events_api_filters_paginates_and_refuses_bad_parameters(database_url, a
         r = httpx.get(f"{api}/api/v1/events", params=params)
         assert r.status_code == 422 and r.json()["detail"].startswith(start), (params, r.text)
     assert "/api/v1/events" in httpx.get(f"{api}/openapi.json").json()["paths"]
+    from telemetry_nb.analysis.client import TelemetryClient
+
+    with TelemetryClient(api) as client:  # the notebooks' client follows the cursor too
+        got = client.events(uuid="GPU-b", kind="xid")
+        assert [(e.uuid, e.code, e.message, e.timestamp.isoformat()) for e in got] == [
+            ("GPU-b", 13, "m", "2026-03-01T12:00:00+00:00"), ("GPU-b", 31, "m", "2026-03-01T12:00:30+00:00")]
+        assert client.events(start_time="2026-03-01T12:01:10Z", page_size=1)[0].code == 79
 
 
 def test_notebooks_use_gr_engine_active_where_gpu_util_is_absent_and_list_xid_gpus():
@@ -168,4 +175,7 @@ def test_notebooks_use_gr_engine_active_where_gpu_util_is_absent_and_list_xid_gp
         {"gpu": "h2/?", "uuid": "GPU-b", "errors": 1, "last_code": 13, "last_message": "Graphics Engine Exception",
          "last_at": t}]
     assert list(explore.xid_gpus(events, gpus, "h2")["uuid"]) == ["GPU-b"]
+    mig = Gpu("GPU-a:gi2", "h1", 3, "nvidia3", "H100", None, None, parent_uuid="GPU-a", mig_instance=2)
+    assert explore.gpu_label(mig.hostname, mig.gpu_index, mig.mig_instance) == "h1/3/gi2"
+    assert explore.xid_gpus([Event(t, mig.uuid, "h1", "xid", 31, "")], [mig])["gpu"].tolist() == ["h1/3/gi2"]
     assert explore.xid_gpus([], gpus).empty

@@ -56,12 +56,15 @@ class Gpu:
     model_name: str
     first_seen: datetime | None
     last_seen: datetime | None
+    parent_uuid: str | None = None  # set on a MIG instance: the GPU it is carved from
+    mig_instance: int | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> Gpu:
         return cls(uuid=d["uuid"], hostname=d.get("hostname") or "", gpu_index=d.get("gpu_index"),
                    device=d.get("device") or "", model_name=d.get("model_name") or "",
-                   first_seen=parse_ts(d.get("first_seen")), last_seen=parse_ts(d.get("last_seen")))
+                   first_seen=parse_ts(d.get("first_seen")), last_seen=parse_ts(d.get("last_seen")),
+                   parent_uuid=d.get("parent_uuid"), mig_instance=d.get("mig_instance"))
 
 
 @dataclass(frozen=True)

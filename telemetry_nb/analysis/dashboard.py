@@ -224,7 +224,8 @@ class Dashboard:
             return
         host = self.host.value
         gpus = [g for g in self.loaded["gpus"] if not host or g.hostname == host]
-        options = [("All GPUs", "")] + [(f"{self.ex.gpu_label(g.hostname, g.gpu_index)}  {g.uuid[:12]}…", g.uuid)
+        label = self.ex.gpu_label
+        options = [("All GPUs", "")] + [(f"{label(g.hostname, g.gpu_index, g.mig_instance)}  {g.uuid[:12]}…", g.uuid)
                                          for g in gpus]
         _set_options(self.gpu, options, self.gpu.value)
 

@@ -101,8 +101,10 @@ def gpus_frame(gpus: Iterable[Gpu]) -> pd.DataFrame:
     return df
 
 
-def gpu_label(hostname: str, gpu_index: int | None) -> str:
-    return f"{hostname}/{'?' if gpu_index is None else gpu_index}"
+def gpu_label(hostname: str, gpu_index: int | None, mig_instance: int | None = None) -> str:
+    """`host/0`; a MIG instance `host/0/gi1`, so it never shares a chart row with its parent."""
+    base = f"{hostname}/{'?' if gpu_index is None else gpu_index}"
+    return base if mig_instance is None else f"{base}/gi{mig_instance}"
 
 
 def choose_bucket(start: datetime, end: datetime, target: int = 120, min_s: float = 1) -> int:
@@ -129,7 +131,7 @@ def load_aggregates(client: TelemetryClient, gpus: Sequence[Gpu], *, start: date
 
     def one(g: Gpu) -> list[tuple]:
         agg = client.aggregate(g.uuid, metric=metrics, bucket=bucket_s, start_time=start, end_time=end)
-        label = gpu_label(g.hostname, g.gpu_index)
+        label = gpu_label(g.hostname, g.gpu_index, g.mig_instance)
         return [(g.uuid, g.hostname, g.gpu_index, label, b.bucket, b.metric, b.min, b.avg, b.max, b.count)
                 for b in agg.items]
 
@@ -159,7 +161,7 @@ def load_raw(client: TelemetryClient, gpus: Sequence[Gpu], *, start: datetime, e
                 del items[max_rows_per_gpu:]
                 break
         df = pd.DataFrame(items, columns=["timestamp", "metric", "value"])
-        df.insert(0, "gpu", gpu_label(g.hostname, g.gpu_index))
+        df.insert(0, "gpu", gpu_label(g.hostname, g.gpu_index, g.mig_instance))
         df.insert(0, "gpu_index", g.gpu_index)
         df.insert(0, "hostname", g.hostname)
         df.insert(0, "uuid", g.uuid)
@@ -240,9 +242,8 @@ def xid_gpus(events: Sequence, gpus: Sequence[Gpu] | None = None, hostname: str 
     out = df.groupby("uuid", sort=False).agg(hostname=("hostname", "last"), errors=("code", "size"),
                                              last_code=("code", "last"), last_message=("message", "last"),
                                              last_at=("at", "last")).reset_index()
-    out["gpu"] = [gpu_label(h, index[u].gpu_index if u in index else None) for u, h in zip(out["uuid"],
-                                                                                           out["hostname"],
-                                                                                           strict=True)]
+    out["gpu"] = [gpu_label(h, index[u].gpu_index, index[u].mig_instance) if u in index else gpu_label(h, None)
+                  for u, h in zip(out["uuid"], out["hostname"], strict=True)]
     return out.sort_values("last_at", ascending=False)[cols].reset_index(drop=True)
 
 
