@@ -8,6 +8,7 @@ resourceVersion; one the API server expired (410 Gone) or that fails starts over
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -158,8 +159,6 @@ class KubernetesTargets:
 
     def _relist(self) -> str:
         body = self._list(self.namespace, _preload_content=False, **self._kwargs())
-        import json
-
         data = json.loads(body.data)
         objects = {o["metadata"]["name"]: o for o in data.get("items") or []}
         for name in set(self._objects) - set(objects):
