@@ -179,3 +179,20 @@ def test_notebooks_use_gr_engine_active_where_gpu_util_is_absent_and_list_xid_gp
     assert explore.gpu_label(mig.hostname, mig.gpu_index, mig.mig_instance) == "h1/3/gi2"
     assert explore.xid_gpus([Event(t, mig.uuid, "h1", "xid", 31, "")], [mig])["gpu"].tolist() == ["h1/3/gi2"]
     assert explore.xid_gpus([], gpus).empty
+
+
+def test_the_csv_source_gives_the_same_xid_events(database_url):
+    import io
+
+    from telemetry_nb.sources.dcgm_csv import read_samples
+
+    head = "timestamp,metric_name,gpu_id,device,uuid,modelName,Hostname,container,pod,namespace,value,labels_raw\n"
+    rows = [f'2026-03-01T12:00:{15 * i:02d}Z,{XID_METRIC},0,nvidia0,GPU-a,H100,h,,,,{code},'
+            f'"err_code=""{code}"",err_msg=""{msg}"",DCGM_FI_DRIVER_VERSION=""550.54"""\n'
+            for i, (code, msg) in enumerate([(0, ""), (43, "GPU stopped processing"), (43, "GPU stopped processing")])]
+    samples = list(read_samples(io.StringIO(head + "".join(rows))))
+    _write(database_url, samples)
+    assert _events(database_url) == [("GPU-a", T0 + timedelta(seconds=15), "xid", 43, "GPU stopped processing")]
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT driver_version, labels FROM gpus").fetchone() == (
+            "550.54", {"DCGM_FI_DRIVER_VERSION": "550.54"})  # err_code/err_msg are not inventory labels
