@@ -147,10 +147,112 @@ def cmd_stream(args: argparse.Namespace) -> int:
             log.info("Parsing with %d worker processes (one pass, source timestamps)", workers)
             summary = streamer.run_parallel(str(path), workers, limits)
         else:
-            summary = streamer.run(lambda: read_samples(path, with_labels=False, limits=limits), loop=args.loop,
+            summary = streamer.run(lambda: read_samples(path, limits=limits), loop=args.loop,
                                    timestamps=args.timestamps, rate=args.rate)
     print(f"published={summary.published} rejected={summary.rejected}")
     return 0
+
+
+def cmd_scrape(args: argparse.Namespace) -> int:
+    from telemetry_nb.observability import PipelineMetrics, ScrapeMetrics
+    from telemetry_nb.pipeline.scraper import Scraper
+    from telemetry_nb.pipeline.streamer import Streamer, parse_shard
+    from telemetry_nb.pipeline.streams import Queue, connect, redis_probe
+    from telemetry_nb.timeparse import parse_duration
+
+    targets = _scrape_targets(args)
+    try:
+        interval, timeout = parse_duration(args.interval), parse_duration(args.timeout)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    if interval <= 0 or timeout <= 0:
+        raise CliError("--interval and --timeout must be positive")
+    extra = {"high_water": args.high_water}
+    if args.shard:
+        try:
+            extra["shard_index"], extra["shard_count"] = parse_shard(args.shard)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+    settings = _with_servers(_settings(args, **extra), need_db=False)
+    log.info("Scraping %s every %gs (timeout %gs, %d at a time) into %s stream %r (shard %d/%d)",
+             _describe_targets(args), interval, timeout, args.concurrency, redact(settings.redis_url),
+             settings.stream, settings.shard_index, settings.shard_count)
+    client = connect(settings.redis_url)
+    queue = Queue(client, settings.stream, settings.group, settings.consumer, side_maxlen=settings.side_maxlen)
+    metrics = PipelineMetrics()
+    streamer = Streamer(queue, settings, metrics=metrics)
+    streamer.source_name = "scrape"
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1")
+
+    def make_worker() -> Scraper:  # runs in a forked worker process: its own Redis connection
+        worker_queue = Queue(connect(settings.redis_url), settings.stream, settings.group, settings.consumer,
+                             side_maxlen=settings.side_maxlen)
+        worker_streamer = Streamer(worker_queue, settings)
+        worker_streamer.source_name = "scrape"
+        return Scraper(worker_streamer, targets, ScrapeMetrics(PipelineMetrics().registry), interval_s=interval,
+                       timeout_s=timeout, concurrency=args.concurrency)
+
+    scraper = Scraper(streamer, targets, ScrapeMetrics(metrics.registry), interval_s=interval, timeout_s=timeout,
+                      concurrency=args.concurrency, workers=args.workers, make_worker=make_worker)
+    _on_signals(scraper.stop)
+    _start_metrics(settings, metrics, {"redis": redis_probe(settings.redis_url)})
+    try:
+        cycles = scraper.run(cycles=args.cycles)
+    finally:
+        if hasattr(targets, "stop"):
+            targets.stop()
+    print(f"cycles={cycles} published={scraper.published} rejected={scraper.rejected}")
+    return 0
+
+
+def cmd_fake_exporter(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from telemetry_nb.sources.fake_exporter import FakeExporter
+
+    exporter = FakeExporter(args.targets, args.gpus, args.fields, seed=args.seed)
+    if args.targets_file:
+        from telemetry_nb.sources.fake_exporter import target_urls
+
+        Path(args.targets_file).write_text("\n".join(target_urls(f"http://{args.host}:{args.port}", args.targets))
+                                           + "\n")
+    try:
+        asyncio.run(exporter.serve(args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _scrape_targets(args: argparse.Namespace):
+    from telemetry_nb.sources.targets import FileTargets, KubernetesTargets, StaticTargets, kubernetes_client
+
+    chosen = sum(bool(x) for x in (args.target, args.targets_file, args.kubernetes))
+    if chosen != 1:
+        raise CliError("give exactly one of --target URL (repeatable), --targets-file FILE or --kubernetes")
+    if args.target:
+        return StaticTargets(args.target)
+    if args.targets_file:
+        if not Path(args.targets_file).is_file():
+            raise CliError(f"targets file not found: {args.targets_file}")
+        return FileTargets(args.targets_file)
+    try:
+        api = kubernetes_client(args.kube_api)
+    except Exception as err:  # noqa: BLE001 (no in-cluster config and no kubeconfig)
+        raise CliError(f"cannot configure the Kubernetes client: {err}") from None
+    found = KubernetesTargets(api, namespace=args.namespace, selector=args.selector, port=args.port,
+                              role=args.role, field_selector=args.field_selector or "").start()
+    if not found.wait_synced(30):
+        log.warning("Discovery has not listed any %s yet; scraping whatever it finds", args.role)
+    return found
+
+
+def _describe_targets(args: argparse.Namespace) -> str:
+    if args.target:
+        return f"{len(args.target)} target(s)"
+    if args.targets_file:
+        return f"the targets in {args.targets_file}"
+    return f"{args.role}s {args.selector!r} in namespace {args.namespace} (port {args.port})"
 
 
 def _stream_workers(args: argparse.Namespace, path: Path) -> int:
@@ -320,14 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="run everything on embedded servers with sample data (the main job)",
-                       description="Start the embedded servers, generate sample data unless --csv is given, and "
-                                   "run streamer (live replay) + collector + API (+ dashboard) until Ctrl-C.")
-    p.add_argument("--csv", help="DCGM CSV to replay (default: generated sample data)")
+                       description="Start the embedded servers and run a source + collector + API (+ dashboard) "
+                                   "until Ctrl-C. The source scrapes a built-in fake dcgm-exporter serving "
+                                   "generated GPUs, or your exporters (--scrape URL), or replays a CSV (--csv).")
+    p.add_argument("--csv", help="DCGM CSV to replay live instead of scraping")
+    p.add_argument("--scrape", action="append", metavar="URL",
+                   help="a real dcgm-exporter to scrape, e.g. http://gpu-node:9400/metrics (repeatable)")
+    p.add_argument("--scrape-interval", default="1s", help="scrape interval in the demo (default 1s)")
     p.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
     p.add_argument("--dashboard-port", type=int, default=8866, help="Voilà dashboard port (default 8866)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the Voilà dashboard")
-    p.add_argument("--hosts", type=int, default=4, help="hosts in the generated sample (default 4)")
-    p.add_argument("--gpus-per-host", type=int, default=8, help="GPUs per generated host (default 8)")
+    p.add_argument("--hosts", type=int, default=4, help="fake exporter hosts (default 4)")
+    p.add_argument("--gpus-per-host", type=int, default=8, help="GPUs per fake host (default 8)")
     _common(p, db=False, redis=False)
     p.set_defaults(func=cmd_demo)
 
@@ -363,6 +469,54 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "unreachable) on this port (default off)")
     _common(p, db=False)
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("scrape", help="scrape dcgm-exporter endpoints live and publish to the Redis stream",
+                       description="Scrape dcgm-exporter /metrics endpoints every --interval and publish the "
+                                   "samples like `stream` does (batches, backpressure, retries, shards, rejected "
+                                   "lines in <stream>:rejected). Targets: --target, --targets-file or --kubernetes.",
+                       epilog="Ends (on SIGTERM/Ctrl-C or after --cycles) with 'cycles=N published=N rejected=M'.")
+    p.add_argument("--target", action="append", metavar="URL",
+                   help="exporter URL, e.g. http://node1:9400/metrics (repeatable; host:port is enough)")
+    p.add_argument("--targets-file", metavar="FILE", help="file with one URL a line, re-read when it changes")
+    p.add_argument("--kubernetes", action="store_true",
+                   help="discover the exporters through the Kubernetes API (list + watch, like kubernetes_sd)")
+    p.add_argument("--namespace", default="gpu-operator", help="namespace of the exporters (default gpu-operator)")
+    p.add_argument("--selector", default="app=nvidia-dcgm-exporter",
+                   help="label selector of the exporter pods or EndpointSlices (default app=nvidia-dcgm-exporter)")
+    p.add_argument("--port", type=int, default=9400, help="exporter port (default 9400)")
+    p.add_argument("--role", choices=("pod", "endpointslice"), default="pod",
+                   help="discover pods (default) or the EndpointSlices of the exporter's Service")
+    p.add_argument("--field-selector", help="extra field selector, e.g. spec.nodeName=$NODE_NAME (own node only)")
+    p.add_argument("--kube-api", metavar="URL", help="Kubernetes API server URL (default: in-cluster config, "
+                                                     "else the kubeconfig)")
+    p.add_argument("--interval", default="15s", help="time between scrapes of a target (default 15s)")
+    p.add_argument("--timeout", default="5s", help="per-target scrape timeout (default 5s)")
+    p.add_argument("--concurrency", type=int, default=100, help="targets scraped at once (default 100)")
+    p.add_argument("--cycles", type=int, help="stop after this many scrape cycles (default: run until stopped)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that fetch, parse and publish a share of the targets each (default 1; "
+                        "parsing is CPU-bound: more helps with hundreds of targets on several cores)")
+    p.add_argument("--shard", help="I/N: publish only GPUs of shard I of N")
+    p.add_argument("--batch-size", type=int, help="rows per stream entry (default 1000)")
+    p.add_argument("--high-water", type=int, help="wait while more entries than this are unacknowledged "
+                                                  "(default 2000; 0 disables)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics (telemetry_scrape_up{target}…) and /health "
+                                                    "on this port (default off)")
+    _common(p, db=False)
+    p.set_defaults(func=cmd_scrape)
+
+    p = sub.add_parser("fake-exporter", help="serve generated GPUs like a fleet of dcgm-exporters (no GPU needed)",
+                       description="Serve --targets fake GPU hosts on one port at /target/<i>/metrics (/metrics is "
+                                   "target 0) in the Prometheus text format, values changing every scrape.")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9400, help="port (default 9400)")
+    p.add_argument("--targets", type=int, default=4, help="fake hosts (default 4)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per host (default 8)")
+    p.add_argument("--fields", type=int, default=10, help="DCGM fields per GPU, at most 40 (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--targets-file", metavar="FILE", help="also write the target URLs to FILE, one a line")
+    p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_fake_exporter)
 
     p = sub.add_parser("collect", help="consume the stream into PostgreSQL",
                        description="Consume the stream as a consumer-group member; write each batch in one "

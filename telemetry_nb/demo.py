@@ -1,4 +1,5 @@
-"""`telemetry-nb demo`: embedded servers + streamer + collector + API (+ dashboard) as one supervised tree."""
+"""`telemetry-nb demo`: embedded servers + a source (fake exporter + scraper, your exporters, or a CSV replay)
++ collector + API (+ dashboard) as one supervised tree."""
 
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
             print(f"error: port {port} is already in use (another demo?); choose another with {flag}",
                   file=sys.stderr)
             return 2
+    scrape = list(getattr(args, "scrape", None) or [])
+    if args.csv is not None and scrape:
+        print("error: give --csv or --scrape, not both", file=sys.stderr)
+        return 2
+    if args.csv is not None and not Path(args.csv).is_file():
+        print(f"error: CSV file not found: {args.csv}", file=sys.stderr)
+        return 2
     home = Path(settings.home).absolute()
     emb = Embedded(home)
     was_running = emb.status()
@@ -61,20 +69,26 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     # the demo runs without API tokens, whatever the shell that starts it has configured
     env = {k: v for k, v in os.environ.items() if k not in ("TELEMETRY_API_TOKENS", "TELEMETRY_API_TOKENS_FILE")}
     env = {**env, **env_urls, "TELEMETRY_NB_HOME": str(home)}
-    csv_path = args.csv
-    if csv_path is None:
-        csv_path = str(home / "demo.csv")
-        if not Path(csv_path).exists():
-            log.info("Generating sample data (%d hosts x %d GPUs, 10 minutes at 1 s) into %s",
-                     args.hosts, args.gpus_per_host, csv_path)
-            subprocess.run(_cli("generate", "--hosts", str(args.hosts), "--gpus-per-host", str(args.gpus_per_host),
-                                "--duration", "10m", "--interval", "1s", "--out", csv_path), check=True, env=env)
-    elif not Path(csv_path).is_file():
-        print(f"error: CSV file not found: {csv_path}", file=sys.stderr)
-        return 2
     api = f"http://127.0.0.1:{args.port}"
+    if args.csv is not None:  # replay a CSV export, re-stamped to now
+        csv_path = args.csv
+        source = [Child("streamer", _cli("stream", "--csv", csv_path, "--loop", "--timestamps", "now"), env=env)]
+    elif scrape:  # real dcgm-exporters
+        source = [Child("scraper", _cli("scrape", *[a for url in scrape for a in ("--target", url)],
+                                        "--interval", args.scrape_interval), env=env)]
+    else:  # the scrape path, against a built-in fake exporter serving generated GPUs
+        from telemetry_nb.embedded import free_port
+        from telemetry_nb.sources.fake_exporter import target_urls
+
+        port = free_port()
+        urls = target_urls(f"http://127.0.0.1:{port}", args.hosts)
+        log.info("Serving %d fake dcgm-exporters (%d GPUs each) on port %d", args.hosts, args.gpus_per_host, port)
+        source = [Child("exporter", _cli("fake-exporter", "--port", str(port), "--targets", str(args.hosts),
+                                         "--gpus", str(args.gpus_per_host), "--fields", "11"), env=env),
+                  Child("scraper", _cli("scrape", *[a for url in urls for a in ("--target", url)],
+                                        "--interval", args.scrape_interval), env=env)]
     children = [
-        Child("streamer", _cli("stream", "--csv", csv_path, "--loop", "--timestamps", "now"), env=env),
+        *source,
         Child("collector", _cli("collect", "--visibility-timeout", "30"), env=env),
         Child("api", _cli("serve", "--port", str(args.port)), env=env),
     ]

@@ -52,6 +52,32 @@ class PipelineMetrics:
         return generate_latest(self.registry)
 
 
+class ScrapeMetrics:
+    """Per-target metrics of the scraper (`telemetry_scrape_*{target}`), in the pipeline's registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.up = Gauge("telemetry_scrape_up", "1 if the last scrape of the target succeeded, else 0", ["target"],
+                        registry=r)
+        self.duration = Gauge("telemetry_scrape_duration_seconds", "Duration of the last scrape of the target",
+                              ["target"], registry=r)
+        self.samples = Gauge("telemetry_scrape_samples", "Samples read in the last scrape of the target",
+                             ["target"], registry=r)
+        self.failures = Counter("telemetry_scrape_failures", "Failed scrapes of the target", ["target"], registry=r)
+        self.cycle_seconds = Histogram("telemetry_scrape_cycle_seconds", "Duration of a whole scrape cycle "
+                                       "(fetch, parse, publish)", registry=r,
+                                       buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.targets = Gauge("telemetry_scrape_targets", "Targets known in the last cycle", registry=r)
+
+    def forget(self, target: str) -> None:
+        """A target that is gone: drop its series."""
+        for metric in (self.up, self.duration, self.samples, self.failures):
+            try:
+                metric.remove(target)
+            except KeyError:
+                pass
+
+
 def peak_rss_kib(pid: int | str = "self") -> int:
     """Largest peak resident set (VmHWM, since exec) of a process and its live descendants, in KiB; 0 if gone.
 

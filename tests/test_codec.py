@@ -66,3 +66,18 @@ def test_side_fields_of_the_wrong_shape_are_refused(field, value, what):
     fields[field] = value
     with pytest.raises(codec.CodecError, match=f"malformed {what} row"):
         codec.decode(fields)
+
+
+def test_encode_series_makes_the_entry_encode_makes():
+    """The live sources' fast path (per-series work once) encodes exactly what `encode` does."""
+    from dataclasses import replace
+
+    base = Sample("GPU-m:gi1", "DCGM_FI_PROF_GR_ENGINE_ACTIVE", T0, 0.5, "h1", 0, "nvidia0", "A100", "c", "p", "ns",
+                  {"UUID": "GPU-m", "GPU_I_ID": "1", "pod": "p"}, "0:7:0", "550", "GPU-m", "1g.5gb", 1)
+    other = Sample("GPU-a", "DCGM_FI_DEV_XID_ERRORS", T0, 43.0, "h1", 1, "nvidia1", "A100",
+                   labels={"UUID": "GPU-a", "err_msg": "GPU stopped processing"})
+    samples = [base, replace(base, metric="DCGM_FI_DEV_FB_USED", value=1024.0), other,
+               replace(other, metric="DCGM_FI_DEV_GPU_TEMP", value=40.0, labels={"UUID": "GPU-a", "extra": "x"})]
+    series = {id(s.labels): codec.Series(s) for s in samples}
+    rows = [(series[id(s.labels)], s.metric, s.ts.isoformat(), s.value) for s in samples]
+    assert codec.encode_series(rows) == codec.encode(samples)

@@ -49,7 +49,13 @@ def test_real_export_end_to_end_exactly_once(cli_env, api_server, real_csv, data
     one = next(g for g in gpus if g["uuid"] == uuid0)
     stamps = sorted(ts for ts, _, _ in expected[uuid0])
     assert one == {"uuid": uuid0, "hostname": "mtv5-dgx1-hgpu-031", "gpu_index": 0, "device": "nvidia0",
-                   "model_name": "NVIDIA H100 80GB HBM3", "first_seen": stamps[0], "last_seen": stamps[-1]}
+                   "model_name": "NVIDIA H100 80GB HBM3", "first_seen": stamps[0], "last_seen": stamps[-1],
+                   # labels_raw kept: every static label (not __name__), the driver version from its label
+                   "pci_bus_id": "", "driver_version": "535.129.03", "parent_uuid": None, "mig_profile": None,
+                   "mig_instance": None,
+                   "labels": {"DCGM_FI_DRIVER_VERSION": "535.129.03", "Hostname": "mtv5-dgx1-hgpu-031", "UUID": uuid0,
+                              "device": "nvidia0", "gpu": "0", "instance": "mtv5-dgx1-hgpu-031:9400",
+                              "job": "dgx_dcgm_exporter", "modelName": "NVIDIA H100 80GB HBM3"}}
 
     for uuid in sorted(expected)[::25]:  # every 25th GPU: exactly the CSV's rows, timestamps and values
         body = httpx.get(f"{api_server}/api/v1/gpus/{uuid}/telemetry").json()

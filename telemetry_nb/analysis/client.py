@@ -67,12 +67,15 @@ class Gpu:
     model_name: str
     first_seen: datetime | None
     last_seen: datetime | None
+    parent_uuid: str | None = None  # set on a MIG instance: the GPU it is carved from
+    mig_instance: int | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> Gpu:
         return cls(uuid=d["uuid"], hostname=d.get("hostname") or "", gpu_index=d.get("gpu_index"),
                    device=d.get("device") or "", model_name=d.get("model_name") or "",
-                   first_seen=parse_ts(d.get("first_seen")), last_seen=parse_ts(d.get("last_seen")))
+                   first_seen=parse_ts(d.get("first_seen")), last_seen=parse_ts(d.get("last_seen")),
+                   parent_uuid=d.get("parent_uuid"), mig_instance=d.get("mig_instance"))
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,18 @@ class Aggregate:
     gpu: Gpu
     bucket_seconds: float
     items: list[Bucket]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A GPU event: for kind `xid`, the XID code a GPU started reporting at `timestamp`."""
+
+    timestamp: datetime
+    uuid: str
+    hostname: str
+    kind: str
+    code: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -191,6 +206,15 @@ class TelemetryClient:
 
     def gpu(self, uuid: str) -> Gpu:
         return Gpu.from_json(self._get(f"/api/v1/gpus/{uuid}")[1])
+
+    def events(self, *, uuid: str | None = None, kind: str | None = None, start_time: TimeArg = None,
+               end_time: TimeArg = None, page_size: int = 1000) -> list[Event]:
+        """GPU events (XID errors) with start_time ≤ timestamp ≤ end_time, all pages, oldest first."""
+        params = [(k, v) for k, v in (("uuid", uuid), ("kind", kind), ("start_time", format_ts(start_time)),
+                                      ("end_time", format_ts(end_time)), ("limit", page_size)) if v is not None]
+        return [Event(parse_ts(e["timestamp"]), e["uuid"], e.get("hostname") or "", e["kind"], int(e["code"]),
+                      e.get("message") or "")
+                for page in self._pages("/api/v1/events", params) for e in page["items"]]
 
     # -- telemetry -----------------------------------------------------------------------------
     def telemetry_pages(self, uuid: str, *, start_time: TimeArg = None, end_time: TimeArg = None,

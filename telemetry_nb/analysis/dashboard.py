@@ -197,6 +197,8 @@ class Dashboard:
         self.temp_power = w.HTML(layout=w.Layout(overflow="auto"))
         self.idle = w.HTML()
         self.idle_title = w.HTML()
+        self.xid = w.HTML()
+        self.xid_title = w.HTML()
         controls = [self.host, self.gpu, self.metric, self.window, self.refresh_button]
         if refresh_s > 0:
             controls.append(self.timer)
@@ -205,7 +207,7 @@ class Dashboard:
             w.HBox(controls, layout=w.Layout(flex_flow="row wrap", gap="6px")),
             self.heatmap, self.timeseries, w.HBox([self.per_host, self.temp_power],
                                                   layout=w.Layout(flex_flow="row wrap", gap="24px")),
-            self.idle_title, self.idle,
+            self.idle_title, self.idle, self.xid_title, self.xid,
         ])
         self.refresh_button.on_click(lambda _: self.refresh(reload=True))
         self.timer.observe(lambda _: self.refresh(reload=True), names="value")
@@ -218,9 +220,11 @@ class Dashboard:
     def load(self) -> dict:
         if self.metric_names is None or self.refreshes % 20 == 0:  # names rarely change: re-read them now and then
             self.metric_names = sorted(m.name for m in self.client.metrics())
-        return self.ex.load_window(self.client, window=self.window.value, target_buckets=60,
-                                   metrics=[self.metric.value, *self.ex.CHART_METRICS],
-                                   known_metrics=self.metric_names)
+        loaded = self.ex.load_window(self.client, window=self.window.value, target_buckets=60,
+                                     metrics=[self.metric.value, *self.ex.CHART_METRICS],
+                                     known_metrics=self.metric_names)
+        loaded["events"] = self.client.events(kind="xid", start_time=loaded["start"], end_time=loaded["end"])
+        return loaded
 
     def _host_changed(self, _change) -> None:
         self._set_gpu_options()
@@ -231,7 +235,8 @@ class Dashboard:
             return
         host = self.host.value
         gpus = [g for g in self.loaded["gpus"] if not host or g.hostname == host]
-        options = [("All GPUs", "")] + [(f"{self.ex.gpu_label(g.hostname, g.gpu_index)}  {g.uuid[:12]}…", g.uuid)
+        label = self.ex.gpu_label
+        options = [("All GPUs", "")] + [(f"{label(g.hostname, g.gpu_index, g.mig_instance)}  {g.uuid[:12]}…", g.uuid)
                                          for g in gpus]
         _set_options(self.gpu, options, self.gpu.value)
 
@@ -297,6 +302,9 @@ class Dashboard:
         self.idle_title.value = (f"<h4>Idle GPUs — {html.escape(where)}: {len(idle)} under "
                                  f"{self.idle_threshold:g}% utilization for the whole window</h4>")
         self.idle.value = _table(idle[["gpu", "uuid", "max_util", "avg_power_w", "avg_fb_used_mib"]])
+        xid = ex.xid_gpus(loaded.get("events", []), loaded["gpus"], host or None)
+        self.xid_title.value = f"<h4>GPUs with XID errors in the window — {html.escape(where)}: {len(xid)}</h4>"
+        self.xid.value = _table(xid)
 
     def show(self):
         """Display the app and draw it once; the Play widget then drives the periodic refresh."""

@@ -22,6 +22,7 @@ from telemetry_nb.analysis.client import Gpu, TelemetryClient, parse_ts
 from telemetry_nb.timeparse import parse_duration
 
 UTIL = "DCGM_FI_DEV_GPU_UTIL"
+GR_ENGINE = "DCGM_FI_PROF_GR_ENGINE_ACTIVE"  # the utilization of a MIG instance (a 0–1 ratio), which has no UTIL
 TEMP = "DCGM_FI_DEV_GPU_TEMP"
 POWER = "DCGM_FI_DEV_POWER_USAGE"
 FB_USED = "DCGM_FI_DEV_FB_USED"
@@ -100,8 +101,10 @@ def gpus_frame(gpus: Iterable[Gpu]) -> pd.DataFrame:
     return df
 
 
-def gpu_label(hostname: str, gpu_index: int | None) -> str:
-    return f"{hostname}/{'?' if gpu_index is None else gpu_index}"
+def gpu_label(hostname: str, gpu_index: int | None, mig_instance: int | None = None) -> str:
+    """`host/0`; a MIG instance `host/0/gi1`, so it never shares a chart row with its parent."""
+    base = f"{hostname}/{'?' if gpu_index is None else gpu_index}"
+    return base if mig_instance is None else f"{base}/gi{mig_instance}"
 
 
 def choose_bucket(start: datetime, end: datetime, target: int = 120, min_s: float = 1) -> int:
@@ -128,7 +131,7 @@ def load_aggregates(client: TelemetryClient, gpus: Sequence[Gpu], *, start: date
 
     def one(g: Gpu) -> list[tuple]:
         agg = client.aggregate(g.uuid, metric=metrics, bucket=bucket_s, start_time=start, end_time=end)
-        label = gpu_label(g.hostname, g.gpu_index)
+        label = gpu_label(g.hostname, g.gpu_index, g.mig_instance)
         return [(g.uuid, g.hostname, g.gpu_index, label, b.bucket, b.metric, b.min, b.avg, b.max, b.count)
                 for b in agg.items]
 
@@ -158,7 +161,7 @@ def load_raw(client: TelemetryClient, gpus: Sequence[Gpu], *, start: datetime, e
                 del items[max_rows_per_gpu:]
                 break
         df = pd.DataFrame(items, columns=["timestamp", "metric", "value"])
-        df.insert(0, "gpu", gpu_label(g.hostname, g.gpu_index))
+        df.insert(0, "gpu", gpu_label(g.hostname, g.gpu_index, g.mig_instance))
         df.insert(0, "gpu_index", g.gpu_index)
         df.insert(0, "hostname", g.hostname)
         df.insert(0, "uuid", g.uuid)
@@ -200,14 +203,48 @@ def load_window(client: TelemetryClient, *, start_time=None, end_time=None, wind
     scoped = [g for g in inventory if not hosts or g.hostname in hosts]
     start, end = resolve_window(scoped, start_time=start_time, end_time=end_time, window=window)
     selected = select_gpus(scoped, start=start, end=end)
-    wanted = list(dict.fromkeys([*CHART_METRICS, *(metrics or DEFAULT_METRICS)]))
+    wanted = list(dict.fromkeys([*CHART_METRICS, GR_ENGINE, *(metrics or DEFAULT_METRICS)]))
     known = set(known_metrics) if known_metrics is not None else {m.name for m in client.metrics()}
     wanted = [m for m in wanted if m in known]
     bucket_s = choose_bucket(start, end, target_buckets)
-    data = load_aggregates(client, selected, start=start, end=end, bucket_s=bucket_s, metrics=wanted or None,
-                           workers=workers)
+    data = utilization_fallback(load_aggregates(client, selected, start=start, end=end, bucket_s=bucket_s,
+                                                metrics=wanted or None, workers=workers))
     return {"gpus": selected, "all_gpus": scoped, "start": start, "end": end, "bucket_s": bucket_s, "data": data,
             "metrics": wanted}
+
+
+def utilization_fallback(df: pd.DataFrame) -> pd.DataFrame:
+    """GPUs without `DCGM_FI_DEV_GPU_UTIL` (MIG instances) get it from `DCGM_FI_PROF_GR_ENGINE_ACTIVE` × 100.
+
+    So every chart, the idle report and the fleet summary use whichever of the two a GPU reports.
+    """
+    if df.empty or GR_ENGINE not in set(df["metric"]):
+        return df
+    has_util = set(df.loc[df["metric"] == UTIL, "uuid"])
+    gr = df[(df["metric"] == GR_ENGINE) & ~df["uuid"].isin(has_util)]
+    if gr.empty:
+        return df
+    derived = gr.assign(metric=UTIL, min=gr["min"] * 100, avg=gr["avg"] * 100, max=gr["max"] * 100)
+    out = pd.concat([df, derived], ignore_index=True)
+    out.attrs.update(df.attrs)
+    return out
+
+
+def xid_gpus(events: Sequence, gpus: Sequence[Gpu] | None = None, hostname: str | None = None) -> pd.DataFrame:
+    """GPUs with XID errors among `events` (client `Event`s, optionally of one host): one row each, newest first."""
+    cols = ["gpu", "uuid", "errors", "last_code", "last_message", "last_at"]
+    rows = [e for e in events if e.kind == "xid" and e.code and (not hostname or e.hostname == hostname)]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    index = {g.uuid: g for g in gpus or []}
+    df = pd.DataFrame([{"uuid": e.uuid, "hostname": e.hostname, "code": e.code, "message": e.message,
+                        "at": e.timestamp} for e in rows]).sort_values("at")
+    out = df.groupby("uuid", sort=False).agg(hostname=("hostname", "last"), errors=("code", "size"),
+                                             last_code=("code", "last"), last_message=("message", "last"),
+                                             last_at=("at", "last")).reset_index()
+    out["gpu"] = [gpu_label(h, index[u].gpu_index, index[u].mig_instance) if u in index else gpu_label(h, None)
+                  for u, h in zip(out["uuid"], out["hostname"], strict=True)]
+    return out.sort_values("last_at", ascending=False)[cols].reset_index(drop=True)
 
 
 # -- reshaping -----------------------------------------------------------------------------------

@@ -18,6 +18,12 @@ class Gpu(BaseModel):
     model_name: str
     first_seen: datetime | None
     last_seen: datetime | None
+    pci_bus_id: str = ""
+    driver_version: str = ""
+    labels: dict[str, str] = Field(default_factory=dict, description="the exporter's static labels")
+    parent_uuid: str | None = Field(None, description="for a MIG instance: the uuid of its GPU")
+    mig_profile: str | None = None
+    mig_instance: int | None = None
 
 
 class GpuPage(BaseModel):
@@ -50,6 +56,24 @@ class Aggregate(BaseModel):
     gpu: Gpu
     bucket_seconds: float
     items: list[Bucket]
+
+
+class Event(BaseModel):
+    """One GPU event: for `kind` xid, the XID code a GPU started reporting at `timestamp`, with its message."""
+
+    timestamp: datetime
+    uuid: str
+    hostname: str
+    kind: str
+    code: int
+    message: str
+
+
+class EventPage(BaseModel):
+    """A page of events in (timestamp, GPU, kind) order; follow `next_cursor` until it is null."""
+
+    items: list[Event]
+    next_cursor: str | None = Field(description="pass back as `cursor` for the next page; null on the last page")
 
 
 class MetricInfo(BaseModel):

@@ -28,6 +28,9 @@ _RFC3339 = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.
 # a GPU page's cursor is the last uuid of the page; a telemetry page's is `<epoch µs>.<metric id>`
 GPU_CURSOR_PATTERN = UUID_PATTERN
 TELEMETRY_CURSOR_PATTERN = r"^-?[0-9]{1,16}\.[0-9]{1,10}$"
+# an event page's is `<epoch µs>.<gpu id>.<kind>`
+EVENT_CURSOR_PATTERN = r"^-?[0-9]{1,16}\.-?[0-9]{1,18}\.[a-z_]{1,32}$"
+KIND_PATTERN = r"^[a-z_]{1,32}$"
 
 # a positive duration: 1–6 integer digits (an optional fraction of up to 3), or 0.xxx, then an optional unit
 BUCKET_PATTERN = r"^(?:[1-9][0-9]{0,5}(?:\.[0-9]{1,3})?|0\.(?:[1-9][0-9]{0,2}|0[1-9][0-9]?|00[1-9]))(?:ms|s|m|h|d)?$"
@@ -91,6 +94,18 @@ def decode_telemetry_cursor(text: str) -> tuple[datetime, int]:
     return ts, int(metric_id)
 
 
+def encode_event_cursor(ts: datetime, gpu_id: int, kind: str) -> str:
+    return f"{encode_telemetry_cursor(ts, 0).split('.')[0]}.{gpu_id}.{kind}"
+
+
+def decode_event_cursor(text: str) -> tuple[datetime, int, str]:
+    """`<epoch µs>.<gpu id>.<kind>` → (timestamp, gpu id, kind); every `EVENT_CURSOR_PATTERN` match is valid."""
+    if not re.match(EVENT_CURSOR_PATTERN, text):
+        raise ParamError(f"cursor: invalid cursor {text!r:.80}; pass back the next_cursor of a previous page")
+    micros, gpu_id, kind = text.split(".")
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(micros)), int(gpu_id), kind
+
+
 # -- the parameter declarations the routes share ------------------------------------------------
 # Optional query parameters are declared `str` with a default of None (not `str | None`), so that their
 # schema is the plain string schema rather than `anyOf [string, null]`: a query string has no null.
@@ -111,6 +126,12 @@ StartTime = Annotated[str, _time("earliest sample time")]
 EndTime = Annotated[str, _time("latest sample time; not before start_time")]
 Metrics = Annotated[list[MetricName], Query(description="metric name; repeat for several (default: every metric)")]
 GpuCursor = Annotated[str, _text("next_cursor of the previous page", pattern=GPU_CURSOR_PATTERN)]
+ParentUuid = Annotated[str, _text("only the MIG instances of this GPU", pattern=UUID_PATTERN)]
+EventUuid = Annotated[str, _text("only events of this GPU", pattern=UUID_PATTERN)]
+EventKind = Annotated[str, Query(description="only events of this kind (e.g. xid)", max_length=32,
+                                 pattern=KIND_PATTERN)]
+EventCursor = Annotated[str, Query(description="next_cursor of the previous page", max_length=70,
+                                   pattern=EVENT_CURSOR_PATTERN)]
 TelemetryCursor = Annotated[str, Query(description="next_cursor of the previous page", max_length=28,
                                        pattern=TELEMETRY_CURSOR_PATTERN)]
 Bucket = Annotated[str, Query(description="bucket width: a positive number with an optional unit ms, s, m, h "

@@ -20,15 +20,21 @@ from telemetry_nb.api import models
 from telemetry_nb.api.params import (
     Bucket,
     EndTime,
+    EventCursor,
+    EventKind,
+    EventUuid,
     GpuCursor,
     Hostname,
     Metrics,
     ModelName,
     ParamError,
+    ParentUuid,
     StartTime,
     TelemetryCursor,
     Uuid,
+    decode_event_cursor,
     decode_telemetry_cursor,
+    encode_event_cursor,
     encode_telemetry_cursor,
     parse_bucket,
     parse_time,
@@ -68,7 +74,10 @@ def gpu_out(row: dict) -> dict[str, Any]:
 
     return {"uuid": row["uuid"], "hostname": row["hostname"], "gpu_index": row["gpu_index"],
             "device": row["device"], "model_name": row["model_name"],
-            "first_seen": utc(row["first_seen"]), "last_seen": utc(row["last_seen"])}
+            "first_seen": utc(row["first_seen"]), "last_seen": utc(row["last_seen"]),
+            "pci_bus_id": row["pci_bus_id"], "driver_version": row["driver_version"], "labels": row["labels"] or {},
+            "parent_uuid": row["parent_uuid"] or None, "mig_profile": row["mig_profile"] or None,
+            "mig_instance": row["mig_instance"]}
 
 
 def _window(start_time: str | None, end_time: str | None) -> tuple[datetime | None, datetime | None]:
@@ -115,9 +124,10 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
                 responses={**BAD_PARAMS, 200: GPU_LINKS})
     def list_gpus(hostname: Hostname = None, model_name: ModelName = None,
                   limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
-                  cursor: GpuCursor = None) -> models.GpuPage:
+                  cursor: GpuCursor = None, parent_uuid: ParentUuid = None) -> models.GpuPage:
         with store.reader() as r:
-            rows = r.list_gpus(hostname=hostname, model_name=model_name, after=cursor or None, limit=limit)
+            rows = r.list_gpus(hostname=hostname, model_name=model_name, after=cursor or None, limit=limit,
+                               parent_uuid=parent_uuid or None)
         more = len(rows) > limit
         rows = rows[:limit]
         return models.GpuPage(items=[gpu_out(g) for g in rows], next_cursor=rows[-1]["uuid"] if more else None)
@@ -164,6 +174,24 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
                                 items=[{"bucket": a["bucket"].astimezone(UTC), "metric": a["metric"],
                                         "min": a["min"], "avg": float(a["avg"]), "max": a["max"],
                                         "count": a["count"]} for a in rows])
+
+    @router.get("/events", summary="GPU events (XID errors), cursor-paginated by time", operation_id="list_events",
+                responses=BAD_PARAMS)
+    def list_events(uuid: EventUuid = None, kind: EventKind = None, start_time: StartTime = None,
+                    end_time: EndTime = None,
+                    limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
+                    cursor: EventCursor = None) -> models.EventPage:
+        start, end = _window(start_time, end_time)
+        after = decode_event_cursor(cursor) if cursor else None
+        with store.reader() as r:
+            rows = r.events(uuid=uuid or None, kind=kind or None, start=start, end=end, after=after, limit=limit)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        last = rows[-1] if rows else None
+        return models.EventPage(
+            items=[models.Event(timestamp=e["ts"].astimezone(UTC), uuid=e["uuid"], hostname=e["hostname"],
+                                kind=e["kind"], code=e["code"], message=e["message"]) for e in rows],
+            next_cursor=encode_event_cursor(last["ts"], last["gpu_id"], last["kind"]) if more and last else None)
 
     @router.get("/metrics", summary="Metric names present, with row counts kept by the collectors",
                 operation_id="list_metrics")

@@ -5,6 +5,9 @@ table (`gpu_id, ts, metric_id, value, workload_id`), so a collector COPYs a batc
 the table with no per-row Python work. The ids are content hashes (`gpu_key`, `metric_key`,
 `workload_key`), so a streamer needs no lookups and every process derives the same id. The batch's
 GPU inventory, metric names and workloads travel as small JSON side fields for the upserts.
+Two optional side fields came later (entries without them still decode): `inventory` (PCI bus id,
+driver version, static labels, MIG parent/profile/instance per GPU) and `events` (every XID
+reading: GPU, time, code, message), from which the writer derives XID change events.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 
-from telemetry_nb.model import Sample
-from telemetry_nb.store.rows import GpuRow, MetricRow, RowBatch, WorkloadRow
+from telemetry_nb.model import XID_METRIC, Sample, static_labels
+from telemetry_nb.store.rows import EventRow, GpuRow, InventoryRow, MetricRow, RowBatch, WorkloadRow
 from telemetry_nb.timeparse import parse_timestamp
 
 VERSION = b"1"
@@ -54,6 +57,9 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
     per_metric: dict[str, int] = {}
     workloads: dict[tuple[str, str, str], str] = {}
     ts_text: dict[datetime, str] = {}
+    inventory: dict[str, list] = {}
+    merged: dict[str, object] = {}  # per GPU, the last labels dict merged (sources share one per series)
+    events: list[list] = []
     for s in samples:
         ts = ts_text.get(s.ts)
         if ts is None:
@@ -61,6 +67,12 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
         gpu = gpus.get(s.uuid)
         if gpu is None:
             gpu = gpus[s.uuid] = [str(gpu_key(s.uuid)), s.uuid, s.hostname, s.gpu_index, s.device, s.model_name]
+            inventory[s.uuid] = [0, s.pci_bus_id, s.driver_version, static_labels(s.labels), s.parent_uuid,
+                                 s.mig_profile, s.mig_instance]
+            merged[s.uuid] = s.labels
+        elif s.labels and merged[s.uuid] is not s.labels:
+            inventory[s.uuid][3].update(static_labels(s.labels))
+            merged[s.uuid] = s.labels
         mid = metrics.get(s.metric)
         if mid is None:
             mid = metrics[s.metric] = str(metric_key(s.metric))
@@ -74,15 +86,29 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
         else:
             wid = "\\N"
         append(f"{gpu[0]}\t{ts}\t{mid}\t{s.value!r}\t{wid}\n")
+        if s.metric == XID_METRIC and float(s.value).is_integer():
+            events.append([gpu[0], ts, "xid", int(s.value), s.labels.get("err_msg", "")])
     for gpu in gpus.values():
         gpu[0] = int(gpu[0])
+    for uuid, inv in inventory.items():
+        inv[0] = gpus[uuid][0]
+    for e in events:
+        e[0] = int(e[0])
+    return _fields(lines, gpus.values(), metrics, per_metric, workloads, inventory.values(), events)
+
+
+def _fields(lines: list[str], gpus: Iterable[list], metrics: dict[str, str], per_metric: dict[str, int],
+            workloads: dict[tuple[str, str, str], str], inventory: Iterable[list], events: list[list]
+            ) -> dict[bytes, bytes]:
     return {
         b"v": VERSION,
         b"n": str(len(lines)).encode(),
-        b"gpus": json.dumps(list(gpus.values()), separators=(",", ":")).encode(),
+        b"gpus": json.dumps(list(gpus), separators=(",", ":")).encode(),
         b"metrics": json.dumps([[int(i), n, per_metric[n]] for n, i in metrics.items()],
                                separators=(",", ":")).encode(),
         b"workloads": json.dumps([[int(i), *w] for w, i in workloads.items()], separators=(",", ":")).encode(),
+        b"inventory": json.dumps([i for i in inventory if _informative(i)], separators=(",", ":")).encode(),
+        b"events": json.dumps(events, separators=(",", ":")).encode(),
         b"rows": "".join(lines).encode(),
     }
 
@@ -95,8 +121,81 @@ def encode_batch(batch: RowBatch) -> dict[bytes, bytes]:
         b"gpus": json.dumps([list(g) for g in batch.gpus], separators=(",", ":")).encode(),
         b"metrics": json.dumps([list(m) for m in batch.metrics], separators=(",", ":")).encode(),
         b"workloads": json.dumps([list(w) for w in batch.workloads], separators=(",", ":")).encode(),
+        b"inventory": json.dumps([list(i) for i in batch.inventory], separators=(",", ":")).encode(),
+        b"events": json.dumps([[e.gpu_id, e.ts.isoformat(), e.kind, e.code, e.message] for e in batch.events],
+                              separators=(",", ":")).encode(),
         b"rows": batch.rows,
     }
+
+
+class Series:
+    """What every sample of one series shares (a `Sample` minus metric, time and value), ids worked out once.
+
+    For live sources whose series repeat every scrape: `encode_series` then does per sample only what
+    differs (the row text and the per-metric counts), the same entry `encode` would make.
+    """
+
+    __slots__ = ("uuid", "gid", "wid", "workload", "gpu_row", "inventory_row", "static", "err_msg", "prefix",
+                 "_shard")
+
+    def __init__(self, t: Sample):
+        self.uuid = t.uuid
+        self.gid = gpu_key(t.uuid)
+        self.workload = (t.namespace, t.pod, t.container) if (t.pod or t.namespace or t.container) else None
+        self.wid = str(workload_key(*self.workload)) if self.workload else "\\N"
+        self.gpu_row = [self.gid, t.uuid, t.hostname, t.gpu_index, t.device, t.model_name]
+        self.static = static_labels(t.labels)
+        self.inventory_row = [self.gid, t.pci_bus_id, t.driver_version, self.static, t.parent_uuid, t.mig_profile,
+                              t.mig_instance]
+        self.err_msg = t.labels.get("err_msg", "")
+        self.prefix = f"{self.gid}\t"
+        self._shard: tuple[int, int] = (0, -1)
+
+    def shard(self, count: int, shard_of) -> int:
+        """This series' shard of `count` (by `shard_of(uuid, count)`), remembered."""
+        if self._shard[0] != count:
+            self._shard = (count, shard_of(self.uuid, count))
+        return self._shard[1]
+
+
+def encode_series(rows: Iterable[tuple[Series, str, str, float]]) -> dict[bytes, bytes]:
+    """Encode (series, metric, timestamp text, value) rows into one stream entry, exactly as `encode` would."""
+    lines: list[str] = []
+    append = lines.append
+    gpus: dict[int, list] = {}
+    inventory: dict[int, list] = {}
+    metrics: dict[str, str] = {}
+    per_metric: dict[str, int] = {}
+    workloads: dict[tuple[str, str, str], str] = {}
+    events: list[list] = []
+    seen: set[Series] = set()
+    for series, metric, ts, value in rows:
+        if series not in seen:
+            seen.add(series)
+            gid = series.gid
+            inv = inventory.get(gid)
+            if inv is None:
+                gpus[gid] = series.gpu_row
+                inv = inventory[gid] = list(series.inventory_row)
+                inv[3] = dict(series.static)
+            else:
+                inv[3].update(series.static)
+            if series.workload is not None:
+                workloads[series.workload] = series.wid
+        mid = metrics.get(metric)
+        if mid is None:
+            mid = metrics[metric] = str(metric_key(metric))
+            per_metric[metric] = 0
+        per_metric[metric] += 1
+        append(f"{series.prefix}{ts}\t{mid}\t{value!r}\t{series.wid}\n")
+        if metric == XID_METRIC and float(value).is_integer():
+            events.append([series.gid, ts, "xid", int(value), series.err_msg])
+    return _fields(lines, gpus.values(), metrics, per_metric, workloads, inventory.values(), events)
+
+
+def _informative(inv: list) -> bool:
+    """An inventory row worth sending: it carries something beyond the defaults."""
+    return bool(inv[1] or inv[2] or inv[3] or inv[4] or inv[5] or inv[6] is not None)
 
 
 def decode(fields: dict[bytes, bytes]) -> RowBatch:
@@ -110,16 +209,42 @@ def decode(fields: dict[bytes, bytes]) -> RowBatch:
         gpus = json.loads(fields[b"gpus"])
         metrics = json.loads(fields[b"metrics"])
         workloads = json.loads(fields.get(b"workloads", b"[]"))
+        inventory = json.loads(fields.get(b"inventory", b"[]"))
+        events = json.loads(fields.get(b"events", b"[]"))
     except KeyError as err:
         raise CodecError(f"batch entry lacks field '{err.args[0].decode(errors='replace')}'") from None
     except (ValueError, TypeError) as err:
         raise CodecError(f"batch entry is malformed: {err}") from None
     _check_shape(rows, gpus, metrics, workloads)
+    _check_extra_shape(inventory, events)
     carried = rows.count(b"\n")
     if carried != n:
         raise CodecError(f"batch entry says n={n} but carries {carried} rows")
     return RowBatch(n=n, rows=rows, gpus=[GpuRow(*g) for g in gpus], metrics=[MetricRow(*m) for m in metrics],
-                    workloads=[WorkloadRow(*w) for w in workloads])
+                    workloads=[WorkloadRow(*w) for w in workloads], inventory=[InventoryRow(*i) for i in inventory],
+                    events=[EventRow(e[0], parse_timestamp(e[1]), *e[2:]) for e in events])
+
+
+def _check_extra_shape(inventory: object, events: object) -> None:
+    """The optional side fields, refused here when malformed (like `_check_shape`)."""
+    if not (isinstance(inventory, list) and isinstance(events, list)):
+        raise CodecError("batch entry inventory/events are not lists")
+    for i in inventory:
+        if not (isinstance(i, list) and len(i) == 7 and isinstance(i[0], int)
+                and all(isinstance(x, str) for x in (i[1], i[2], i[4], i[5]))
+                and isinstance(i[3], dict) and all(isinstance(v, str) for v in i[3].values())
+                and (i[6] is None or isinstance(i[6], int))):
+            raise CodecError(f"batch entry has a malformed inventory row: {i!r:.200}")
+    for e in events:
+        ok = (isinstance(e, list) and len(e) == 5 and isinstance(e[0], int) and isinstance(e[1], str)
+              and isinstance(e[2], str) and isinstance(e[3], int) and isinstance(e[4], str))
+        if ok:
+            try:
+                parse_timestamp(e[1])
+            except ValueError:
+                ok = False
+        if not ok:
+            raise CodecError(f"batch entry has a malformed events row: {e!r:.200}")
 
 
 def _check_shape(rows: object, gpus: list, metrics: list, workloads: list) -> None:
@@ -151,6 +276,7 @@ def decode_samples(batch: RowBatch) -> list[Sample]:
     gpus = {g.id: g for g in batch.gpus}
     metrics = {m.id: m.name for m in batch.metrics}
     workloads = {w.id: (w.namespace, w.pod, w.container) for w in batch.workloads}
+    inventory = {i.id: i for i in batch.inventory}
     out = []
     for line in batch.rows.decode().splitlines():
         gid, ts, mid, value, wid = line.split("\t")
@@ -159,4 +285,10 @@ def decode_samples(batch: RowBatch) -> list[Sample]:
         out.append(Sample(uuid=g.uuid, metric=metrics[int(mid)], ts=parse_timestamp(ts), value=float(value),
                           hostname=g.hostname, gpu_index=g.gpu_index, device=g.device, model_name=g.model_name,
                           namespace=ns, pod=pod, container=container))
+        inv = inventory.get(int(gid))
+        if inv is not None:
+            last = out[-1]
+            last.labels = dict(inv.labels)
+            last.pci_bus_id, last.driver_version, last.parent_uuid = inv.pci_bus_id, inv.driver_version, inv.parent_uuid
+            last.mig_profile, last.mig_instance = inv.mig_profile, inv.mig_instance
     return out

@@ -133,8 +133,9 @@ class Queue:
         pipe = self.r.pipeline(transaction=True)
         n = 0
         for row in rows:
-            pipe.xadd(self.rejected_stream, {"source": source, "line": str(row.line), "reason": row.reason,
-                                             "raw": row.raw}, maxlen=self.side_maxlen, approximate=True)
+            pipe.xadd(self.rejected_stream, {"source": row.source or source, "line": str(row.line),
+                                             "reason": row.reason, "raw": row.raw},
+                      maxlen=self.side_maxlen, approximate=True)
             n += 1
         if n:
             pipe.incrby(self.rejected_total_key, n)

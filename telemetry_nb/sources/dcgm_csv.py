@@ -14,10 +14,12 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import IO
 
 from telemetry_nb.model import Rejected, Sample
+from telemetry_nb.sources.labels import Identity, identity
 from telemetry_nb.sources.limits import RowLimits
 from telemetry_nb.timeparse import parse_timestamp
 
@@ -98,7 +100,7 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True, limi
     """Yield a `Sample` for every good row and a `Rejected` for every bad one, in file order.
 
     Raises `HeaderError` before yielding anything when a required column is missing.
-    `with_labels=False` skips parsing `labels_raw` (the pipeline does not store labels). A row the
+    `with_labels=False` skips parsing `labels_raw` (the inventory then gets no labels). A row the
     database could not store (see `RowLimits`; timestamps are checked against `now()`) is rejected.
     """
     if isinstance(source, str | Path):
@@ -201,8 +203,37 @@ def read_samples(source: str | Path | IO[str], *, with_labels: bool = True, limi
         except ValueError as err:
             yield Rejected(line=line, reason=str(err), raw=_raw(row[:width]))
             continue
-        yield Sample(uuid, metric, ts, value, host, gpu_index, dev, model, cont, pod, ns,
-                     parse_labels(row[i_labels]) if with_labels and row[i_labels] else {})
+        labels, ident = _labels_and_identity(uuid, row[i_labels]) if with_labels and row[i_labels] else _NO_LABELS
+        if ident is None:
+            yield Sample(uuid, metric, ts, value, host, gpu_index, dev, model, cont, pod, ns, labels)
+        elif isinstance(ident, str):
+            yield Rejected(line=line, reason=ident, raw=_raw(row[:width]))
+        else:  # labels_raw → inventory (PCI bus, driver, every static label) and MIG identity
+            yield Sample(ident.uuid, metric, ts, value, host, gpu_index, dev, model, cont, pod, ns, labels,
+                         ident.pci_bus_id, ident.driver_version, ident.parent_uuid, ident.mig_profile,
+                         ident.mig_instance)
+
+
+_NO_LABELS: tuple[dict[str, str], None] = ({}, None)
+_LABELS_MAX_BYTES = 16384
+
+
+@lru_cache(maxsize=8192)  # bounded: memory stays flat whatever the file
+def _labels_and_identity(uuid: str, raw: str) -> tuple[dict[str, str], Identity | str | None]:
+    """labels_raw parsed once per distinct text (rows repeat them); the dict is shared, never mutate it.
+
+    Labels are stored as jsonb, which refuses NUL and lone surrogates: those, or more than 16 kB of
+    labels, reject the row.
+    """
+    if len(raw) * 4 > _LABELS_MAX_BYTES and len(raw.encode(errors="replace")) > _LABELS_MAX_BYTES:
+        return {}, f"labels_raw is longer than the {_LABELS_MAX_BYTES}-byte limit"
+    if "\0" in raw or any("\ud800" <= ch <= "\udfff" for ch in raw):
+        return {}, "NUL or an invalid character (lone surrogate) in labels_raw"
+    labels = parse_labels(raw)
+    try:
+        return labels, identity(uuid, labels)
+    except ValueError as err:
+        return labels, str(err)
 
 
 @dataclass

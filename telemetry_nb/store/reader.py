@@ -20,7 +20,8 @@ def _time_window(where: list[str], params: list, start: datetime | None, end: da
 
 
 # -- reads --------------------------------------------------------------------------------------
-GPU_COLUMNS = "uuid, hostname, gpu_index, device, model_name, first_seen, last_seen"
+GPU_COLUMNS = ("uuid, hostname, gpu_index, device, model_name, first_seen, last_seen, "
+               "pci_bus_id, driver_version, labels, parent_uuid, mig_profile, mig_instance")
 
 
 class Reader:
@@ -54,9 +55,12 @@ class Reader:
             return cur.fetchone()[0]
 
     def list_gpus(self, *, hostname: str | None = None, model_name: str | None = None,
-                  after: str | None = None, limit: int = 100) -> list[dict]:
+                  after: str | None = None, limit: int = 100, parent_uuid: str | None = None) -> list[dict]:
         """GPUs ordered by uuid, after the cursor `after`, at most `limit` + 1 (to tell if more follow)."""
         where, params = [], []
+        if parent_uuid:
+            where.append("parent_uuid = %s")
+            params.append(parent_uuid)
         if hostname:
             where.append("hostname = %s")
             params.append(hostname)
@@ -107,6 +111,28 @@ class Reader:
                "FROM telemetry t JOIN metrics m ON m.id = t.metric_id WHERE " + " AND ".join(where) +
                " GROUP BY 1, 2 ORDER BY 1, 2")
         return self._all(sql, params)
+
+    def events(self, *, uuid: str | None = None, kind: str | None = None, start: datetime | None = None,
+               end: datetime | None = None, after: tuple[datetime, int, str] | None = None,
+               limit: int = 100) -> list[dict]:
+        """GPU events with start ≤ ts ≤ end, ordered by (ts, gpu, kind), after the keyset cursor; `limit` + 1."""
+        where: list[str] = []
+        params: list = []
+        if uuid:
+            where.append("g.uuid = %s")
+            params.append(uuid)
+        if kind:
+            where.append("t.kind = %s")
+            params.append(kind)
+        _time_window(where, params, start, end)
+        if after is not None:
+            where.append("(t.ts, t.gpu_id, t.kind) > (%s, %s, %s)")
+            params.extend(after)
+        sql = ("SELECT t.ts, t.gpu_id, g.uuid, g.hostname, t.kind, t.code, t.message FROM gpu_events t "
+               "JOIN gpus g ON g.id = t.gpu_id")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return self._all(sql + " ORDER BY t.ts, t.gpu_id, t.kind LIMIT %s", [*params, limit + 1])
 
     def metric_names(self) -> list[str]:
         return [r["name"] for r in self._all("SELECT name FROM metrics ORDER BY name")]

@@ -6,6 +6,7 @@ The store knows rows, not stream entries: the pipeline's codec decodes an entry 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import NamedTuple
 
 
@@ -37,6 +38,28 @@ class WorkloadRow(NamedTuple):
     container: str
 
 
+class InventoryRow(NamedTuple):
+    """What the inventory knows of a GPU beyond `GpuRow`: every static label, and MIG identity."""
+
+    id: int
+    pci_bus_id: str
+    driver_version: str
+    labels: dict[str, str]
+    parent_uuid: str
+    mig_profile: str
+    mig_instance: int | None
+
+
+class EventRow(NamedTuple):
+    """One reading of an event-carrying metric (XID: the last code); the writer stores changes of it."""
+
+    gpu_id: int
+    ts: datetime
+    kind: str
+    code: int
+    message: str
+
+
 @dataclass
 class RowBatch:
     """`n` telemetry rows as COPY text (`gpu_id, ts, metric_id, value, workload_id`) and their inventory rows."""
@@ -46,6 +69,8 @@ class RowBatch:
     gpus: list[GpuRow] = field(default_factory=list)
     metrics: list[MetricRow] = field(default_factory=list)
     workloads: list[WorkloadRow] = field(default_factory=list)
+    inventory: list[InventoryRow] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
 
     def lines(self) -> list[bytes]:
         """The COPY lines, each with its newline."""
@@ -70,7 +95,9 @@ class RowBatch:
                 wids.add(_int(parts[4]))
         return RowBatch(n=len(lines), rows=b"".join(lines), gpus=[g for g in self.gpus if g.id in gids],
                         metrics=[m._replace(rows=per_metric[m.id]) for m in self.metrics if m.id in per_metric],
-                        workloads=[w for w in self.workloads if w.id in wids])
+                        workloads=[w for w in self.workloads if w.id in wids],
+                        inventory=[i for i in self.inventory if i.id in gids],
+                        events=[e for e in self.events if e.gpu_id in gids])
 
     def halves(self) -> tuple[RowBatch, RowBatch]:
         """The first and the second half of the rows, as two batches (for isolating refused rows)."""

@@ -62,6 +62,35 @@ MIGRATIONS: list[tuple[int, str]] = [
     SELECT metric_id, count(*) FROM telemetry GROUP BY metric_id
     ON CONFLICT (metric_id) DO UPDATE SET rows = EXCLUDED.rows;
     """),
+    (3, """
+    -- every label kept, and MIG instances as their own inventory rows keyed by (parent uuid, instance)
+    ALTER TABLE gpus ADD COLUMN IF NOT EXISTS pci_bus_id text NOT NULL DEFAULT '',
+                     ADD COLUMN IF NOT EXISTS driver_version text NOT NULL DEFAULT '',
+                     ADD COLUMN IF NOT EXISTS labels jsonb NOT NULL DEFAULT '{}',
+                     ADD COLUMN IF NOT EXISTS parent_uuid text NOT NULL DEFAULT '',
+                     ADD COLUMN IF NOT EXISTS mig_profile text NOT NULL DEFAULT '',
+                     ADD COLUMN IF NOT EXISTS mig_instance int;
+    CREATE INDEX IF NOT EXISTS gpus_parent ON gpus (parent_uuid) WHERE parent_uuid <> '';
+    CREATE UNIQUE INDEX IF NOT EXISTS gpus_mig_instance ON gpus (parent_uuid, mig_instance)
+        WHERE mig_instance IS NOT NULL;
+    -- changes of the last XID code (and other event kinds) per GPU
+    CREATE TABLE IF NOT EXISTS gpu_events (
+        gpu_id bigint NOT NULL,
+        ts timestamptz NOT NULL,
+        kind text NOT NULL,
+        code int NOT NULL,
+        message text NOT NULL DEFAULT '',
+        PRIMARY KEY (gpu_id, kind, ts)
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS gpu_events_ts ON gpu_events (ts, gpu_id, kind);
+    -- same columns as before, the new ones appended (CREATE OR REPLACE VIEW may only add at the end)
+    CREATE OR REPLACE VIEW gpu_inventory AS
+    SELECT g.id, g.uuid, g.hostname, g.gpu_index, g.device, g.model_name,
+           (SELECT t.ts FROM telemetry t WHERE t.gpu_id = g.id ORDER BY t.ts LIMIT 1) AS first_seen,
+           (SELECT t.ts FROM telemetry t WHERE t.gpu_id = g.id ORDER BY t.ts DESC LIMIT 1) AS last_seen,
+           g.pci_bus_id, g.driver_version, g.labels, g.parent_uuid, g.mig_profile, g.mig_instance
+    FROM gpus g;
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x7E1E_4E7B  # advisory lock id: collectors starting together migrate one at a time

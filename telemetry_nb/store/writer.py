@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import psycopg
 
-from telemetry_nb.store.rows import GpuRow, RowBatch, WorkloadRow
+from telemetry_nb.store.events import labels_json, record_changes
+from telemetry_nb.store.rows import EventRow, GpuRow, InventoryRow, RowBatch, WorkloadRow
 
 STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS staging (
@@ -40,13 +41,17 @@ class Writer:
         self._known_metrics: dict[int, str] = {}
         self._known_workloads: dict[int, WorkloadRow] = {}
         self._known_gpus: dict[int, GpuRow] = {}
+        self._known_inventory: dict[int, InventoryRow] = {}
         self.fallbacks = 0
+        self.events_added = 0
 
     def write(self, batches: Sequence[RowBatch]) -> WriteResult:
         """Write `batches` in one transaction; raises on failure with nothing committed."""
         gpus: dict[int, GpuRow] = {}
         metrics: dict[int, str] = {}
         workloads: dict[int, WorkloadRow] = {}
+        inventory: dict[int, InventoryRow] = {}
+        events: list[EventRow] = []
         consumed = 0
         for b in batches:
             consumed += b.n
@@ -59,6 +64,10 @@ class Writer:
             for g in b.gpus:
                 if self._known_gpus.get(g.id) != g:
                     gpus[g.id] = g
+            for i in b.inventory:
+                if self._known_inventory.get(i.id) != i:
+                    inventory[i.id] = _merge(inventory.get(i.id), i)
+            events.extend(b.events)
         conn = self.conn
         with conn.transaction(), conn.cursor() as cur:
             if metrics:
@@ -77,12 +86,17 @@ class Writer:
                     "device = EXCLUDED.device, model_name = EXCLUDED.model_name "
                     "WHERE (g.hostname, g.gpu_index, g.device, g.model_name) IS DISTINCT FROM "
                     "(EXCLUDED.hostname, EXCLUDED.gpu_index, EXCLUDED.device, EXCLUDED.model_name)", cols)
+            if inventory:
+                _update_inventory(cur, inventory)
             stored, per_metric = self._copy_rows(cur, batches, consumed)
             _add_metric_rows(cur, per_metric)
+            added = record_changes(cur, events) if events else 0
         # remember only what is committed, so a rolled-back transaction is redone in full
         self._known_metrics.update(metrics)
         self._known_workloads.update(workloads)
         self._known_gpus.update(gpus)
+        self._known_inventory.update(inventory)
+        self.events_added += added
         return WriteResult(consumed=consumed, stored=stored)
 
     def _upsert_metrics(self, cur: psycopg.Cursor, metrics: dict[int, str]) -> None:
@@ -115,6 +129,37 @@ class Writer:
         return sum(n for _, n in rows), dict(rows)
 
 
+def _merge(old: InventoryRow | None, new: InventoryRow) -> InventoryRow:
+    """Two inventory rows of one GPU in one write: labels merged, non-empty values win."""
+    if old is None:
+        return new
+    return InventoryRow(new.id, new.pci_bus_id or old.pci_bus_id, new.driver_version or old.driver_version,
+                        {**old.labels, **new.labels}, new.parent_uuid or old.parent_uuid,
+                        new.mig_profile or old.mig_profile,
+                        new.mig_instance if new.mig_instance is not None else old.mig_instance)
+
+
+def _update_inventory(cur: psycopg.Cursor, inventory: dict[int, InventoryRow]) -> None:
+    """Labels are merged into the stored ones and empty values never overwrite known ones (ids in order)."""
+    rows = [inventory[i] for i in sorted(inventory)]
+    cur.execute(
+        "UPDATE gpus AS g SET pci_bus_id = n.pci_bus_id, driver_version = n.driver_version, labels = n.labels, "
+        "parent_uuid = n.parent_uuid, mig_profile = n.mig_profile, mig_instance = n.mig_instance "
+        "FROM (SELECT g0.id, COALESCE(NULLIF(u.pci, ''), g0.pci_bus_id) AS pci_bus_id, "
+        "COALESCE(NULLIF(u.drv, ''), g0.driver_version) AS driver_version, g0.labels || u.lab::jsonb AS labels, "
+        "COALESCE(NULLIF(u.par, ''), g0.parent_uuid) AS parent_uuid, "
+        "COALESCE(NULLIF(u.prof, ''), g0.mig_profile) AS mig_profile, "
+        "COALESCE(u.inst, g0.mig_instance) AS mig_instance "
+        "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[]) "
+        "AS u(id, pci, drv, lab, par, prof, inst) JOIN gpus g0 ON g0.id = u.id ORDER BY g0.id) n "
+        "WHERE g.id = n.id AND (g.pci_bus_id, g.driver_version, g.labels, g.parent_uuid, g.mig_profile, "
+        "g.mig_instance) IS DISTINCT FROM (n.pci_bus_id, n.driver_version, n.labels, n.parent_uuid, n.mig_profile, "
+        "n.mig_instance)",
+        ([r.id for r in rows], [r.pci_bus_id for r in rows], [r.driver_version for r in rows],
+         [labels_json(r.labels) for r in rows], [r.parent_uuid for r in rows], [r.mig_profile for r in rows],
+         [r.mig_instance for r in rows]))
+
+
 def _add_metric_rows(cur: psycopg.Cursor, per_metric: dict[int, int]) -> None:
     """Add (or, negative, subtract) row counts per metric; ids in order so collectors never deadlock."""
     ids = sorted(i for i, n in per_metric.items() if n)
@@ -134,5 +179,6 @@ def delete_gpu(conn: psycopg.Connection, uuid: str) -> int:
         gone = cur.execute("WITH gone AS (DELETE FROM telemetry WHERE gpu_id = %s RETURNING metric_id) "
                            "SELECT metric_id, count(*) FROM gone GROUP BY metric_id", (gpu[0],)).fetchall()
         _add_metric_rows(cur, {i: -n for i, n in gone})
+        cur.execute("DELETE FROM gpu_events WHERE gpu_id = %s", (gpu[0],))
         cur.execute("DELETE FROM gpus WHERE id = %s", (gpu[0],))
     return sum(n for _, n in gone)

@@ -180,7 +180,10 @@ def test_scenario_renders(render, scenario):
     names = [(d["kind"], d["metadata"]["name"]) for d in rendered.docs]
     assert len(names) == len(set(names)), f"duplicate objects: {sorted(names)}"
     for doc in rendered.docs:
-        assert doc["metadata"].get("namespace") in (None, NAMESPACE)
+        if doc["kind"] in ("Role", "RoleBinding") and doc["metadata"]["name"].endswith("-discovery"):
+            assert doc["metadata"]["namespace"] == "gpu-operator"  # scrape discovery: the exporter's namespace
+        else:
+            assert doc["metadata"].get("namespace") in (None, NAMESPACE)
         assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
     assert "telemetry-pipeline/templates/NOTES.txt" in rendered.templates
 
@@ -886,7 +889,7 @@ def test_helm_test_hook_on_edge_checks_streamers_only(render):
     params = papermill_params(main_container(hook)["command"])
     assert params["api_url"] == ""
     assert params["expected_components"] == "streamer"
-    assert papermill_yaml(main_container(hook)["command"]) == {"expected": {"streamer": 4}}
+    assert papermill_yaml(main_container(hook)["command"]) == {"expected": {"streamer": 1}}  # one scraper
     hook = render("ingress-hpa-networkpolicy").one("deployment-check")
     assert papermill_yaml(main_container(hook)["command"])["expected"]["collector"] == 3  # the HPA's minimum
 

@@ -188,7 +188,7 @@ db-password
 {{- if and $v.dashboard.enabled (not $v.apiGateway.enabled) (not $v.dashboard.apiUrl) -}}
 {{- fail "dashboard.apiUrl is required when apiGateway.enabled=false" -}}
 {{- end -}}
-{{- if $v.streamer.enabled -}}
+{{- if and $v.streamer.enabled (ne (default "csv" $v.streamer.source) "scrape") -}}
 {{- $in := $v.streamer.input -}}
 {{- if and (eq $in.type "configMap") (not $in.configMap.name) (not $in.configMap.data) -}}
 {{- fail "streamer.input.type=configMap needs streamer.input.configMap.name (an existing ConfigMap) or streamer.input.configMap.data (the CSV)" -}}
