@@ -29,7 +29,7 @@ _RFC3339 = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.
 GPU_CURSOR_PATTERN = UUID_PATTERN
 TELEMETRY_CURSOR_PATTERN = r"^-?[0-9]{1,16}\.[0-9]{1,10}$"
 # an event page's is `<epoch µs>.<gpu id>.<kind>`
-EVENT_CURSOR_PATTERN = r"^-?[0-9]{1,16}\.-?[0-9]{1,18}\.[a-z_]{1,32}$"
+EVENT_CURSOR_PATTERN = r"^-?[0-9]{1,16}\.-?[0-9]{1,19}\.[a-z_]{1,32}$"
 KIND_PATTERN = r"^[a-z_]{1,32}$"
 
 # a positive duration: 1–6 integer digits (an optional fraction of up to 3), or 0.xxx, then an optional unit
@@ -103,7 +103,8 @@ def decode_event_cursor(text: str) -> tuple[datetime, int, str]:
     if not re.match(EVENT_CURSOR_PATTERN, text):
         raise ParamError(f"cursor: invalid cursor {text!r:.80}; pass back the next_cursor of a previous page")
     micros, gpu_id, kind = text.split(".")
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(micros)), int(gpu_id), kind
+    gid = max(-(2 ** 63), min(int(gpu_id), 2 ** 63 - 1))  # ids are bigint: clamping keeps the order exact
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(micros)), gid, kind
 
 
 # -- the parameter declarations the routes share ------------------------------------------------
@@ -130,7 +131,7 @@ ParentUuid = Annotated[str, _text("only the MIG instances of this GPU", pattern=
 EventUuid = Annotated[str, _text("only events of this GPU", pattern=UUID_PATTERN)]
 EventKind = Annotated[str, Query(description="only events of this kind (e.g. xid)", max_length=32,
                                  pattern=KIND_PATTERN)]
-EventCursor = Annotated[str, Query(description="next_cursor of the previous page", max_length=70,
+EventCursor = Annotated[str, Query(description="next_cursor of the previous page", max_length=72,
                                    pattern=EVENT_CURSOR_PATTERN)]
 TelemetryCursor = Annotated[str, Query(description="next_cursor of the previous page", max_length=28,
                                        pattern=TELEMETRY_CURSOR_PATTERN)]
