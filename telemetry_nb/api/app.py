@@ -8,8 +8,8 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
-from datetime import datetime, timedelta
-from typing import Annotated
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
 
 import psycopg
 import psycopg_pool
@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
 
 from telemetry_nb import __version__
 from telemetry_nb.pipeline.streams import connect as redis_connect
@@ -27,6 +28,23 @@ from telemetry_nb.timeparse import format_rfc3339 as rfc3339
 from telemetry_nb.timeparse import parse_duration, parse_timestamp
 
 log = logging.getLogger(__name__)
+MAX_FLEET_ELEMENTS = 1_000_000
+DEFAULT_FLEET_WINDOW = timedelta(hours=1)
+
+
+class FleetAggregate(BaseModel):
+    """Per-(GPU, bucket) aggregates of one metric over the fleet, as parallel arrays ordered by uuid, bucket."""
+
+    metric: str
+    bucket_seconds: float
+    resolution: Literal["raw", "1m", "1h"] = Field(description="where closed buckets came from: raw samples or "
+                                                               "the 1-minute / 1-hour rollup")
+    uuid: list[str]
+    bucket: list[str] = Field(description="bucket start, RFC 3339")
+    min: list[float]
+    avg: list[float]
+    max: list[float]
+    count: list[int]
 
 
 class ParamError(ValueError):
@@ -219,6 +237,42 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
         return {"gpu": _gpu_out(gpu), "bucket_seconds": seconds,
                 "items": [{"bucket": rfc3339(a["bucket"]), "metric": a["metric"], "min": a["min"],
                            "avg": float(a["avg"]), "max": a["max"], "count": a["count"]} for a in rows]}
+
+    @app.get("/api/v1/fleet/aggregate", summary="One metric's per-bucket min/avg/max/count for every selected GPU",
+             response_model=FleetAggregate)
+    def fleet_aggregate(metric: str, bucket: str = "15m", start_time: str | None = None,
+                        end_time: str | None = None, hostname: Annotated[list[str] | None, Query()] = None,
+                        model_name: Annotated[list[str] | None, Query()] = None) -> FleetAggregate:
+        start, end = _window(start_time, end_time)
+        try:
+            seconds = parse_duration(bucket)
+        except ValueError as err:
+            raise ParamError(f"bucket: {err}") from None
+        if seconds < 1:
+            raise ParamError("bucket: must be at least 1s")
+        width = timedelta(seconds=seconds)
+        with reader() as r:
+            ids = r.metric_ids([metric])
+            if metric not in ids:
+                raise ParamError(f"metric: unknown metric {metric}; GET /api/v1/metrics lists them")
+            gpu_ids = r.gpu_ids(hostnames=hostname, model_names=model_name)
+            if end is None:
+                newest = r.newest()
+                end = newest if newest is not None and (start is None or newest >= start) else \
+                    (start + DEFAULT_FLEET_WINDOW if start else datetime.now(UTC))
+            if start is None:
+                start = end - DEFAULT_FLEET_WINDOW
+            buckets = int((end - start) / width) + 1
+            if len(gpu_ids) * buckets > MAX_FLEET_ELEMENTS:
+                raise ParamError(f"bucket: {bucket} over {end - start} for {len(gpu_ids)} GPUs would return up to "
+                                 f"{len(gpu_ids) * buckets:,} elements, more than {MAX_FLEET_ELEMENTS:,}; "
+                                 "use a larger bucket, a shorter window or a hostname/model_name filter")
+            res, rows = r.buckets([ids[metric]], width, start=start, end=end,
+                                  gpu_ids=gpu_ids if hostname or model_name else None)
+        return FleetAggregate(metric=metric, bucket_seconds=seconds, resolution=res,
+                              uuid=[a["uuid"] for a in rows], bucket=[rfc3339(a["bucket"]) for a in rows],
+                              min=[a["min"] for a in rows], avg=[a["sum"] / a["count"] for a in rows],
+                              max=[a["max"] for a in rows], count=[a["count"] for a in rows])
 
     @app.get("/api/v1/metrics", summary="Metric names present, with row counts")
     def list_metrics() -> dict:

@@ -23,6 +23,7 @@ from telemetry_nb.backoff import Backoff, retry
 from telemetry_nb.config import Settings
 from telemetry_nb.observability import PipelineMetrics
 from telemetry_nb.pipeline.codec import CodecError, decode
+from telemetry_nb.pipeline.maintainer import Maintainer
 from telemetry_nb.pipeline.streams import REDIS_ERRORS, Entry, Queue, T, retry_redis
 from telemetry_nb.store import RowBatch
 
@@ -62,7 +63,7 @@ class Collector:
         self.stop_event = threading.Event()
         self._conn: psycopg.Connection | None = None
         self._writer: store.Writer | None = None
-        self.totals = {"consumed": 0, "stored": 0, "dead": 0, "lost": 0}
+        self.totals = {"consumed": 0, "stored": 0, "dead": 0, "lost": 0, "expired": 0}
         self._leftover: list[Entry] = []
         self._window = _Window(clock())
 
@@ -76,8 +77,8 @@ class Collector:
             def open_writer() -> store.Writer:
                 conn = store.connect(self.database_url)
                 try:
-                    store.migrate(conn)
-                    return store.Writer(conn)
+                    store.migrate(conn, partition=self.settings.policy().partition)
+                    return store.Writer(conn, partition=self.settings.policy().partition)
                 except BaseException:
                     conn.close()
                     raise
@@ -147,9 +148,13 @@ class Collector:
         self._redis(lambda: self.queue.ack(ids), what="Redis (ack after commit)")
         self.metrics.consumed.inc(result.consumed)
         self.metrics.stored.inc(result.stored)
-        self.metrics.duplicates.inc(result.consumed - result.stored)
+        self.metrics.duplicates.inc(result.consumed - result.stored - result.expired)
+        self.metrics.expired.inc(result.expired)
         self.totals["consumed"] += result.consumed
         self.totals["stored"] += result.stored
+        self.totals["expired"] += result.expired
+        if result.expired:
+            log.warning("Skipped %d rows older than the retention horizon (telemetry_rows_expired)", result.expired)
         log.debug("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %.0f ms",
                   result.consumed, len(ids), result.stored, result.consumed - result.stored, elapsed * 1000)
         self._window.add(result.consumed, result.stored, len(ids), elapsed)
@@ -244,6 +249,7 @@ class Collector:
         """Consume until `stop()`; with `drain`, until no undelivered or pending entries remain."""
         self._redis(self.queue.ensure_group)
         self._db_writer()
+        maintainer = self._start_maintainer()
         self.recover_own()
         prefetched: queue.Queue = queue.Queue(maxsize=2)
         block_ms = min(self.settings.block_ms, 200) if drain else self.settings.block_ms
@@ -273,6 +279,8 @@ class Collector:
                         break
         finally:
             self.stop_event.set()
+            if maintainer is not None:
+                maintainer[0].stop()
             reader.join(timeout=self.settings.block_ms / 1000 + 5)
             while not prefetched.empty():
                 self._leftover.extend(prefetched.get_nowait() or [])
@@ -283,10 +291,21 @@ class Collector:
                 except Exception as err:  # noqa: BLE001 (they stay pending and will be claimed)
                     log.warning("Could not write them (%s); they stay pending for another collector", err)
             self.close()
+            if maintainer is not None:
+                maintainer[1].join(timeout=30)
         self._report()
-        log.info("Collector done: consumed=%d stored=%d dead=%d lost=%d", self.totals["consumed"],
-                 self.totals["stored"], self.totals["dead"], self.totals["lost"])
+        log.info("Collector done: consumed=%d stored=%d dead=%d lost=%d expired=%d", self.totals["consumed"],
+                 self.totals["stored"], self.totals["dead"], self.totals["lost"], self.totals["expired"])
         return dict(self.totals)
+
+    def _start_maintainer(self) -> tuple[Maintainer, threading.Thread] | None:
+        """The background maintenance leader candidate (one per collector; only the lock holder works)."""
+        if not self.settings.maintain:
+            return None
+        m = Maintainer(self.database_url, self.settings.policy(), metrics=self.metrics)
+        t = threading.Thread(target=m.run, args=(self.settings.maintain_interval_s,), daemon=True, name="maintainer")
+        t.start()
+        return m, t
 
     def _drained(self) -> bool:
         backlog = self._redis(self.queue.backlog)

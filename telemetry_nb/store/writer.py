@@ -233,7 +233,8 @@ class Writer:
                 "WITH late AS (SELECT DISTINCT ON (gpu_id, ts, metric_id) * FROM staging s "
                 "  WHERE s.ts >= %(expired)s AND s.ts < %(packed)s AND NOT EXISTS ("
                 "    SELECT 1 FROM telemetry_packed p WHERE p.gpu_id = s.gpu_id AND p.metric_id = s.metric_id "
-                "    AND p.hour = date_bin('1 hour', s.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AND s.ts = ANY(p.ts))), "
+                "    AND p.hour = date_bin('1 hour', s.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') "
+                "    AND s.ts = ANY(p.ts))), "
                 "new AS (" + lifecycle.PACK_SQL.format(src="late") + " RETURNING metric_id, n) "
                 "SELECT metric_id, sum(n) FROM new GROUP BY metric_id",
                 {"expired": state.expired(), "packed": state.packed_before}).fetchall()
@@ -258,10 +259,11 @@ def delete_gpu(conn: psycopg.Connection, uuid: str) -> int:
         gpu = cur.execute("SELECT id FROM gpus WHERE uuid = %s", (uuid,)).fetchone()
         if gpu is None:
             return 0
-        gone = cur.execute("WITH gone AS (DELETE FROM telemetry_raw WHERE gpu_id = %s RETURNING metric_id, 1 AS n), "
-                           "packed AS (DELETE FROM telemetry_packed WHERE gpu_id = %s RETURNING metric_id, n) "
-                           "SELECT metric_id, sum(n)::bigint FROM (SELECT * FROM gone UNION ALL SELECT * FROM packed) g "
-                           "GROUP BY metric_id", (gpu[0], gpu[0])).fetchall()
+        gone = cur.execute(
+            "WITH gone AS (DELETE FROM telemetry_raw WHERE gpu_id = %s RETURNING metric_id, 1 AS n), "
+            "packed AS (DELETE FROM telemetry_packed WHERE gpu_id = %s RETURNING metric_id, n) "
+            "SELECT metric_id, sum(n)::bigint FROM (SELECT * FROM gone UNION ALL SELECT * FROM packed) g "
+            "GROUP BY metric_id", (gpu[0], gpu[0])).fetchall()
         _add_metric_rows(cur, {i: -n for i, n in gone})
         for table in lifecycle.ROLLUPS:
             cur.execute(f"DELETE FROM {table} WHERE gpu_id = %s", (gpu[0],))
