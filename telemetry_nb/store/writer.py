@@ -49,13 +49,23 @@ def batch_span(batch: RowBatch) -> tuple[datetime, datetime] | None:
     texts = set(batch.rows.split(b"\t")[1::4])
     if not texts:
         return None
-    try:
-        if all(t.endswith(_UTC_SUFFIX) for t in texts):
-            return datetime.fromisoformat(min(texts).decode()), datetime.fromisoformat(max(texts).decode())
-        parsed = [parse_timestamp(t.decode()) for t in texts]
-    except ValueError as err:
-        raise BadTimestamp(f"batch has an unreadable timestamp: {err}") from None
+    if all(t.endswith(_UTC_SUFFIX) for t in texts):
+        return _parse(min(texts)), _parse(max(texts))
+    parsed = [_parse(t) for t in texts]
     return min(parsed), max(parsed)
+
+
+def _parse(text: bytes) -> datetime:
+    try:
+        ts = datetime.fromisoformat(text.decode(errors="replace"))  # fast: what the codec writes
+        if ts.tzinfo is not None:
+            return ts
+    except ValueError:
+        pass
+    try:
+        return parse_timestamp(text.decode(errors="replace"))
+    except ValueError as err:
+        raise BadTimestamp(f"batch has an unreadable timestamp {text.decode(errors='replace')!r:.80}: {err}") from None
 
 
 class Writer:
