@@ -24,7 +24,7 @@ WINDOWS = ("5m", "15m", "1h", "6h", "24h", "7d")
 
 def notebooks_dir() -> Path:
     """The notebooks: $TELEMETRY_NOTEBOOKS, the checkout's, the installed copy, or /app/notebooks in the image."""
-    candidates = [os.environ.get("TELEMETRY_NOTEBOOKS", ""), str(Path(__file__).resolve().parent.parent / "notebooks"),
+    candidates = [os.environ.get("TELEMETRY_NOTEBOOKS", ""), str(Path(__file__).resolve().parents[2] / "notebooks"),
                   str(Path(sys.prefix) / "share" / "telemetry-nb" / "notebooks"), "/app/notebooks"]
     for c in candidates:
         if c and (Path(c) / "dashboard.ipynb").exists():

@@ -115,6 +115,18 @@ def choose_bucket(start: datetime, end: datetime, target: int = 120, min_s: floa
     return int(math.ceil(want / 86400) * 86400)
 
 
+def rollup_bucket(bucket_s: int, gpus: int, start: datetime, end: datetime, budget: int = 250_000) -> int:
+    """`bucket_s`, rounded up to whole hours when a fleet query would otherwise read more than `budget`
+    1-minute rollup rows per metric (GPUs × minutes): the 1 h rollup then answers it, 60× fewer rows.
+
+    Fleet-wide charts re-bin to a few thousand points anyway, so the coarser bucket costs them nothing.
+    """
+    minutes = max((end - start).total_seconds(), 1.0) / 60
+    if bucket_s < 3600 and gpus * minutes > budget and (end - start).total_seconds() >= 6 * 3600:
+        return 3600
+    return bucket_s
+
+
 # -- loading -------------------------------------------------------------------------------------
 def _empty_agg() -> pd.DataFrame:
     df = pd.DataFrame({c: [] for c in AGG_COLUMNS})
@@ -214,7 +226,7 @@ def load_window(client: TelemetryClient, *, start_time=None, end_time=None, wind
     wanted = list(dict.fromkeys([*CHART_METRICS, *(metrics or DEFAULT_METRICS)]))
     known = set(known_metrics) if known_metrics is not None else {m.name for m in client.metrics()}
     wanted = [m for m in wanted if m in known]
-    bucket_s = choose_bucket(start, end, target_buckets)
+    bucket_s = rollup_bucket(choose_bucket(start, end, target_buckets), len(selected), start, end)
     data = load_aggregates(client, selected, start=start, end=end, bucket_s=bucket_s, metrics=wanted or None,
                            workers=workers, hostnames=hosts or None)
     return {"gpus": selected, "all_gpus": scoped, "start": start, "end": end, "bucket_s": bucket_s, "data": data,

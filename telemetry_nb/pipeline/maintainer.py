@@ -106,6 +106,8 @@ class Maintainer:
                 self.metrics.rollup_rows.inc(r.rows_1m + r.rows_1h)
                 log.info("Rollups refreshed: %d change(s) over %d range(s), %d 1m + %d 1h rows in %.2fs",
                          r.changes, len(r.ranges), r.rows_1m, r.rows_1h, r.seconds)
+                if r.rows_1m > 50_000:  # fresh statistics, or the planner takes a big new partition for empty
+                    lifecycle.analyze_touched(conn, r.ranges)
             if r.changes < 100_000 or self.stop_event.is_set():
                 break
         ref = lifecycle.reference_time(conn, now)

@@ -263,6 +263,7 @@ def refresh_rollups(conn: psycopg.Connection, policy: Policy, *, max_changes: in
         if not rows:
             return report
         report.changes = len(rows)
+        conn.execute("SET LOCAL work_mem = '256MB'")  # the aggregates sort/hash in memory, not on disk
         _raise_mark(conn, "newest", max(hi for _, hi in rows))
         state = read_state(conn)
         minute = merge_ranges((floor_to(lo, MINUTE), floor_to(hi, MINUTE) + MINUTE) for lo, hi in rows)
@@ -272,6 +273,17 @@ def refresh_rollups(conn: psycopg.Connection, policy: Policy, *, max_changes: in
         report.rows_1h = _recompute(conn, "telemetry_1h", hour, state, policy, _from_1m)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def analyze_touched(conn: psycopg.Connection, ranges: Sequence[tuple[datetime, datetime]]) -> list[str]:
+    """ANALYZE the rollup partitions overlapping `ranges`, so the planner knows what a big refresh wrote."""
+    done = []
+    for table in ROLLUPS:
+        for p in partitions(conn, table):
+            if any(p.lo < b and a < p.hi for a, b in ranges):
+                conn.execute(f'ANALYZE "{p.name}"')
+                done.append(p.name)
+    return done
 
 
 def _from_samples(ranges: list[tuple[datetime, datetime]], params: list) -> str:
@@ -337,6 +349,9 @@ def pack_closed(conn: psycopg.Connection, policy: Policy, reference: datetime) -
             n = conn.execute(PACK_SQL.format(src=f'"{p.name}"')).rowcount
             _raise_mark(conn, "packed_before", p.hi)
             conn.execute(f'DROP TABLE "{p.name}"')
+        packed = next((q.name for q in partitions(conn, "telemetry_packed") if q.lo <= p.lo < q.hi), None)
+        if packed:
+            conn.execute(f'ANALYZE "{packed}"')
         log.info("Packed partition %s into %d rows of telemetry_packed in %.1fs", p.name, n,
                  time.perf_counter() - started)
         done.append(p.name)
