@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -20,6 +21,9 @@ CREATE TEMP TABLE IF NOT EXISTS staging (
 
 RETRYABLE = (psycopg.OperationalError, psycopg.errors.DeadlockDetected,
              psycopg.errors.SerializationFailure, psycopg.InterfaceError)
+
+
+LAYOUT_TTL_S = 30.0  # horizons and partitions are re-read at least this often
 
 
 class IdCollision(psycopg.DataError):
@@ -76,9 +80,12 @@ class Writer:
     staging table plus `INSERT … ON CONFLICT DO NOTHING`, which is slower but skips duplicates.
     """
 
-    def __init__(self, conn: psycopg.Connection, *, partition: timedelta = lifecycle.DAY):
+    def __init__(self, conn: psycopg.Connection, *, partition: timedelta = lifecycle.DAY,
+                 clock: Callable[[], float] = time.monotonic):
         self.conn = conn
         self.partition = partition
+        self.clock = clock
+        self._loaded_at = 0.0
         conn.execute(STAGING)
         conn.commit()
         self._known_metrics: dict[int, str] = {}
@@ -89,10 +96,15 @@ class Writer:
         self.fallbacks = 0
 
     def _load_layout(self) -> None:
-        """Re-read horizons and raw partitions (after a maintainer packed, dropped or created some)."""
+        """Re-read horizons and raw partitions (after a maintainer packed, dropped or created some).
+
+        A stale copy is safe: rows for a range that was dropped or packed meanwhile find no partition,
+        the COPY fails, and the write is redone with a fresh layout on the careful path.
+        """
         with self.conn.transaction():
             self._state = lifecycle.read_state(self.conn)
             self._partitions = lifecycle.partitions(self.conn, "telemetry_raw")
+        self._loaded_at = self.clock()
 
     def _covered(self, lo: datetime, hi: datetime) -> bool:
         return not lifecycle.missing_ranges(self._partitions, lo, hi, self.partition)
@@ -103,10 +115,9 @@ class Writer:
         The careful path (staging + filters) is for rows older than the retention horizon (skipped) or
         inside packed ranges (merged into packed rows, deduplicated against them).
         """
-        with self.conn.transaction():  # horizons move under a running collector: read them for every write
-            self._state = state = lifecycle.read_state(self.conn)
-        if not self._partitions:
+        if self._state is None or self.clock() - self._loaded_at > LAYOUT_TTL_S:
             self._load_layout()
+        state = self._state
         lo = min(a for a, _ in spans)
         careful = lo < state.packed_before or lo < state.expired()
         if all(self._covered(a, b) for a, b in spans):
