@@ -155,6 +155,25 @@ def test_aggregates_equal_raw_across_rollups_packed_ranges_open_tail_late_rows_a
                              "count": [i["count"] for i in rows], "avg": [i["avg"] for i in rows]}, truth)
         assert bool(lifecycle.dirty_ranges(conn)) == expect_dirty
 
+    def pages(uuid: str, **params) -> list[tuple]:
+        out, cursor = [], None
+        while True:
+            q = {**params, "limit": 700, **({"cursor": cursor} if cursor else {})}
+            body = httpx.get(f"{api_server}/api/v1/gpus/{uuid}/telemetry", params=q, timeout=30).json()
+            out += [(datetime.fromisoformat(i["timestamp"]), i["metric"], i["value"]) for i in body["items"]]
+            cursor = body["next_cursor"]
+            if not cursor:
+                return out
+
+    # per-GPU raw reads page through packed hours and raw partitions alike, every sample once, in order
+    names = {UTIL: "UTIL", TEMP: "TEMP"}
+    every = [(ts, names[m], v) for ts, m, v in conn.execute(
+        "SELECT ts, metric_id, value FROM telemetry WHERE gpu_id = 3 ORDER BY ts, metric_id").fetchall()]
+    assert len(every) == (4322 + 12 + 90) * 2
+    assert pages("GPU-3") == every
+    a, b = T0 + timedelta(minutes=59, seconds=30), T0 + timedelta(hours=6, minutes=2)
+    assert pages("GPU-3", start_time=a.isoformat(), end_time=b.isoformat(), metric="TEMP") == [
+        r for r in every if a <= r[0] <= b and r[1] == "TEMP"]
     check(expect_dirty=True)  # tail and late rows come from raw rows until the refresh
     maint.run_once()
     check(expect_dirty=False)
