@@ -87,18 +87,24 @@ def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collec
                         "store.migrate(store.connect(os.environ['DATABASE_URL']))"], env=env, check=True)
         started = time.perf_counter()
         streamer = _cli("stream", "--csv", str(csv_path), "--workers", workers, env=env)
-        workers = [_cli("collect", "--drain", "--consumer", f"bench-{i}", env=env) for i in range(collectors)]
+        # not --drain: a collector that starts before the streamer's first entry would find nothing to drain
+        workers = [_cli("collect", "--consumer", f"bench-{i}", env=env) for i in range(collectors)]
         peak_kib = 0
         while streamer.poll() is None:  # VmHWM of the streamer and its parser workers
             peak_kib = max(peak_kib, peak_rss_kib(streamer.pid))
             time.sleep(0.02)
         if streamer.returncode != 0:
             raise RuntimeError(f"streamer failed: {streamer.stderr.read()[-2000:]}")
-        for w in workers:
-            out, err = w.communicate()
-            if w.returncode != 0:
-                raise RuntimeError(f"collector failed: {err[-2000:]}")
+        with psycopg.connect(_db(admin_url, name), autocommit=True) as conn:
+            while (conn.execute("SELECT coalesce(sum(rows), 0) FROM metric_rows").fetchone()[0] < rows
+                   and all(w.poll() is None for w in workers)):
+                time.sleep(0.05)
         elapsed = time.perf_counter() - started
+        for w in workers:
+            w.terminate()
+            out, err = w.communicate()
+            if w.returncode not in (0, -15):
+                raise RuntimeError(f"collector failed: {err[-2000:]}")
         with psycopg.connect(_db(admin_url, name)) as conn:
             stored = conn.execute("SELECT count(*) FROM telemetry").fetchone()[0]
         if stored != rows:

@@ -297,6 +297,41 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_maintain(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from telemetry_nb.observability import PipelineMetrics
+    from telemetry_nb.pipeline.maintainer import Maintainer
+
+    settings = _settings(args)
+    if not settings.database_url:
+        from telemetry_nb.embedded import Embedded
+
+        settings = replace(settings, database_url=Embedded(settings.home, services=("postgresql",)).env()
+                           ["DATABASE_URL"])
+    policy = settings.policy()
+    log.info("Maintaining %s: partitions of %s, raw kept %s, 1m %s, 1h %s, packed after %s",
+             redact(settings.database_url), policy.partition, policy.retention_raw or "forever",
+             policy.retention_1m or "forever", policy.retention_1h or "forever", policy.late_window)
+    metrics = PipelineMetrics()
+    maintainer = Maintainer(settings.database_url, policy, metrics=metrics)
+    if args.once:
+        report = maintainer.run_once()
+        maintainer.close()
+        if not report.leader:
+            print("not leader: another maintainer holds the lock; nothing done")
+            return 0
+        r = report.refresh
+        print(f"created={len(report.created)} refreshed_changes={r.changes if r else 0} "
+              f"rollup_rows={(r.rows_1m + r.rows_1h) if r else 0} packed={len(report.packed)} "
+              f"dropped={sum(len(v) for v in report.dropped.values())}")
+        return 0
+    _on_signals(maintainer.stop)
+    _start_metrics(settings, metrics, lambda: (True, "ok"))
+    maintainer.run(args.interval if args.interval is not None else settings.maintain_interval_s)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -536,6 +571,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "PostgreSQL is unreachable) on this port (default off)")
     _common(p)
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("maintain", help="partitions, rollups, packing and retention of the telemetry tables",
+                       description="Create partitions ahead, refresh the 1m/1h rollups, pack closed ranges and "
+                                   "drop partitions past retention (TELEMETRY_RETENTION_RAW/_1M/_1H). Collectors "
+                                   "already do this in the background as a single leader; run it yourself for a "
+                                   "CronJob (--once) or with TELEMETRY_MAINTAIN=0 on the collectors.")
+    p.add_argument("--once", action="store_true", help="one pass, then exit (for a CronJob)")
+    p.add_argument("--interval", type=float, help="seconds between passes (default $TELEMETRY_MAINTAIN_INTERVAL "
+                                                  "or 60)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics and /health on this port (default off)")
+    _common(p, redis=False)
+    p.set_defaults(func=cmd_maintain)
 
     p = sub.add_parser("serve", help="run the REST API gateway",
                        description="Serve the GPU inventory and telemetry over REST (OpenAPI at /openapi.json).")

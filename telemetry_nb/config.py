@@ -31,15 +31,19 @@ def _env_float(env: dict[str, str], name: str, default: float) -> float:
         raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
 
 
-def _env_duration(env: dict[str, str], name: str, default: float) -> float:
+def _env_duration(env: dict[str, str], name: str, default: float, *, zero_is_none: bool = False) -> float | None:
+    """A duration variable (`14d`, `1h`, `90`): seconds; with `zero_is_none`, `0` means "forever" (None)."""
+
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return parse_duration(raw)
+        seconds = parse_duration(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be a duration (e.g. 90s, 10m, 1h, 1d), "
-                         f"got {raw!r}") from None
+        raise ValueError(f"environment variable {name} must be a duration like 14d, 1h or 90s, got {raw!r}") from None
+    if seconds == 0 and zero_is_none:
+        return None
+    return seconds
 
 
 def with_password(url: str, password: str | None) -> str:
@@ -93,6 +97,26 @@ class Settings:
     group_stale_s: float = 86400.0  # `check` reports a group no collector used this long that holds entries
     min_timestamp: str = "2000-01-01T00:00:00Z"  # the parser rejects older timestamps
     max_future_s: float = 86400.0  # …and those further ahead of the streamer's clock than this
+    partition_s: float = 86400.0
+    retention_raw_s: float | None = 14 * 86400.0
+    retention_1m_s: float | None = 90 * 86400.0
+    retention_1h_s: float | None = 730 * 86400.0
+    late_window_s: float = 86400.0
+    maintain: bool = True  # collectors run the maintenance leader in the background
+    maintain_interval_s: float = 60.0
+
+    def policy(self):
+        """The data lifecycle policy (`store.lifecycle.Policy`) these settings describe."""
+        from datetime import timedelta
+
+        from telemetry_nb.store.lifecycle import Policy
+
+        def td(seconds: float | None) -> timedelta | None:
+            return None if seconds is None else timedelta(seconds=seconds)
+
+        return Policy(partition=td(self.partition_s), retention_raw=td(self.retention_raw_s),
+                      retention_1m=td(self.retention_1m_s), retention_1h=td(self.retention_1h_s),
+                      late_window=td(self.late_window_s))
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -119,7 +143,17 @@ class Settings:
             group_stale_s=_env_duration(env, "TELEMETRY_GROUP_STALE_AFTER", 86400.0),
             min_timestamp=env.get("TELEMETRY_MIN_TIMESTAMP") or "2000-01-01T00:00:00Z",
             max_future_s=_env_duration(env, "TELEMETRY_MAX_FUTURE", 86400.0),
+            partition_s=_env_duration(env, "TELEMETRY_PARTITION", 86400.0),
+            retention_raw_s=_env_duration(env, "TELEMETRY_RETENTION_RAW", 14 * 86400.0, zero_is_none=True),
+            retention_1m_s=_env_duration(env, "TELEMETRY_RETENTION_1M", 90 * 86400.0, zero_is_none=True),
+            retention_1h_s=_env_duration(env, "TELEMETRY_RETENTION_1H", 730 * 86400.0, zero_is_none=True),
+            late_window_s=_env_duration(env, "TELEMETRY_LATE_WINDOW", 86400.0),
+            maintain=(env.get("TELEMETRY_MAINTAIN") or "1").lower() not in ("0", "false", "no", "off"),
+            maintain_interval_s=_env_duration(env, "TELEMETRY_MAINTAIN_INTERVAL", 60.0),
         )
+        if settings.partition_s < 3600 or settings.partition_s % 3600:
+            raise ValueError("environment variable TELEMETRY_PARTITION must be a whole number of hours (1h, 1d, "
+                             f"7d…), got {env.get('TELEMETRY_PARTITION')!r}")
         if env.get("TELEMETRY_CONSUMER"):
             settings = replace(settings, consumer=env["TELEMETRY_CONSUMER"])
         known = {f.name for f in fields(cls)}

@@ -45,6 +45,19 @@ class PipelineMetrics:
                          registry=r)
         self.backpressure = Counter("telemetry_backpressure_waits", "Times the streamer waited for the consumers",
                                     registry=r)
+        self.expired = Counter("telemetry_rows_expired", "Rows older than the retention horizon, skipped",
+                               registry=r)
+        self.partitions_created = Counter("telemetry_partitions_created", "Partitions created ahead of the data",
+                                          registry=r)
+        self.partitions_packed = Counter("telemetry_partitions_packed", "Raw partitions rewritten as packed rows",
+                                         registry=r)
+        self.partitions_dropped = Counter("telemetry_partitions_dropped", "Partitions dropped by retention",
+                                          ["table"], registry=r)
+        self.rollup_rows = Counter("telemetry_rollup_rows", "Rollup rows recomputed by refreshes", registry=r)
+        self.rollup_seconds = Histogram("telemetry_rollup_refresh_seconds", "Time of one rollup refresh",
+                                        registry=r, buckets=(.01, .05, .1, .5, 1, 5, 10, 30, 60, 300))
+        self.maintenance_runs = Counter("telemetry_maintenance_runs", "Maintenance passes run as leader",
+                                        registry=r)
         self.batch_seconds = Histogram("telemetry_batch_seconds", "Time to write one transaction of batches",
                                        registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 

@@ -64,7 +64,7 @@ def test_undecodable_entry_dead_lettered_good_ones_stored(redis_client, stream, 
     q.ensure_group()
     q.publish([codec.encode(_batch("GPU-a", 10)), {b"v": b"99", b"rows": b"??"}, codec.encode(_batch("GPU-b", 10))])
     totals = _collector(redis_client, stream, database_url).run(drain=True)
-    assert totals == {"consumed": 20, "stored": 20, "dead": 1, "lost": 0}
+    assert totals == {"consumed": 20, "stored": 20, "dead": 1, "lost": 0, "expired": 0}
     [dead] = q.read_dead()
     assert "unsupported batch encoding version" in dead["error"]
     assert _count(database_url) == 20

@@ -29,6 +29,14 @@ def test_choose_bucket_gives_nice_sizes_within_the_target():
     assert ex.choose_bucket(T0, T0, 120) == 1
 
 
+def test_rollup_bucket_moves_big_fleet_windows_onto_the_hourly_rollup():
+    day = T0 + timedelta(days=1)
+    assert ex.rollup_bucket(900, 1024, T0, day) == 3600  # 1.5 M one-minute rows: the 1 h rollup instead
+    assert ex.rollup_bucket(900, 100, T0, day) == 900  # 144 k: fine at 1 m
+    assert ex.rollup_bucket(30, 1024, T0, T0 + timedelta(hours=1)) == 30  # short windows keep their detail
+    assert ex.rollup_bucket(7200, 1024, T0, T0 + timedelta(days=7)) == 7200
+
+
 def test_resolve_window_ends_at_the_newest_sample_by_default():
     gpus = [gpu("a", last=T0 + timedelta(minutes=5)), gpu("b", last=T0 + timedelta(minutes=9)),
             gpu("c", last=None)]

@@ -125,6 +125,21 @@ class Event:
 
 
 @dataclass(frozen=True)
+class FleetAggregate:
+    """`GET /api/v1/fleet/aggregate`: parallel arrays, one element per (GPU, bucket), ordered by uuid, bucket."""
+
+    metric: str
+    bucket_seconds: float
+    resolution: str
+    uuid: list[str]
+    bucket: list[str]
+    min: list[float]
+    avg: list[float]
+    max: list[float]
+    count: list[int]
+
+
+@dataclass(frozen=True)
 class MetricInfo:
     name: str
     rows: int
@@ -256,6 +271,21 @@ class TelemetryClient:
         return Aggregate(Gpu.from_json(body["gpu"]), float(body["bucket_seconds"]),
                          [Bucket(parse_ts(b["bucket"]), b["metric"], b["min"], b["avg"], b["max"], int(b["count"]))
                           for b in body["items"]])
+
+    def fleet_aggregate(self, metric: str, *, bucket: str | float = "15m", start_time: TimeArg = None,
+                        end_time: TimeArg = None, hostname: str | Sequence[str] | None = None,
+                        model_name: str | Sequence[str] | None = None) -> FleetAggregate:
+        """One metric for every selected GPU in one request (rollups server-side); bucket times stay RFC 3339."""
+        if isinstance(bucket, int | float):
+            bucket = f"{int(bucket)}s" if float(bucket).is_integer() else f"{bucket}s"
+        params: list[tuple[str, Any]] = [("metric", metric), ("bucket", bucket)]
+        params += [(k, v) for k, v in (("start_time", format_ts(start_time)), ("end_time", format_ts(end_time)))
+                   if v is not None]
+        params += [("hostname", h) for h in _metrics(hostname)]
+        params += [("model_name", m) for m in _metrics(model_name)]
+        b = self._get("/api/v1/fleet/aggregate", params)[1]
+        return FleetAggregate(b["metric"], float(b["bucket_seconds"]), b["resolution"], b["uuid"], b["bucket"],
+                              b["min"], b["avg"], b["max"], b["count"])
 
 
 def _metrics(metric: str | Sequence[str] | None) -> list[str]:

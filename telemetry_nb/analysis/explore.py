@@ -1,7 +1,8 @@
 """Load fleet telemetry through the API into pandas, and build small Altair charts and tables from it.
 
-The loader asks the API for server-side aggregates (`/telemetry/aggregate`) with a bucket sized to the
-window, so a window holding millions of rows arrives as a few hundred buckets per GPU; every chart
+The loader asks the API for server-side aggregates of the whole fleet (`/api/v1/fleet/aggregate`, one
+request per metric, served from the rollups) with a bucket sized to the window, so a window holding
+millions of rows arrives as a few hundred buckets per GPU; every chart
 builder then re-bins its input to at most `MAX_CHART_ROWS` data rows (Altair's default limit), so no
 chart ever embeds a big data set and `MaxRowsError` cannot happen. Frames are "long": one row per
 (GPU, bucket, metric) with `min`, `avg`, `max`, `count`.
@@ -117,6 +118,18 @@ def choose_bucket(start: datetime, end: datetime, target: int = 120, min_s: floa
     return int(math.ceil(want / 86400) * 86400)
 
 
+def rollup_bucket(bucket_s: int, gpus: int, start: datetime, end: datetime, budget: int = 250_000) -> int:
+    """`bucket_s`, rounded up to whole hours when a fleet query would otherwise read more than `budget`
+    1-minute rollup rows per metric (GPUs × minutes): the 1 h rollup then answers it, 60× fewer rows.
+
+    Fleet-wide charts re-bin to a few thousand points anyway, so the coarser bucket costs them nothing.
+    """
+    minutes = max((end - start).total_seconds(), 1.0) / 60
+    if bucket_s < 3600 and gpus * minutes > budget and (end - start).total_seconds() >= 6 * 3600:
+        return 3600
+    return bucket_s
+
+
 # -- loading -------------------------------------------------------------------------------------
 def _empty_agg() -> pd.DataFrame:
     df = pd.DataFrame({c: [] for c in AGG_COLUMNS})
@@ -125,24 +138,35 @@ def _empty_agg() -> pd.DataFrame:
 
 
 def load_aggregates(client: TelemetryClient, gpus: Sequence[Gpu], *, start: datetime, end: datetime,
-                    bucket_s: int, metrics: Sequence[str] | None = None, workers: int = 8) -> pd.DataFrame:
-    """Server-side min/avg/max/count per (GPU, bucket, metric), one request per GPU, `workers` at a time."""
-    metrics = list(metrics) if metrics else None
+                    bucket_s: int, metrics: Sequence[str] | None = None, workers: int = 8,
+                    hostnames: Sequence[str] | None = None) -> pd.DataFrame:
+    """Server-side min/avg/max/count per (GPU, bucket, metric) of `gpus`: one fleet request per metric.
 
-    def one(g: Gpu) -> list[tuple]:
-        agg = client.aggregate(g.uuid, metric=metrics, bucket=bucket_s, start_time=start, end_time=end)
-        label = gpu_label(g.hostname, g.gpu_index, g.mig_instance)
-        return [(g.uuid, g.hostname, g.gpu_index, label, b.bucket, b.metric, b.min, b.avg, b.max, b.count)
-                for b in agg.items]
-
+    `/api/v1/fleet/aggregate` answers for every GPU at once from the rollups, so the cost does not grow
+    with the number of GPUs; `hostnames` narrows the request server-side, `gpus` picks the rows kept.
+    """
     if not gpus:
         return _empty_agg()
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(gpus)))) as pool:
-        rows = [r for part in pool.map(one, gpus) for r in part]
-    if not rows:
+    names = list(metrics) if metrics else [m.name for m in client.metrics()]
+    by_uuid = {g.uuid: g for g in gpus}
+
+    def one(metric: str) -> pd.DataFrame:
+        agg = client.fleet_aggregate(metric, bucket=bucket_s, start_time=start, end_time=end, hostname=hostnames)
+        df = pd.DataFrame({"uuid": agg.uuid, "bucket": agg.bucket, "min": agg.min, "avg": agg.avg,
+                           "max": agg.max, "count": agg.count})
+        df["metric"] = metric
+        return df[df["uuid"].isin(by_uuid)]
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(names), 4))) as pool:
+        parts = [p for p in pool.map(one, names) if not p.empty]
+    if not parts:
         return _empty_agg()
-    df = pd.DataFrame(rows, columns=AGG_COLUMNS)
-    df["bucket"] = pd.to_datetime(df["bucket"], utc=True)
+    df = pd.concat(parts, ignore_index=True)
+    info = pd.DataFrame([(g.uuid, g.hostname, g.gpu_index, gpu_label(g.hostname, g.gpu_index, g.mig_instance))
+                         for g in gpus],
+                        columns=["uuid", "hostname", "gpu_index", "gpu"])
+    df = df.merge(info, on="uuid", how="left")[AGG_COLUMNS]
+    df["bucket"] = pd.to_datetime(df["bucket"], utc=True, format="ISO8601")
     for col in ("min", "avg", "max"):
         df[col] = df[col].astype(float)
     df["count"] = df["count"].astype(int)
@@ -206,9 +230,9 @@ def load_window(client: TelemetryClient, *, start_time=None, end_time=None, wind
     wanted = list(dict.fromkeys([*CHART_METRICS, GR_ENGINE, *(metrics or DEFAULT_METRICS)]))
     known = set(known_metrics) if known_metrics is not None else {m.name for m in client.metrics()}
     wanted = [m for m in wanted if m in known]
-    bucket_s = choose_bucket(start, end, target_buckets)
+    bucket_s = rollup_bucket(choose_bucket(start, end, target_buckets), len(selected), start, end)
     data = utilization_fallback(load_aggregates(client, selected, start=start, end=end, bucket_s=bucket_s,
-                                                metrics=wanted or None, workers=workers))
+                                                metrics=wanted or None, workers=workers, hostnames=hosts or None))
     return {"gpus": selected, "all_gpus": scoped, "start": start, "end": end, "bucket_s": bucket_s, "data": data,
             "metrics": wanted}
 

@@ -76,6 +76,21 @@ class EventPage(BaseModel):
     next_cursor: str | None = Field(description="pass back as `cursor` for the next page; null on the last page")
 
 
+class FleetAggregate(BaseModel):
+    """Per-(GPU, bucket) aggregates of one metric over the fleet, as parallel arrays ordered by uuid, bucket."""
+
+    metric: str
+    bucket_seconds: float
+    resolution: Literal["raw", "1m", "1h"] = Field(description="where closed buckets came from: raw samples or "
+                                                               "the 1-minute / 1-hour rollup")
+    uuid: list[str]
+    bucket: list[datetime] = Field(description="bucket start")
+    min: list[float]
+    avg: list[float]
+    max: list[float]
+    count: list[int]
+
+
 class MetricInfo(BaseModel):
     name: str
     rows: int = Field(description="rows stored for this metric, all GPUs")

@@ -135,6 +135,10 @@ EventCursor = Annotated[str, Query(description="next_cursor of the previous page
                                    pattern=EVENT_CURSOR_PATTERN)]
 TelemetryCursor = Annotated[str, Query(description="next_cursor of the previous page", max_length=28,
                                        pattern=TELEMETRY_CURSOR_PATTERN)]
+Hostnames = Annotated[list[Annotated[str, StringConstraints(max_length=MAX_TEXT, pattern=TEXT_PATTERN)]],
+                      Query(description="only GPUs of these hosts; repeat for several")]
+ModelNames = Annotated[list[Annotated[str, StringConstraints(max_length=MAX_TEXT, pattern=TEXT_PATTERN)]],
+                       Query(description="only GPUs of these models; repeat for several")]
 Bucket = Annotated[str, Query(description="bucket width: a positive number with an optional unit ms, s, m, h "
                                           "or d (seconds without one), e.g. 30s, 5m, 1h", max_length=10,
                               pattern=BUCKET_PATTERN)]

@@ -25,8 +25,11 @@ from telemetry_nb.api.params import (
     EventUuid,
     GpuCursor,
     Hostname,
+    Hostnames,
+    MetricName,
     Metrics,
     ModelName,
+    ModelNames,
     ParamError,
     ParentUuid,
     StartTime,
@@ -42,6 +45,8 @@ from telemetry_nb.api.params import (
 from telemetry_nb.store import Reader
 
 log = logging.getLogger(__name__)
+MAX_FLEET_ELEMENTS = 1_000_000
+DEFAULT_FLEET_WINDOW = timedelta(hours=1)
 _OUTAGE_CLASSES = ("08", "53", "57", "58")  # connection, resources, operator intervention, system
 
 
@@ -174,6 +179,40 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
                                 items=[{"bucket": a["bucket"].astimezone(UTC), "metric": a["metric"],
                                         "min": a["min"], "avg": float(a["avg"]), "max": a["max"],
                                         "count": a["count"]} for a in rows])
+
+    @router.get("/fleet/aggregate", summary="One metric's per-bucket min/avg/max/count for every selected GPU",
+                operation_id="get_fleet_aggregate", responses=BAD_PARAMS)
+    def fleet_aggregate(metric: Annotated[MetricName, Query(description="the metric")],
+                        bucket: Bucket = "15m", start_time: StartTime = None, end_time: EndTime = None,
+                        hostname: Hostnames = None, model_name: ModelNames = None) -> models.FleetAggregate:
+        start, end = _window(start_time, end_time)
+        seconds = parse_bucket(bucket)
+        if seconds < 1:
+            raise ParamError("bucket: must be at least 1s")
+        width = timedelta(seconds=seconds)
+        with store.reader() as r:
+            ids = r.metric_ids([metric])
+            if metric not in ids:
+                raise ParamError(f"metric: unknown metric {metric}; GET /api/v1/metrics lists them")
+            gpu_ids = r.gpu_ids(hostnames=hostname, model_names=model_name)
+            if end is None:
+                newest = r.newest()
+                end = newest if newest is not None and (start is None or newest >= start) else \
+                    (start + DEFAULT_FLEET_WINDOW if start else datetime.now(UTC))
+            if start is None:
+                start = end - DEFAULT_FLEET_WINDOW
+            buckets = int((end - start) / width) + 1
+            if len(gpu_ids) * buckets > MAX_FLEET_ELEMENTS:
+                raise ParamError(f"bucket: {bucket} over {end - start} for {len(gpu_ids)} GPUs would return up to "
+                                 f"{len(gpu_ids) * buckets:,} elements, more than {MAX_FLEET_ELEMENTS:,}; "
+                                 "use a larger bucket, a shorter window or a hostname/model_name filter")
+            res, rows = r.buckets([ids[metric]], width, start=start, end=end,
+                                  gpu_ids=gpu_ids if hostname or model_name else None)
+        return models.FleetAggregate.model_construct(
+            metric=metric, bucket_seconds=seconds, resolution=res, uuid=[a["uuid"] for a in rows],
+            bucket=[a["bucket"].astimezone(UTC) for a in rows], min=[a["min"] for a in rows],
+            avg=[a["sum"] / a["count"] for a in rows], max=[a["max"] for a in rows],
+            count=[a["count"] for a in rows])
 
     @router.get("/events", summary="GPU events (XID errors), cursor-paginated by time", operation_id="list_events",
                 responses=BAD_PARAMS)

@@ -26,6 +26,7 @@ from telemetry_nb.config import Settings
 from telemetry_nb.observability import PipelineMetrics
 from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.codec import CodecError, decode
+from telemetry_nb.pipeline.maintainer import Maintainer
 from telemetry_nb.pipeline.streams import REDIS_ERRORS, Entry, Queue, T, retry_redis
 from telemetry_nb.store import RowBatch
 from telemetry_nb.store.isolate import isolate, refused_by_data
@@ -68,7 +69,7 @@ class Collector:
         self.stop_event = threading.Event()
         self._conn: psycopg.Connection | None = None
         self._writer: store.Writer | None = None
-        self.totals = {"consumed": 0, "stored": 0, "dead": 0, "lost": 0}
+        self.totals = {"consumed": 0, "stored": 0, "dead": 0, "lost": 0, "expired": 0}
         self._leftover: list[Entry] = []
         self._window = _Window(clock())
 
@@ -82,8 +83,8 @@ class Collector:
             def open_writer() -> store.Writer:
                 conn = store.connect(self.database_url)
                 try:
-                    store.migrate(conn)
-                    return store.Writer(conn)
+                    store.migrate(conn, partition=self.settings.policy().partition)
+                    return store.Writer(conn, partition=self.settings.policy().partition)
                 except BaseException:
                     conn.close()
                     raise
@@ -138,7 +139,7 @@ class Collector:
         elapsed = self.clock() - started
         ids = [eid for eid, _ in good]
         self._redis(lambda: self.queue.ack(ids), what="Redis (ack after commit)")
-        self._count(result.consumed, result.stored, len(ids), elapsed)
+        self._count(result.consumed, result.stored, len(ids), elapsed, expired=result.expired)
         return result.stored
 
     def _commit(self, batches: list[RowBatch]) -> store.WriteResult:
@@ -177,18 +178,23 @@ class Collector:
         self.metrics.dead.inc(len(parts))
         self.metrics.dead_rows.inc(done.refused_rows)
         self.totals["dead"] += len(parts)
-        self._count(done.consumed, done.stored, 1, self.clock() - started, done.refused_rows)
+        self._count(done.consumed, done.stored, 1, self.clock() - started, done.refused_rows, done.expired)
         log.info("Entry %s: stored %d rows, dead-lettered %d (%d transactions)", eid.decode(), done.stored,
                  done.refused_rows, done.transactions)
         return done.stored
 
-    def _count(self, consumed: int, stored: int, entries: int, elapsed: float, refused: int = 0) -> None:
+    def _count(self, consumed: int, stored: int, entries: int, elapsed: float, refused: int = 0,
+               expired: int = 0) -> None:
         self.metrics.batch_seconds.observe(elapsed)
         self.metrics.consumed.inc(consumed)
         self.metrics.stored.inc(stored)
-        self.metrics.duplicates.inc(consumed - stored - refused)
+        self.metrics.duplicates.inc(consumed - stored - refused - expired)
+        self.metrics.expired.inc(expired)
         self.totals["consumed"] += consumed
         self.totals["stored"] += stored
+        self.totals["expired"] += expired
+        if expired:
+            log.warning("Skipped %d rows older than the retention horizon (telemetry_rows_expired)", expired)
         log.debug("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %.0f ms",
                   consumed, entries, stored, consumed - stored - refused, elapsed * 1000)
         self._window.add(consumed, stored, entries, elapsed, refused)
@@ -282,6 +288,7 @@ class Collector:
         """Consume until `stop()`; with `drain`, until no undelivered or pending entries remain."""
         self._redis(self.queue.ensure_group)
         self._db_writer()
+        maintainer = self._start_maintainer()
         self.recover_own()
         prefetched: queue.Queue = queue.Queue(maxsize=2)
         block_ms = min(self.settings.block_ms, 200) if drain else self.settings.block_ms
@@ -310,6 +317,8 @@ class Collector:
                         break
         finally:
             self.stop_event.set()
+            if maintainer is not None:
+                maintainer[0].stop()
             reader.join(timeout=self.settings.block_ms / 1000 + 5)
             while not prefetched.empty():
                 self._leftover.extend(prefetched.get_nowait() or [])
@@ -320,9 +329,11 @@ class Collector:
                 except Exception as err:  # noqa: BLE001 (they stay pending and will be claimed)
                     log.warning("Could not write them (%s); they stay pending for another collector", err)
             self.close()
+            if maintainer is not None:
+                maintainer[1].join(timeout=30)
         self._report()
-        log.info("Collector done: consumed=%d stored=%d dead=%d lost=%d", self.totals["consumed"],
-                 self.totals["stored"], self.totals["dead"], self.totals["lost"])
+        log.info("Collector done: consumed=%d stored=%d dead=%d lost=%d expired=%d", self.totals["consumed"],
+                 self.totals["stored"], self.totals["dead"], self.totals["lost"], self.totals["expired"])
         return dict(self.totals)
 
     def _housekeeping(self) -> None:
@@ -335,6 +346,15 @@ class Collector:
         self.metrics.lag.set(self._redis(self.queue.backlog))
         self.metrics.side_totals.labels("dead").set(self._redis(self.queue.dead_count))
         self.metrics.side_totals.labels("rejected").set(self._redis(self.queue.rejected_count))
+
+    def _start_maintainer(self) -> tuple[Maintainer, threading.Thread] | None:
+        """The background maintenance leader candidate (one per collector; only the lock holder works)."""
+        if not self.settings.maintain:
+            return None
+        m = Maintainer(self.database_url, self.settings.policy(), metrics=self.metrics)
+        t = threading.Thread(target=m.run, args=(self.settings.maintain_interval_s,), daemon=True, name="maintainer")
+        t.start()
+        return m, t
 
     def _drained(self) -> bool:
         backlog = self._redis(self.queue.backlog)

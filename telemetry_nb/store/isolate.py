@@ -24,6 +24,7 @@ class Isolated:
 
     consumed: int = 0
     stored: int = 0
+    expired: int = 0  # rows past the retention horizon, skipped (not refused)
     transactions: int = 0
     refused: list[tuple[RowBatch, str]] = field(default_factory=list)
 
@@ -68,6 +69,7 @@ def isolate(batch: RowBatch, write: Write) -> Isolated:
             continue
         out.transactions += 1
         out.stored += result.stored
+        out.expired += result.expired
     out.refused = [(batch.subset(lines), why) for why, lines in by_reason.items()]
     return out
 

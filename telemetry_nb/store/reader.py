@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import psycopg
 from psycopg.rows import dict_row
+
+from telemetry_nb.store import lifecycle
+from telemetry_nb.store.lifecycle import HOUR, MINUTE, NEG_INF, POS_INF, ceil_to, floor_to, merge_ranges
+
+ONE_US = timedelta(microseconds=1)
+_ORIGIN = "TIMESTAMPTZ '2000-01-01 00:00:00+00'"
+
+
+def _subtract(span: tuple[datetime, datetime], holes: Sequence[tuple[datetime, datetime]]
+              ) -> list[tuple[datetime, datetime]]:
+    """[a, b) minus sorted, disjoint `holes`."""
+    out, a = [], span[0]
+    for lo, hi in holes:
+        if lo > a:
+            out.append((a, min(lo, span[1])))
+        a = max(a, hi)
+    if a < span[1]:
+        out.append((a, span[1]))
+    return [(x, y) for x, y in out if x < y]
+
+
+def resolution(bucket: timedelta) -> str:
+    """The coarsest stored resolution whose buckets tile `bucket`: `1h`, `1m` or `raw`."""
+    if bucket % HOUR == timedelta(0):
+        return "1h"
+    if bucket % MINUTE == timedelta(0):
+        return "1m"
+    return "raw"
 
 
 def _time_window(where: list[str], params: list, start: datetime | None, end: datetime | None) -> None:
@@ -34,6 +63,16 @@ class Reader:
     def __init__(self, conn: psycopg.Connection, *, missing_schema_is_empty: bool = False):
         self.conn = conn
         self.missing_schema_is_empty = missing_schema_is_empty
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """One snapshot for several statements: a REPEATABLE READ transaction (or the caller's own)."""
+        if self.conn.autocommit:
+            with self.conn.transaction():
+                self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                yield
+        else:
+            yield
 
     def _all(self, sql: str, params: Sequence | dict = ()) -> list[dict]:
         with self.conn.cursor(row_factory=dict_row) as cur:
@@ -85,32 +124,134 @@ class Reader:
 
     def telemetry(self, gpu_id: int, *, start: datetime | None, end: datetime | None,
                   metric_ids: Sequence[int] | None, after: tuple[datetime, int] | None, limit: int) -> list[dict]:
-        """Rows of one GPU with start ≤ ts ≤ end, ordered by (ts, metric), after the keyset cursor."""
-        where = ["t.gpu_id = %s"]
-        params: list = [gpu_id]
-        _time_window(where, params, start, end)
+        """Rows of one GPU with start ≤ ts ≤ end, ordered by (ts, metric), after the keyset cursor.
+
+        Raw partitions are read through the primary key; packed hours only as far as the first `limit` + 1
+        samples can reach (a running count of samples per hour tells where to stop).
+        """
+        low = start
+        if after is not None and (low is None or after[0] > low):
+            low = after[0]
+        lo_b, hi_b = low or NEG_INF, (end + ONE_US) if end else POS_INF
+        hour_lo = lo_b - HOUR if lo_b > NEG_INF + HOUR else lo_b
+
+        def where(gpu: str, ts: str, metric: str, params: list) -> str:
+            w = [f"{gpu} = %s"]
+            params.append(gpu_id)
+            if metric_ids is not None:
+                w.append(f"{metric} = ANY(%s)")
+                params.append(list(metric_ids))
+            if start is not None:
+                w.append(f"{ts} >= %s")
+                params.append(start)
+            if end is not None:
+                w.append(f"{ts} <= %s")
+                params.append(end)
+            if after is not None:
+                w.append(f"({ts}, {metric}) > (%s, %s)")
+                params.extend(after)
+            return " AND ".join(w)
+
+        params: list = []
+        raw = f"SELECT ts, metric_id, value FROM telemetry_raw WHERE {where('gpu_id', 'ts', 'metric_id', params)}"
+        # the packed hour by which limit + 1 samples wholly inside the bounds have been seen
+        params += [hour_lo, hi_b, lo_b, gpu_id]
+        metric_cut = ""
         if metric_ids is not None:
-            where.append("t.metric_id = ANY(%s)")
+            metric_cut = " AND metric_id = ANY(%s)"
             params.append(list(metric_ids))
-        if after is not None:
-            where.append("(t.ts, t.metric_id) > (%s, %s)")
-            params.extend(after)
-        sql = ("SELECT t.ts AS timestamp, m.name AS metric, t.metric_id, t.value FROM telemetry t "
-               "JOIN metrics m ON m.id = t.metric_id WHERE " + " AND ".join(where) +
-               " ORDER BY t.ts, t.metric_id LIMIT %s")
+        params += [hour_lo, hi_b, limit + 1]
+        cut = ("(SELECT coalesce(min(hour), 'infinity') FROM (SELECT hour, sum(sum(n) FILTER (WHERE hour > %s)) "
+               f"OVER (ORDER BY hour) AS cum FROM telemetry_packed WHERE gpu_id = %s{metric_cut} AND hour > %s "
+               "AND hour < %s GROUP BY hour) h WHERE cum >= %s)")
+        packed = ("SELECT u.ts, p.metric_id, u.value FROM telemetry_packed p CROSS JOIN LATERAL "
+                  f"unnest(p.ts, p.value) AS u(ts, value) WHERE p.hour > %s AND p.hour < %s AND p.hour <= {cut} "
+                  f"AND {where('p.gpu_id', 'u.ts', 'p.metric_id', params)}")
+        sql = (f"SELECT x.ts AS timestamp, m.name AS metric, x.metric_id, x.value FROM ({raw} UNION ALL {packed}) x "
+               "JOIN metrics m ON m.id = x.metric_id ORDER BY x.ts, x.metric_id LIMIT %s")
         return self._all(sql, [*params, limit + 1])
 
     def aggregate(self, gpu_id: int, metric_ids: Sequence[int], bucket: timedelta, *,
                   start: datetime | None, end: datetime | None) -> list[dict]:
-        """Per-bucket min/avg/max/count per metric, computed in PostgreSQL (date_bin, PG ≥ 14)."""
-        where = ["t.gpu_id = %s", "t.metric_id = ANY(%s)"]
-        params: list = [bucket, gpu_id, list(metric_ids)]
-        _time_window(where, params, start, end)
-        sql = ("SELECT date_bin(%s, t.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket, m.name AS metric, "
-               "min(t.value) AS min, avg(t.value) AS avg, max(t.value) AS max, count(*) AS count "
-               "FROM telemetry t JOIN metrics m ON m.id = t.metric_id WHERE " + " AND ".join(where) +
-               " GROUP BY 1, 2 ORDER BY 1, 2")
-        return self._all(sql, params)
+        """Per-bucket min/avg/max/count per metric of one GPU: rollups where complete, raw rows elsewhere."""
+        _, rows = self.buckets(metric_ids, bucket, start=start, end=end, gpu_ids=[gpu_id])
+        return [{"bucket": r["bucket"], "metric": r["metric"], "min": r["min"], "avg": r["sum"] / r["count"],
+                 "max": r["max"], "count": r["count"]} for r in sorted(rows, key=lambda r: (r["bucket"], r["metric"]))]
+
+    def gpu_ids(self, *, hostnames: Sequence[str] | None = None, model_names: Sequence[str] | None = None
+                ) -> list[int]:
+        """Ids of the GPUs on any of `hostnames` and of any of `model_names` (None: no filter)."""
+        where, params = [], []
+        if hostnames:
+            where.append("hostname = ANY(%s)")
+            params.append(list(hostnames))
+        if model_names:
+            where.append("model_name = ANY(%s)")
+            params.append(list(model_names))
+        sql = "SELECT id FROM gpus" + (" WHERE " + " AND ".join(where) if where else "")
+        return [r["id"] for r in self._all(sql, params)]
+
+    def newest(self) -> datetime | None:
+        """The newest stored sample time as the lifecycle tables know it (no scan)."""
+        return lifecycle.reference_time(self.conn, POS_INF)
+
+    def buckets(self, metric_ids: Sequence[int], bucket: timedelta, *, start: datetime | None,
+                end: datetime | None, gpu_ids: Sequence[int] | None = None) -> tuple[str, list[dict]]:
+        """(resolution, rows of uuid, metric, bucket, min, max, sum, count) for start ≤ ts ≤ end.
+
+        Whole rollup buckets inside the window that no unrefreshed write touched come from the coarsest
+        rollup that tiles `bucket`; the window's ragged edges and the touched buckets come from the
+        samples. Every sample is counted once, so the result equals an aggregate over raw rows.
+        One REPEATABLE READ snapshot covers the change log and both sources.
+        """
+        res = resolution(bucket)
+        lo = start or NEG_INF
+        hi = (end + ONE_US) if end else POS_INF
+        filters, fparams = "metric_id = ANY(%s)", [list(metric_ids)]
+        if gpu_ids is not None:
+            filters += " AND gpu_id = ANY(%s)"
+            fparams.append(list(gpu_ids))
+        with self._snapshot():
+            parts: list[str] = []
+            params: list = []
+            raw_ranges = [(lo, hi)]
+            tiers = {"1h": [("telemetry_1h", HOUR), ("telemetry_1m", MINUTE)], "1m": [("telemetry_1m", MINUTE)],
+                     "raw": []}[res]
+            state = lifecycle.read_state(self.conn) if tiers else None
+            changed = lifecycle.dirty_ranges(self.conn) if tiers else []
+            for table, width in tiers:  # whole hours from 1h, the ragged rest in whole minutes from 1m
+                rest: list[tuple[datetime, datetime]] = []
+                clean: list[tuple[datetime, datetime]] = []
+                horizon = state.expired(table)
+                dirty = merge_ranges((floor_to(a, width), ceil_to(b, width)) for a, b in changed)
+                for a, b in raw_ranges:
+                    rs, re_ = ceil_to(max(a, horizon), width), floor_to(b, width)
+                    if rs >= re_:
+                        rest.append((a, b))
+                        continue
+                    inner = [(max(x, rs), min(y, re_)) for x, y in dirty if x < re_ and y > rs]
+                    rest += [(a, rs), (re_, b), *inner]
+                    clean += _subtract((rs, re_), inner)
+                raw_ranges = [(x, y) for x, y in merge_ranges(rest) if x < y]
+                if clean:
+                    params += [bucket, *fparams]
+                    pred = lifecycle.ranges_predicate("bucket", clean, params)
+                    parts.append(f"SELECT gpu_id, metric_id, date_bin(%s, bucket, {_ORIGIN}) AS b, "
+                                 f"min(min) AS mn, max(max) AS mx, sum(sum) AS s, sum(count)::bigint AS c "
+                                 f"FROM {table} WHERE {filters} AND {pred} GROUP BY 1, 2, 3")
+            raw_ranges = merge_ranges(raw_ranges)
+            if raw_ranges:
+                params.append(bucket)
+                src = lifecycle.samples_sql(raw_ranges, filters, fparams, params)
+                parts.append(f"SELECT gpu_id, metric_id, date_bin(%s, ts, {_ORIGIN}) AS b, min(value) AS mn, "
+                             f"max(value) AS mx, sum(value) AS s, count(*) AS c FROM ({src}) r GROUP BY 1, 2, 3")
+            if not parts:
+                return res, []
+            sql = (f"SELECT g.uuid, m.name AS metric, z.b AS bucket, min(z.mn) AS min, max(z.mx) AS max, "
+                   f"sum(z.s) AS sum, sum(z.c)::bigint AS count FROM ({' UNION ALL '.join(parts)}) z "
+                   "JOIN gpus g ON g.id = z.gpu_id JOIN metrics m ON m.id = z.metric_id "
+                   "GROUP BY 1, 2, 3 ORDER BY 1, 3, 2")
+            return res, self._all(sql, params)
 
     def events(self, *, uuid: str | None = None, kind: str | None = None, start: datetime | None = None,
                end: datetime | None = None, after: tuple[datetime, int, str] | None = None,

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 
 import psycopg
 
+from telemetry_nb.store import lifecycle
+
 log = logging.getLogger(__name__)
 
-MIGRATIONS: list[tuple[int, str]] = [
+MIGRATIONS: list[tuple[int, str | Callable[[psycopg.Connection, timedelta], None]]] = [
     (1, """
     CREATE TABLE IF NOT EXISTS gpus (
         id bigint PRIMARY KEY,
@@ -62,7 +65,8 @@ MIGRATIONS: list[tuple[int, str]] = [
     SELECT metric_id, count(*) FROM telemetry GROUP BY metric_id
     ON CONFLICT (metric_id) DO UPDATE SET rows = EXCLUDED.rows;
     """),
-    (3, """
+    (3, lambda conn, partition: _partitioned(conn, partition)),
+    (4, """
     -- every label kept, and MIG instances as their own inventory rows keyed by (parent uuid, instance)
     ALTER TABLE gpus ADD COLUMN IF NOT EXISTS pci_bus_id text NOT NULL DEFAULT '',
                      ADD COLUMN IF NOT EXISTS driver_version text NOT NULL DEFAULT '',
@@ -86,8 +90,12 @@ MIGRATIONS: list[tuple[int, str]] = [
     -- same columns as before, the new ones appended (CREATE OR REPLACE VIEW may only add at the end)
     CREATE OR REPLACE VIEW gpu_inventory AS
     SELECT g.id, g.uuid, g.hostname, g.gpu_index, g.device, g.model_name,
-           (SELECT t.ts FROM telemetry t WHERE t.gpu_id = g.id ORDER BY t.ts LIMIT 1) AS first_seen,
-           (SELECT t.ts FROM telemetry t WHERE t.gpu_id = g.id ORDER BY t.ts DESC LIMIT 1) AS last_seen,
+           least((SELECT t.ts FROM telemetry_raw t WHERE t.gpu_id = g.id ORDER BY t.ts LIMIT 1),
+                 (SELECT min(p.ts[1]) FROM telemetry_packed p WHERE p.gpu_id = g.id
+                  AND p.hour = (SELECT min(q.hour) FROM telemetry_packed q WHERE q.gpu_id = g.id))) AS first_seen,
+           greatest((SELECT t.ts FROM telemetry_raw t WHERE t.gpu_id = g.id ORDER BY t.ts DESC LIMIT 1),
+                    (SELECT max(p.ts[p.n]) FROM telemetry_packed p WHERE p.gpu_id = g.id
+                     AND p.hour = (SELECT max(q.hour) FROM telemetry_packed q WHERE q.gpu_id = g.id))) AS last_seen,
            g.pci_bus_id, g.driver_version, g.labels, g.parent_uuid, g.mig_profile, g.mig_instance
     FROM gpus g;
     """),
@@ -99,6 +107,93 @@ _MIGRATION_LOCK = 0x7E1E_4E7B  # advisory lock id: collectors starting together 
 class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer telemetry-nb; this one must not write to it."""
 
+
+
+V3_TABLES = """
+CREATE TABLE telemetry_raw (
+    gpu_id bigint NOT NULL,
+    ts timestamptz NOT NULL,
+    metric_id int NOT NULL,
+    value double precision NOT NULL,
+    workload_id bigint,
+    PRIMARY KEY (gpu_id, ts, metric_id)
+) PARTITION BY RANGE (ts);
+-- fleet-wide time-range scans (rollup refresh of the newest minutes) without reading a whole day
+CREATE INDEX telemetry_raw_ts ON telemetry_raw USING brin (ts) WITH (pages_per_range = 32);
+-- closed ranges: one row per (gpu, metric, hour, workload), samples in ts order
+CREATE TABLE telemetry_packed (
+    gpu_id bigint NOT NULL,
+    metric_id int NOT NULL,
+    hour timestamptz NOT NULL,
+    workload_id bigint,
+    n int NOT NULL,
+    ts timestamptz[] NOT NULL,
+    value double precision[] NOT NULL
+) PARTITION BY RANGE (hour);
+CREATE INDEX telemetry_packed_gpu ON telemetry_packed (gpu_id, hour, metric_id);
+CREATE TABLE telemetry_1m (
+    gpu_id bigint NOT NULL,
+    metric_id int NOT NULL,
+    bucket timestamptz NOT NULL,
+    workload_id bigint NOT NULL,  -- 0: no workload
+    min double precision NOT NULL,
+    max double precision NOT NULL,
+    sum double precision NOT NULL,
+    count bigint NOT NULL,
+    PRIMARY KEY (gpu_id, metric_id, bucket, workload_id)
+) PARTITION BY RANGE (bucket);
+CREATE INDEX telemetry_1m_fleet ON telemetry_1m (metric_id, bucket);
+CREATE TABLE telemetry_1h (
+    gpu_id bigint NOT NULL,
+    metric_id int NOT NULL,
+    bucket timestamptz NOT NULL,
+    workload_id bigint NOT NULL,
+    min double precision NOT NULL,
+    max double precision NOT NULL,
+    sum double precision NOT NULL,
+    count bigint NOT NULL,
+    PRIMARY KEY (gpu_id, metric_id, bucket, workload_id)
+) PARTITION BY RANGE (bucket);
+CREATE INDEX telemetry_1h_fleet ON telemetry_1h (metric_id, bucket);
+CREATE TABLE telemetry_changes (
+    id bigserial PRIMARY KEY,
+    lo timestamptz NOT NULL,
+    hi timestamptz NOT NULL
+);
+CREATE TABLE telemetry_lifecycle (
+    name text PRIMARY KEY,
+    ts timestamptz NOT NULL
+);
+CREATE VIEW telemetry AS
+SELECT gpu_id, ts, metric_id, value, workload_id FROM telemetry_raw
+UNION ALL
+SELECT p.gpu_id, u.ts, p.metric_id, u.value, p.workload_id
+FROM telemetry_packed p CROSS JOIN LATERAL unnest(p.ts, p.value) AS u(ts, value);
+-- first/last seen: index probes into the raw partitions, plus the first/last packed hour
+CREATE VIEW gpu_inventory AS
+SELECT g.id, g.uuid, g.hostname, g.gpu_index, g.device, g.model_name,
+       least((SELECT t.ts FROM telemetry_raw t WHERE t.gpu_id = g.id ORDER BY t.ts LIMIT 1),
+             (SELECT min(p.ts[1]) FROM telemetry_packed p WHERE p.gpu_id = g.id
+              AND p.hour = (SELECT min(q.hour) FROM telemetry_packed q WHERE q.gpu_id = g.id))) AS first_seen,
+       greatest((SELECT t.ts FROM telemetry_raw t WHERE t.gpu_id = g.id ORDER BY t.ts DESC LIMIT 1),
+                (SELECT max(p.ts[p.n]) FROM telemetry_packed p WHERE p.gpu_id = g.id
+                 AND p.hour = (SELECT max(q.hour) FROM telemetry_packed q WHERE q.gpu_id = g.id))) AS last_seen
+FROM gpus g;
+"""
+
+
+def _partitioned(conn: psycopg.Connection, partition: timedelta) -> None:
+    """Schema 3: `telemetry` becomes partitioned raw rows + packed closed ranges + rollups; rows move over."""
+    conn.execute("DROP VIEW gpu_inventory")
+    conn.execute("ALTER TABLE telemetry RENAME TO telemetry_v2")
+    conn.execute(V3_TABLES)
+    lo, hi, n = conn.execute("SELECT min(ts), max(ts), count(*) FROM telemetry_v2").fetchone()
+    if n:
+        log.info("Moving %d rows (%s to %s) into partitions of %s", n, lo, hi, partition)
+        lifecycle.ensure_partitions(conn, "telemetry_raw", lo, hi, partition)
+        conn.execute("INSERT INTO telemetry_raw SELECT * FROM telemetry_v2")
+        conn.execute("INSERT INTO telemetry_changes (lo, hi) VALUES (%s, %s)", (lo, hi))  # rolled up next
+    conn.execute("DROP TABLE telemetry_v2")
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:
@@ -127,8 +222,11 @@ def postgres_probe(url: str, timeout_s: int = 2) -> Callable[[], object]:
     return probe
 
 
-def migrate(conn: psycopg.Connection) -> int:
-    """Apply pending migrations once, under an advisory lock; returns the schema version."""
+def migrate(conn: psycopg.Connection, *, partition: timedelta = lifecycle.DAY) -> int:
+    """Apply pending migrations once, under an advisory lock; returns the schema version.
+
+    `partition` is the raw partition width used when rows of an older schema move into partitions.
+    """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version int PRIMARY KEY, "
@@ -140,7 +238,10 @@ def migrate(conn: psycopg.Connection) -> int:
         for version, sql in MIGRATIONS:
             if version > current:
                 log.info("Applying schema migration %d", version)
-                conn.execute(sql)
+                if callable(sql):
+                    sql(conn, partition)
+                else:
+                    conn.execute(sql)
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
                 current = version
     return current

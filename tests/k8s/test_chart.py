@@ -84,6 +84,10 @@ SCENARIOS: dict[str, tuple[str | None, dict[str, Any]]] = {
         "type": "url", "url": {"url": "https://exports.example.com/dcgm.csv", "sha256": "ab" * 32}}}}),
     "input-existing-configmap": (None, {"streamer": {"input": {
         "type": "configMap", "configMap": {"name": "my-dcgm-csv", "key": "dcgm.csv"}}}}),
+    "maintenance-cronjob": (None, {
+        "maintenance": {"inCollectors": False, "cronJob": {"enabled": True, "schedule": "*/10 * * * *"}},
+        "retention": {"partition": "6h", "raw": "30d", "rollup1h": 0},
+        "networkPolicy": {"enabled": True}}),
     "no-auth-no-persistence": (None, {
         "redis": {"auth": {"enabled": False}, "persistence": {"enabled": False}},
         "postgresql": {"persistence": {"enabled": False}},
@@ -273,14 +277,14 @@ def test_labels_and_selectors(render, scenario):
         meta_labels = w["metadata"]["labels"]
         labels = pod_labels(w)
         component = meta_labels["app.kubernetes.io/component"]
-        assert component in (*APP_COMPONENTS, "redis", "postgresql", "deployment-check")
+        assert component in (*APP_COMPONENTS, "redis", "postgresql", "deployment-check", "maintain")
         for lab in (meta_labels, labels):
             assert lab["app.kubernetes.io/name"] == "telemetry-pipeline"
             assert lab["app.kubernetes.io/instance"] == RELEASE
             assert lab["app.kubernetes.io/component"] == component
             assert lab["app.kubernetes.io/version"] == "0.1.0"
             assert lab["helm.sh/chart"] == "telemetry-pipeline-0.1.0"
-        if w["kind"] != "Pod":
+        if w["kind"] not in ("Pod", "CronJob"):  # the only kinds without a selector
             selector = w["spec"]["selector"]["matchLabels"]
             assert selector == {"app.kubernetes.io/name": "telemetry-pipeline",
                                 "app.kubernetes.io/instance": RELEASE,
@@ -744,6 +748,28 @@ def test_collector(render):
     pdb = rendered.one("collector", "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
     assert not rendered.of_kind("HorizontalPodAutoscaler")
+
+
+def test_retention_values_reach_the_configmap_and_the_cronjob_runs_maintain(render):
+    default = render("same-cluster")
+    cm = default.env_configmap()
+    assert (cm["TELEMETRY_PARTITION"], cm["TELEMETRY_RETENTION_RAW"], cm["TELEMETRY_RETENTION_1M"],
+            cm["TELEMETRY_RETENTION_1H"], cm["TELEMETRY_LATE_WINDOW"]) == ("1d", "14d", "90d", "730d", "1d")
+    assert cm["TELEMETRY_MAINTAIN"] == "1" and not default.of_kind("CronJob")
+    rendered = render("maintenance-cronjob")
+    cm = rendered.env_configmap()
+    assert (cm["TELEMETRY_PARTITION"], cm["TELEMETRY_RETENTION_RAW"], cm["TELEMETRY_RETENTION_1H"],
+            cm["TELEMETRY_MAINTAIN"]) == ("6h", "30d", "0", "0")
+    job = rendered.one("maintain", "CronJob")
+    assert job["spec"]["schedule"] == "*/10 * * * *" and job["spec"]["concurrencyPolicy"] == "Forbid"
+    c = main_container(job)
+    assert c["args"] == ["maintain", "--once"]
+    assert c["envFrom"] == [{"configMapRef": {"name": f"{PREFIX}-env"}}]
+    assert "secretKeyRef" in env_of(c)["PGPASSWORD"]["valueFrom"] and "REDIS_PASSWORD" not in env_of(c)
+    pg = next(p for p in rendered.of_kind("NetworkPolicy")
+              if p["metadata"]["labels"]["app.kubernetes.io/component"] == "postgresql")
+    allowed = [f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in pg["spec"]["ingress"][0]["from"]]
+    assert "maintain" in allowed
 
 
 def test_collector_and_api_autoscaling(render):

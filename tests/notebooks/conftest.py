@@ -88,7 +88,9 @@ def stack(servers, real_csv, kernel_env, tmp_path_factory) -> Iterator[Stack]:
     api_url = f"http://127.0.0.1:{port}"
     env = {**os.environ, **kernel_env, "REDIS_URL": servers.redis_url, "DATABASE_URL": database_url,
            "TELEMETRY_STREAM": stream, "TELEMETRY_NB_HOME": str(tmp / "home"), "TELEMETRY_API_URL": api_url,
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1",
+           # the stack mixes live data with the 2025 export: keep every sample (retention counts back from now)
+           "TELEMETRY_RETENTION_RAW": "0"}
     (tmp / "home").mkdir()
     start = (datetime.now(UTC) - timedelta(seconds=HISTORY_S)).replace(microsecond=0)
     history, live = tmp / "history.csv", tmp / "live.csv"
