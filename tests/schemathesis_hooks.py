@@ -9,12 +9,14 @@ Known GPUs and metrics come from the live API under test ($TELEMETRY_API_URL).
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from functools import cache
 
 import httpx
 import schemathesis
 
-from telemetry_nb.api.params import ParamError, parse_time
+from telemetry_nb.api.params import ParamError, parse_bucket, parse_time
+from telemetry_nb.api.routes import DEFAULT_FLEET_WINDOW, MAX_FLEET_ELEMENTS
 
 
 @cache
@@ -34,11 +36,31 @@ def _time(query: dict, name: str):
         return None
 
 
+def _fleet_ok(query: dict, start, end) -> bool:
+    """A fleet request is refused for an unknown metric, or for more than MAX_FLEET_ELEMENTS elements
+    (GPUs × buckets, a rule on the data: bounded here with the whole inventory and `now` for a missing end)."""
+    gpus, metrics = _known()
+    if isinstance(query.get("metric"), str) and query["metric"] not in metrics:
+        return False
+    try:
+        seconds = parse_bucket(query["bucket"]) if isinstance(query.get("bucket"), str) else 900.0
+    except ParamError:
+        return True
+    end = end or datetime.now(UTC)
+    start = start or end - DEFAULT_FLEET_WINDOW
+    try:
+        return len(gpus) * ((end - start).total_seconds() / seconds + 1) <= MAX_FLEET_ELEMENTS
+    except OverflowError:
+        return False
+
+
 @schemathesis.hook
 def filter_case(context, case) -> bool:
     query = case.query or {}
     start, end = _time(query, "start_time"), _time(query, "end_time")
     if start and end and end < start:
+        return False
+    if case.path.endswith("/fleet/aggregate") and not _fleet_ok(query, start, end):
         return False
     uuid = (case.path_parameters or {}).get("uuid")
     metric = query.get("metric")

@@ -34,6 +34,8 @@ KIND_PATTERN = r"^[a-z_]{1,32}$"
 
 # a positive duration: 1–6 integer digits (an optional fraction of up to 3), or 0.xxx, then an optional unit
 BUCKET_PATTERN = r"^(?:[1-9][0-9]{0,5}(?:\.[0-9]{1,3})?|0\.(?:[1-9][0-9]{0,2}|0[1-9][0-9]?|00[1-9]))(?:ms|s|m|h|d)?$"
+# fleet views: whole seconds or more (an integer part of at least 1, no `ms`)
+FLEET_BUCKET_PATTERN = r"^[1-9][0-9]{0,5}(?:\.[0-9]{1,3})?(?:s|m|h|d)?$"
 _BUCKET = re.compile(r"^([0-9.]+)(ms|s|m|h|d)?$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -139,6 +141,9 @@ Hostnames = Annotated[list[Annotated[str, StringConstraints(max_length=MAX_TEXT,
                       Query(description="only GPUs of these hosts; repeat for several")]
 ModelNames = Annotated[list[Annotated[str, StringConstraints(max_length=MAX_TEXT, pattern=TEXT_PATTERN)]],
                        Query(description="only GPUs of these models; repeat for several")]
+FleetBucket = Annotated[str, Query(description="bucket width, at least 1 s: a number of at least 1 with an optional "
+                                               "unit s, m, h or d (seconds without one), e.g. 30s, 15m, 1h",
+                                   max_length=10, pattern=FLEET_BUCKET_PATTERN)]
 Bucket = Annotated[str, Query(description="bucket width: a positive number with an optional unit ms, s, m, h "
                                           "or d (seconds without one), e.g. 30s, 5m, 1h", max_length=10,
                               pattern=BUCKET_PATTERN)]

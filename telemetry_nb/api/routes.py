@@ -23,6 +23,7 @@ from telemetry_nb.api.params import (
     EventCursor,
     EventKind,
     EventUuid,
+    FleetBucket,
     GpuCursor,
     Hostname,
     Hostnames,
@@ -183,12 +184,10 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
     @router.get("/fleet/aggregate", summary="One metric's per-bucket min/avg/max/count for every selected GPU",
                 operation_id="get_fleet_aggregate", responses=BAD_PARAMS)
     def fleet_aggregate(metric: Annotated[MetricName, Query(description="the metric")],
-                        bucket: Bucket = "15m", start_time: StartTime = None, end_time: EndTime = None,
+                        bucket: FleetBucket = "15m", start_time: StartTime = None, end_time: EndTime = None,
                         hostname: Hostnames = None, model_name: ModelNames = None) -> models.FleetAggregate:
         start, end = _window(start_time, end_time)
         seconds = parse_bucket(bucket)
-        if seconds < 1:
-            raise ParamError("bucket: must be at least 1s")
         width = timedelta(seconds=seconds)
         with store.reader() as r:
             ids = r.metric_ids([metric])
