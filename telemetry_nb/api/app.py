@@ -242,7 +242,7 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
              response_model=FleetAggregate)
     def fleet_aggregate(metric: str, bucket: str = "15m", start_time: str | None = None,
                         end_time: str | None = None, hostname: Annotated[list[str] | None, Query()] = None,
-                        model_name: Annotated[list[str] | None, Query()] = None) -> FleetAggregate:
+                        model_name: Annotated[list[str] | None, Query()] = None) -> Response:
         start, end = _window(start_time, end_time)
         try:
             seconds = parse_duration(bucket)
@@ -269,10 +269,12 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
                                  "use a larger bucket, a shorter window or a hostname/model_name filter")
             res, rows = r.buckets([ids[metric]], width, start=start, end=end,
                                   gpu_ids=gpu_ids if hostname or model_name else None)
-        return FleetAggregate(metric=metric, bucket_seconds=seconds, resolution=res,
+        body = FleetAggregate(metric=metric, bucket_seconds=seconds, resolution=res,
                               uuid=[a["uuid"] for a in rows], bucket=[rfc3339(a["bucket"]) for a in rows],
                               min=[a["min"] for a in rows], avg=[a["sum"] / a["count"] for a in rows],
                               max=[a["max"] for a in rows], count=[a["count"] for a in rows])
+        # serialized by pydantic-core directly: FastAPI's generic path costs ~1.5 s per 100,000 elements
+        return Response(body.model_dump_json(), media_type="application/json")
 
     @app.get("/api/v1/metrics", summary="Metric names present, with row counts")
     def list_metrics() -> dict:
