@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import psycopg
 import psycopg_pool
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
 from telemetry_nb.api import models
 from telemetry_nb.api.params import (
@@ -182,10 +182,10 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
                                         "count": a["count"]} for a in rows])
 
     @router.get("/fleet/aggregate", summary="One metric's per-bucket min/avg/max/count for every selected GPU",
-                operation_id="get_fleet_aggregate", responses=BAD_PARAMS)
+                operation_id="get_fleet_aggregate", responses=BAD_PARAMS, response_model=models.FleetAggregate)
     def fleet_aggregate(metric: Annotated[MetricName, Query(description="the metric")],
                         bucket: FleetBucket = "15m", start_time: StartTime = None, end_time: EndTime = None,
-                        hostname: Hostnames = None, model_name: ModelNames = None) -> models.FleetAggregate:
+                        hostname: Hostnames = None, model_name: ModelNames = None) -> Response:
         start, end = _window(start_time, end_time)
         seconds = parse_bucket(bucket)
         width = timedelta(seconds=seconds)
@@ -207,11 +207,13 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
                                  "use a larger bucket, a shorter window or a hostname/model_name filter")
             res, rows = r.buckets([ids[metric]], width, start=start, end=end,
                                   gpu_ids=gpu_ids if hostname or model_name else None)
-        return models.FleetAggregate.model_construct(
+        body = models.FleetAggregate.model_construct(
             metric=metric, bucket_seconds=seconds, resolution=res, uuid=[a["uuid"] for a in rows],
             bucket=[a["bucket"].astimezone(UTC) for a in rows], min=[a["min"] for a in rows],
             avg=[a["sum"] / a["count"] for a in rows], max=[a["max"] for a in rows],
             count=[a["count"] for a in rows])
+        # serialized by pydantic-core directly: FastAPI's generic path costs ~1.5 s per 100,000 elements
+        return Response(body.model_dump_json(), media_type="application/json")
 
     @router.get("/events", summary="GPU events (XID errors), cursor-paginated by time", operation_id="list_events",
                 responses=BAD_PARAMS)
