@@ -274,6 +274,10 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
                               min=[a["min"] for a in rows], avg=[a["sum"] / a["count"] for a in rows],
                               max=[a["max"] for a in rows], count=[a["count"] for a in rows])
 
+    from telemetry_nb.api.usage import router as usage_router  # imports this module's helpers
+
+    app.include_router(usage_router(reader))
+
     @app.get("/api/v1/metrics", summary="Metric names present, with row counts")
     def list_metrics() -> dict:
         with reader() as r:
