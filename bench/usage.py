@@ -5,7 +5,8 @@
 
 Loads fleets straight into PostgreSQL (generate_series, like bench/fleet.py, whose helpers it reuses) with
 workloads on the rows: pods of 8 namespaces scheduled onto GPUs for 4-hour stretches, some GPU-hours
-unattributed, one pod in five holding its GPUs at 0 % utilization, so attribution and idle accounting are
+unattributed (0 %), one pod in five holding its GPUs at 0 % utilization, the others at 30–100 %, so attribution
+and idle accounting are
 non-trivial. Two metrics per GPU (GPU_UTIL and GPU_TEMP: usage reads only the first). One maintenance pass
 (rollups, packing of closed days), then prints medians of `--runs` runs of /api/v1/usage for the whole window,
 per fleet, and the per-group figures' check sum (Σ gpu_hours == fleet GPU-hours).
@@ -60,16 +61,16 @@ def load(url: str, gpus: int, seconds: int, interval_s: int) -> int:
             lifecycle.ensure_partitions(conn, "telemetry_raw", T0, end, lifecycle.DAY)
         started = time.perf_counter()
         chunk = 3600 // interval_s
-        # pod of (GPU, stretch): 8 GPUs of a host share one pod; every 10th (host, stretch) is unattributed;
-        # pods ≡ 0 mod 5 idle at 0 %
-        pod = f"((g.n / 8 + s / {per_stretch}) % {PODS})"
-        unattributed = f"((g.n / 8 * 7 + s / {per_stretch}) % 10 = 0)"
+        # pod of (GPU, stretch): 8 GPUs of a host share one pod; every 10th (host, stretch) is unattributed
+        # (0 %); pods ≡ 0 mod 5 hold their GPUs at 0 %, the others run at 30–100 %
+        pod = f"((g.n / 8 + s / {per_stretch}) %% {PODS})"
+        unattributed = f"((g.n / 8 * 7 + s / {per_stretch}) %% 10 = 0)"
         for first in range(0, ticks, chunk):
             last = min(ticks, first + chunk) - 1
             conn.execute(
                 "INSERT INTO telemetry_raw SELECT g.id, %s + make_interval(secs => s * %s), m.id, "
-                f"CASE WHEN {unattributed} OR {pod} % 5 = 0 THEN 0 "
-                "ELSE ((abs(g.id %% 9973) + s * 31 + abs(m.id %% 101)) %% 101) END, "
+                f"CASE WHEN {unattributed} OR {pod} %% 5 = 0 THEN 0 "
+                "ELSE 30 + ((abs(g.id %% 9973) + s * 31 + abs(m.id %% 101)) %% 71) END, "
                 f"CASE WHEN {unattributed} THEN NULL ELSE 1000 + {pod} END "
                 "FROM generate_series(%s::int, %s::int) s CROSS JOIN "
                 "(SELECT id, row_number() OVER (ORDER BY uuid) - 1 AS n FROM gpus) g CROSS JOIN metrics m",
