@@ -57,7 +57,8 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
             log.info("Generating sample data (%d hosts x %d GPUs, 10 minutes at 1 s) into %s",
                      args.hosts, args.gpus_per_host, csv_path)
             subprocess.run(_cli("generate", "--hosts", str(args.hosts), "--gpus-per-host", str(args.gpus_per_host),
-                                "--duration", "10m", "--interval", "1s", "--out", csv_path), check=True, env=env)
+                                "--duration", "10m", "--interval", "1s", "--namespaces", "4", "--out", csv_path),
+                           check=True, env=env)
     elif not Path(csv_path).is_file():
         print(f"error: CSV file not found: {csv_path}", file=sys.stderr)
         return 2

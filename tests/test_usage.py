@@ -244,3 +244,21 @@ def test_usage_and_workloads_refuse_bad_parameters_naming_them(conn, api_server)
         r = httpx.get(f"{api_server}/api/v1/{route}", params=params)
         assert r.status_code == 422, (route, params, r.text)
         assert r.json()["detail"].startswith(detail), (route, params, r.json()["detail"])
+
+
+def test_generator_schedules_pods_releases_gpus_and_has_idle_holders():
+    from telemetry_nb.sources.generate import generate_rows
+
+    rows = [r for r in generate_rows(2, 4, 4 * 3600, 30, seed=3, namespaces=3) if r[1] == UTIL]
+    owners: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    util: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        owners[r[4]].append((r[9], r[8]))
+        if r[8]:
+            util[r[8]].append(float(r[10]))
+    assert {ns for o in owners.values() for ns, _ in o if ns} == {"team-00", "team-01", "team-02"}
+    assert sum(1 for o in owners.values() for w in o if w == ("", "")) > 0  # free GPUs: unattributed
+    assert all(len({w for w in o if w[1]}) >= 2 for o in owners.values())  # pods come and go on every GPU
+    holders = [p for p, v in util.items() if max(v) < 5]
+    assert holders and len(holders) < len(util)  # some pods sit on their GPU at ~0 %, most work
+    assert list(generate_rows(1, 2, 60, 1, seed=3)) == list(generate_rows(1, 2, 60, 1, seed=3, namespaces=0))

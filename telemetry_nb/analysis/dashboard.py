@@ -186,6 +186,8 @@ class Dashboard:
         self.temp_power = w.HTML(layout=w.Layout(overflow="auto"))
         self.idle = w.HTML()
         self.idle_title = w.HTML()
+        self.by_namespace_title = w.HTML()
+        self.by_namespace = w.HTML()
         controls = [self.host, self.gpu, self.metric, self.window, self.refresh_button]
         if refresh_s > 0:
             controls.append(self.timer)
@@ -194,7 +196,7 @@ class Dashboard:
             w.HBox(controls, layout=w.Layout(flex_flow="row wrap", gap="6px")),
             self.heatmap, self.timeseries, w.HBox([self.per_host, self.temp_power],
                                                   layout=w.Layout(flex_flow="row wrap", gap="24px")),
-            self.idle_title, self.idle,
+            self.idle_title, self.idle, self.by_namespace_title, self.by_namespace,
         ])
         self.refresh_button.on_click(lambda _: self.refresh(reload=True))
         self.timer.observe(lambda _: self.refresh(reload=True), names="value")
@@ -207,9 +209,12 @@ class Dashboard:
     def load(self) -> dict:
         if self.metric_names is None or self.refreshes % 20 == 0:  # /api/v1/metrics counts rows: not every time
             self.metric_names = sorted(m.name for m in self.client.metrics())
-        return self.ex.load_window(self.client, window=self.window.value, target_buckets=60,
-                                   metrics=[self.metric.value, *self.ex.CHART_METRICS],
-                                   known_metrics=self.metric_names)
+        loaded = self.ex.load_window(self.client, window=self.window.value, target_buckets=60,
+                                     metrics=[self.metric.value, *self.ex.CHART_METRICS],
+                                     known_metrics=self.metric_names)
+        loaded["usage"] = self.client.usage("namespace", start_time=loaded["start"], end_time=loaded["end"],
+                                            idle_threshold=self.idle_threshold)
+        return loaded
 
     def _host_changed(self, _change) -> None:
         self._set_gpu_options()
@@ -286,6 +291,24 @@ class Dashboard:
         self.idle_title.value = (f"<h4>Idle GPUs — {html.escape(where)}: {len(idle)} under "
                                  f"{self.idle_threshold:g}% utilization for the whole window</h4>")
         self.idle.value = _table(idle[["gpu", "uuid", "max_util", "avg_power_w", "avg_fb_used_mib"]])
+        self.render_by_namespace()
+
+    def render_by_namespace(self) -> None:
+        """The "By namespace" panel: GPU-hours and idle share per namespace over the window (whole fleet)."""
+        from telemetry_nb.analysis import accounting
+
+        report = self.loaded.get("usage")
+        if report is None:
+            return
+        df = accounting.usage_frame(report)
+        totals = accounting.summary(report, df)
+        self.by_namespace_title.value = (
+            f"<h4>By namespace — {totals['gpu_hours']:.1f} GPU-hours, {totals['idle_share']:.0%} idle, "
+            f"{totals['unattributed_share']:.0%} unattributed</h4>")
+        table = df.rename(columns={"group": "namespace"})[["namespace", "gpus", "gpu_hours", "idle_gpu_hours",
+                                                           "idle_share", "avg_util"]].copy()
+        table["idle_share"] = 100 * table["idle_share"]
+        self.by_namespace.value = _table(table.rename(columns={"idle_share": "idle %", "avg_util": "avg util %"}))
 
     def show(self):
         """Display the app and draw it once; the Play widget then drives the periodic refresh."""
