@@ -43,7 +43,7 @@ METRICS = ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_GPU_TEMP")
 PODS, NAMESPACES, STRETCH_S = 64, 8, 4 * 3600
 
 
-def load(url: str, gpus: int, seconds: int, interval_s: int) -> int:
+def load(url: str, gpus: int, seconds: int, interval_s: int, metrics: tuple[str, ...] = METRICS) -> int:
     """GPUs × 2 metrics × samples every `interval_s`, each sample attributed to its GPU's pod of the stretch."""
     ticks = seconds // interval_s
     per_stretch = STRETCH_S // interval_s
@@ -53,7 +53,7 @@ def load(url: str, gpus: int, seconds: int, interval_s: int) -> int:
             cur.executemany("INSERT INTO gpus VALUES (%s, %s, %s, %s, %s, %s)",
                             [(gpu_key(f"GPU-{i:05d}"), f"GPU-{i:05d}", f"host-{i // 8:04d}", i % 8, f"nvidia{i % 8}",
                               "NVIDIA H100 80GB HBM3") for i in range(gpus)])
-            cur.executemany("INSERT INTO metrics VALUES (%s, %s)", [(metric_key(m), m) for m in METRICS])
+            cur.executemany("INSERT INTO metrics VALUES (%s, %s)", [(metric_key(m), m) for m in metrics])
             cur.executemany("INSERT INTO workloads VALUES (%s, %s, %s, %s)",
                             [(1000 + p, f"ns-{p % NAMESPACES}", f"pod-{p:03d}", "main") for p in range(PODS)])
         end = T0 + timedelta(seconds=(ticks - 1) * interval_s)
@@ -75,13 +75,13 @@ def load(url: str, gpus: int, seconds: int, interval_s: int) -> int:
                 "FROM generate_series(%s::int, %s::int) s CROSS JOIN "
                 "(SELECT id, row_number() OVER (ORDER BY uuid) - 1 AS n FROM gpus) g CROSS JOIN metrics m",
                 (T0, interval_s, first, last))
-            print(f"\r  loaded {(last + 1) * gpus * len(METRICS):,} rows ({(last + 1) * interval_s / 3600:.0f} h) "
+            print(f"\r  loaded {(last + 1) * gpus * len(metrics):,} rows ({(last + 1) * interval_s / 3600:.0f} h) "
                   f"in {time.perf_counter() - started:.0f}s", end="", flush=True)
         print()
         conn.execute("INSERT INTO telemetry_changes (lo, hi) VALUES (%s, %s)", (T0, end))
         conn.execute("INSERT INTO metric_rows SELECT id, %s FROM metrics", (ticks * gpus,))
         conn.execute("VACUUM ANALYZE")
-    return ticks * gpus * len(METRICS)
+    return ticks * gpus * len(metrics)
 
 
 def usage_latency(base: str, days: int, interval_s: int, runs: int) -> tuple[float, dict]:
@@ -98,7 +98,9 @@ def main() -> int:
     parser.add_argument("--week-gpus", type=int, default=128, help="GPUs of the 7 d fleet (default 128; 0 skips)")
     parser.add_argument("--interval", type=int, default=30, help="seconds between samples (default 30)")
     parser.add_argument("--runs", type=int, default=5, help="runs per latency figure (default 5)")
+    parser.add_argument("--util-only", action="store_true", help="load GPU_UTIL only (halves load and rollup time)")
     args = parser.parse_args()
+    metrics = METRICS[:1] if args.util_only else METRICS
     fleets = [(f"24 h, {args.gpus:,} GPUs", args.gpus, 1), (f"7 d, {args.week_gpus:,} GPUs", args.week_gpus, 7)]
     fleets = [f for f in fleets if f[1] > 0]
     with tempfile.TemporaryDirectory(prefix="tnb-usage-") as tmp_s:
@@ -117,12 +119,15 @@ def main() -> int:
                 with psycopg.connect(admin, autocommit=True) as conn:
                     conn.execute(f"CREATE DATABASE {name}")
                 url = _db(admin, name)
-                print(f"fleet {label} x {len(METRICS)} metrics at {args.interval} s")
-                load(url, gpus, days * 86400, args.interval)
+                print(f"fleet {label} x {len(metrics)} metrics at {args.interval} s")
+                t = time.perf_counter()
+                rows = load(url, gpus, days * 86400, args.interval, metrics)
+                print(f"  loaded {rows:,} rows in {time.perf_counter() - t:.0f}s")
+                t = time.perf_counter()
                 with Maintainer(url, lifecycle.Policy()) as m:
                     r = m.run_once()
                 print(f"  maintain: {r.refresh.rows_1m:,} 1m + {r.refresh.rows_1h:,} 1h rows, "
-                      f"packed {len(r.packed)} partitions")
+                      f"packed {len(r.packed)} partitions, {time.perf_counter() - t:.0f}s")
                 proc, base = serve(url, tmp)
                 procs.append(proc)
                 t, body = usage_latency(base, days, args.interval, args.runs)

@@ -125,29 +125,31 @@ class UsageStore:
                ") t GROUP BY 1, 2, 3")
         return self.conn.execute(sql, params).fetchall()
 
-    def intervals(self, gpu_ids: Sequence[int], metric_ids: Sequence[int], lo: datetime, hi: datetime
-                  ) -> dict[int, float]:
-        """Per GPU, the median spacing (seconds) of its newest utilization samples before `hi`.
+    def intervals(self, metric_of: dict[int, int], lo: datetime, hi: datetime) -> dict[int, float]:
+        """Per GPU (→ its utilization metric id), the median spacing in seconds of its newest samples before `hi`.
 
-        Raw rows first (newest `INTERVAL_SAMPLES` distinct timestamps, one index probe each), the newest
+        Raw rows first (the newest `INTERVAL_SAMPLES`, one backward index probe per GPU), then the newest
         packed hour for GPUs whose raw rows do not tell; GPUs with fewer than two samples are left out.
         """
-        if not gpu_ids:
+        if not metric_of:
             return {}
         ctx = lo - HOUR if lo > NEG_INF + HOUR else lo
+        gids = list(metric_of)
+        mids = [metric_of[g] for g in gids]
         times: dict[int, list[datetime]] = {}
         rows = self.conn.execute(
-            "SELECT g.id, x.ts FROM unnest(%s::bigint[]) g(id) CROSS JOIN LATERAL (SELECT DISTINCT r.ts "
-            "FROM telemetry_raw r WHERE r.gpu_id = g.id AND r.metric_id = ANY(%s) AND r.ts >= %s AND r.ts < %s "
-            "ORDER BY r.ts DESC LIMIT %s) x", (list(gpu_ids), list(metric_ids), ctx, hi, INTERVAL_SAMPLES))
+            "SELECT g.id, x.ts FROM unnest(%s::bigint[], %s::int[]) g(id, m) CROSS JOIN LATERAL (SELECT r.ts "
+            "FROM telemetry_raw r WHERE r.gpu_id = g.id AND r.metric_id = g.m AND r.ts >= %s AND r.ts < %s "
+            "ORDER BY r.ts DESC LIMIT %s) x", (gids, mids, ctx, hi, INTERVAL_SAMPLES))
         for gid, ts in rows:
             times.setdefault(gid, []).append(ts)
-        missing = [g for g in gpu_ids if len(times.get(g, ())) < INTERVAL_SAMPLES]
+        missing = [g for g in gids if len(times.get(g, ())) < INTERVAL_SAMPLES]
         if missing:
             rows = self.conn.execute(
-                "SELECT g.id, x.ts FROM unnest(%s::bigint[]) g(id) CROSS JOIN LATERAL (SELECT p.ts FROM "
-                "telemetry_packed p WHERE p.gpu_id = g.id AND p.metric_id = ANY(%s) AND p.hour >= %s AND p.hour < %s "
-                "ORDER BY p.hour DESC, p.n DESC LIMIT 1) x", (missing, list(metric_ids), ctx - HOUR, hi))
+                "SELECT g.id, x.ts FROM unnest(%s::bigint[], %s::int[]) g(id, m) CROSS JOIN LATERAL (SELECT p.ts "
+                "FROM telemetry_packed p WHERE p.gpu_id = g.id AND p.metric_id = g.m AND p.hour >= %s AND p.hour < %s "
+                "ORDER BY p.hour DESC, p.n DESC LIMIT 1) x",
+                (missing, [metric_of[g] for g in missing], ctx - HOUR, hi))
             for gid, ts in rows:
                 times.setdefault(gid, []).extend(t for t in ts if ctx <= t < hi)
         out = {}
@@ -255,7 +257,7 @@ def usage(conn: psycopg.Connection, start: datetime, end: datetime, *, group_by:
     engine_id = metrics.get(ENGINE_ACTIVE)
     chosen = [r for r in rows if r[3] and (r[1] == util_id if r[0] in has_util else r[1] == engine_id)]
     gpu_ids = sorted({r[0] for r in chosen})
-    intervals = store.intervals(gpu_ids, list(metrics.values()), lo, hi)
+    intervals = store.intervals({r[0]: r[1] for r in chosen}, lo, hi)
     fallback = statistics.median(intervals.values()) if intervals else default_interval_s
     gpus = {gid: (host, model) for gid, host, model in conn.execute(
         "SELECT id, hostname, model_name FROM gpus WHERE id = ANY(%s)", (gpu_ids,))}
