@@ -76,8 +76,8 @@ def router(reader: Callable[[], AbstractContextManager[Reader]]) -> APIRouter:
         if start is None:
             start = end - DEFAULT_WINDOW
         if end - start > MAX_WINDOW:
-            raise ParamError(f"start_time: the window {start_time} to {end_time} is {end - start}, longer than "
-                             f"{MAX_WINDOW.days} days; ask for it in parts")
+            raise ParamError(f"start_time: the window {rfc3339(start)} to {rfc3339(end)} is {end - start}, longer "
+                             f"than {MAX_WINDOW.days} days; ask for it in parts")
         return start, end
 
     @api.get("/api/v1/usage", response_model=UsageReport,
