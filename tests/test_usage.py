@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from telemetry_nb import store
+from telemetry_nb.analysis.client import TelemetryClient
 from telemetry_nb.model import Sample
 from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.maintainer import Maintainer
@@ -203,6 +204,15 @@ def test_usage_equals_a_direct_computation_over_the_samples(conn, database_url, 
                                                             "start_time": full[0].isoformat(),
                                                             "end_time": full[1].isoformat()}).json()["items"]
     assert [(w["pod"], w["last_seen"]) for w in ml] == [("nb-y", "2025-07-10T06:09:30Z")]
+    # the typed client follows the pages and reads the same figures
+    with TelemetryClient(api_server) as client:
+        ws = client.workloads(start_time=full[0], end_time=full[1], page_size=2)
+        assert [(w.namespace, w.pod, w.gpus) for w in ws][:1] == [("ml", "train-a", ["GPU-a", "GPU-b"])]
+        assert len(ws) == 5 and ws[-1].last_seen == datetime(2025, 7, 10, 6, 9, 30, tzinfo=UTC)
+        typed = client.usage("pod", start_time=full[0], end_time=full[1])
+        assert typed.group_by == "pod" and typed.start_time == full[0]
+        assert {i.group: (i.gpu_hours, i.gpus) for i in typed.items} == {
+            i["group"]: (i["gpu_hours"], i["gpus"]) for i in report(full, "pod")["items"]}
 
 
 def test_real_export_is_all_unattributed_with_every_gpu_counted(conn, api_server, real_csv):
