@@ -89,17 +89,21 @@ class UsageStore:
             return (f"CASE WHEN {scaled(a + '.max', a + '.metric_id')} < {t} THEN {a}.count "
                     f"WHEN {scaled(a + '.min', a + '.metric_id')} >= {t} THEN 0 WHEN {a}.count = 2 THEN 1 END")
 
-        params: list = [ids]
-        cols = "gpu_id, metric_id, bucket, workload_id, min, max, sum, count"
-        h = (f"SELECT h.*, {idle('h')} AS idle FROM (SELECT {cols} FROM telemetry_1h WHERE metric_id = ANY(%s) "
-             f"AND {lifecycle.ranges_predicate('bucket', p.hours, params)}) h")
-        params.append(ids)
-        m = (f"SELECT m.*, {idle('m')} AS idle FROM ("
-             "SELECT x.gpu_id, x.metric_id, x.bucket, x.workload_id, x.min, x.max, x.sum, x.count, false AS top "
-             "FROM h JOIN telemetry_1m x ON h.idle IS NULL AND x.gpu_id = h.gpu_id AND x.metric_id = h.metric_id "
-             "AND x.bucket >= h.bucket AND x.bucket < h.bucket + interval '1 hour' AND x.workload_id = h.workload_id "
-             f"UNION ALL SELECT {cols}, true FROM telemetry_1m WHERE metric_id = ANY(%s) "
-             f"AND {lifecycle.ranges_predicate('bucket', p.minutes, params)}) m")
+        params: list = []
+
+        def where(ranges: list[tuple[datetime, datetime]]) -> str:
+            params.append(ids)
+            return f"metric_id = ANY(%s) AND {lifecycle.ranges_predicate('bucket', ranges, params)}"
+
+        # h: the clean hours whose idle count min/max leave open (usually few); m: their 1m rows and the
+        # open edge minutes; s0: the samples of the minutes still open. Whole-table sums are taken directly.
+        h = f"SELECT gpu_id, metric_id, bucket, workload_id FROM telemetry_1h h WHERE {where(p.hours)} " \
+            f"AND ({idle('h')}) IS NULL"
+        m = (f"SELECT x.gpu_id, x.metric_id, x.bucket, x.workload_id, ({idle('x')}) AS idle FROM h JOIN telemetry_1m x "
+             "ON x.gpu_id = h.gpu_id AND x.metric_id = h.metric_id AND x.bucket >= h.bucket "
+             "AND x.bucket < h.bucket + interval '1 hour' AND x.workload_id = h.workload_id "
+             "UNION ALL SELECT gpu_id, metric_id, bucket, workload_id, NULL FROM telemetry_1m e "
+             f"WHERE {where(p.minutes)} AND ({idle('e')}) IS NULL")
         s0 = ("SELECT r.gpu_id, r.metric_id, r.value AS v, coalesce(r.workload_id, 0) AS workload_id "
               "FROM m JOIN telemetry_raw r ON m.idle IS NULL AND r.gpu_id = m.gpu_id AND r.metric_id = m.metric_id "
               "AND r.ts >= m.bucket AND r.ts < m.bucket + interval '1 minute' "
@@ -109,20 +113,23 @@ class UsageStore:
               f"AND k.hour = date_bin('1 hour', m.bucket, {_ORIGIN}) AND coalesce(k.workload_id, 0) = m.workload_id "
               "CROSS JOIN LATERAL unnest(k.ts, k.value) AS u(ts, value) "
               "WHERE u.ts >= m.bucket AND u.ts < m.bucket + interval '1 minute'")
+
+        def sample_idle(col: str) -> str:
+            return f"CASE WHEN {scaled(col, 'metric_id')} < {t} THEN 1 ELSE 0 END"
+
+        head = f"WITH h AS MATERIALIZED ({h}), m AS MATERIALIZED ({m}), s0 AS ({s0}) "
+        sums = ("SELECT gpu_id, metric_id, workload_id, sum(count) AS n, sum(sum) AS total, "
+                "sum(coalesce({idle}, 0)) AS idle FROM {table} {a} WHERE {where} GROUP BY 1, 2, 3")
+        parts = [sums.format(idle=idle("a"), table="telemetry_1h", a="a", where=where(p.hours)),
+                 "SELECT gpu_id, metric_id, workload_id, 0, 0, coalesce(idle, 0) FROM m",
+                 sums.format(idle=idle("a"), table="telemetry_1m", a="a", where=where(p.minutes)),
+                 f"SELECT gpu_id, metric_id, workload_id, 0, 0, {sample_idle('v')} FROM s0"]
         if p.samples:
             src = lifecycle.samples_sql(p.samples, "metric_id = ANY(%s)", [ids], params)
-            s1 = f"SELECT gpu_id, metric_id, value AS v, coalesce(workload_id, 0) AS workload_id FROM ({src}) z"
-        else:
-            s1 = "SELECT 0::bigint AS gpu_id, 0 AS metric_id, 0.0::float8 AS v, 0::bigint AS workload_id WHERE false"
-        sample_idle = f"CASE WHEN {scaled('v', 'metric_id')} < {t} THEN 1 ELSE 0 END"
-        sql = (f"WITH h AS MATERIALIZED ({h}), m AS MATERIALIZED ({m}), s0 AS ({s0}), s1 AS ({s1}) "
-               "SELECT gpu_id, metric_id, workload_id, sum(n)::bigint, sum(total)::float8, sum(idle)::bigint FROM ("
-               "SELECT gpu_id, metric_id, workload_id, count AS n, sum AS total, coalesce(idle, 0) AS idle FROM h "
-               "UNION ALL SELECT gpu_id, metric_id, workload_id, CASE WHEN top THEN count ELSE 0 END, "
-               "CASE WHEN top THEN sum ELSE 0 END, coalesce(idle, 0) FROM m "
-               f"UNION ALL SELECT gpu_id, metric_id, workload_id, 0, 0, {sample_idle} FROM s0 "
-               f"UNION ALL SELECT gpu_id, metric_id, workload_id, 1, v, {sample_idle} FROM s1"
-               ") t GROUP BY 1, 2, 3")
+            parts.append(f"SELECT gpu_id, metric_id, coalesce(workload_id, 0), 1, value, {sample_idle('value')} "
+                         f"FROM ({src}) z")
+        sql = (head + "SELECT gpu_id, metric_id, workload_id, sum(n)::bigint, sum(total)::float8, sum(idle)::bigint "
+               f"FROM ({' UNION ALL '.join(parts)}) t GROUP BY 1, 2, 3")
         return self.conn.execute(sql, params).fetchall()
 
     def intervals(self, metric_of: dict[int, int], lo: datetime, hi: datetime) -> dict[int, float]:
