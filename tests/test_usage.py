@@ -72,14 +72,18 @@ def write(conn, samples: list[Sample], chunk: int = 20000) -> None:
         writer.write([codec.decode(codec.encode(samples[i:i + chunk]))])
 
 
-def direct(conn, start: datetime, end: datetime, group_by: str, threshold: float) -> dict:
-    """The report computed straight from the stored samples (`telemetry` = raw ∪ packed) and known intervals."""
-    interval = {uuid: step for uuid, step, _, _ in FLEET}
-    rows = conn.execute(
+def stored(conn, start: datetime, end: datetime) -> list[tuple]:
+    """The utilization samples in [start, end] straight from `telemetry` (raw ∪ packed), with their owners."""
+    return conn.execute(
         "SELECT g.uuid, g.hostname, g.model_name, m.name, t.value, w.namespace, w.pod FROM telemetry t "
         "JOIN gpus g ON g.id = t.gpu_id JOIN metrics m ON m.id = t.metric_id "
         "LEFT JOIN workloads w ON w.id = t.workload_id WHERE m.name = ANY(%s) AND t.ts >= %s AND t.ts <= %s",
         ([UTIL, ENGINE_ACTIVE], start, end)).fetchall()
+
+
+def direct(rows: list[tuple], group_by: str, threshold: float) -> dict:
+    """The report computed from the stored samples and the known sampling intervals."""
+    interval = {uuid: step for uuid, step, _, _ in FLEET}
     has_util = {r[0] for r in rows if r[3] == UTIL}
     out: dict = defaultdict(lambda: {"gpu_hours": 0.0, "busy_gpu_hours": 0.0, "idle_gpu_hours": 0.0, "gpus": set()})
     for uuid, host, model, metric, value, ns, pod in rows:
@@ -160,9 +164,10 @@ def test_usage_equals_a_direct_computation_over_the_samples(conn, database_url, 
 
     def check() -> None:
         for window in (full, ragged):
+            rows = stored(conn, *window)
             for group_by in ("namespace", "pod", "hostname", "model_name"):
                 for threshold in (5.0, 50.0):
-                    assert_report(report(window, group_by, threshold), direct(conn, *window, group_by, threshold))
+                    assert_report(report(window, group_by, threshold), direct(rows, group_by, threshold))
         body = report(full, "pod")
         by = {i["group"]: i for i in body["items"]}
         # exact GPU-hours of the known allocations: train-a 5 h on GPU-a + 4 h on GPU-b, nb-y until it went
