@@ -153,6 +153,7 @@ def test_usage_equals_a_direct_computation_over_the_samples(conn, database_url, 
 
     full = (T0, T0 + timedelta(seconds=END_S))
     ragged = (T0 + timedelta(minutes=17, seconds=3), T0 + timedelta(hours=13, minutes=41, seconds=10))
+    packed = (T0 + timedelta(minutes=10), T0 + timedelta(hours=5, minutes=30))  # intervals from packed hours
 
     def report(window, group_by, threshold=5.0) -> dict:
         params = {"group_by": group_by, "start_time": window[0].isoformat(), "end_time": window[1].isoformat(),
@@ -163,7 +164,7 @@ def test_usage_equals_a_direct_computation_over_the_samples(conn, database_url, 
         return body
 
     def check() -> None:
-        for window in (full, ragged):
+        for window in (full, ragged, packed):
             rows = stored(conn, *window)
             for group_by in ("namespace", "pod", "hostname", "model_name"):
                 for threshold in (5.0, 50.0):
