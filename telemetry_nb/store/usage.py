@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -232,6 +233,17 @@ def window_bounds(start: datetime, end: datetime) -> tuple[datetime, datetime]:
 GROUP_BY = ("namespace", "pod", "hostname", "model_name")
 
 
+@contextmanager
+def snapshot(conn: psycopg.Connection) -> Iterator[None]:
+    """One REPEATABLE READ snapshot for the change log, the rollups and the samples (or the caller's own)."""
+    if conn.autocommit:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            yield
+    else:
+        yield
+
+
 @dataclass
 class Group:
     """One row of the usage report: GPU-seconds allocated, utilization-weighted and idle, and the GPUs."""
@@ -269,20 +281,21 @@ def usage(conn: psycopg.Connection, start: datetime, end: datetime, *, group_by:
         raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
     lo, hi = window_bounds(start, end)
     store = UsageStore(conn)
-    metrics = store.util_metrics()
-    rows = store.totals(lo, hi, idle_threshold, metrics)
-    util_id = metrics.get(UTIL)
-    has_util = {g for g, m, _, n, _, _ in rows if m == util_id and n}
-    engine_id = metrics.get(ENGINE_ACTIVE)
-    chosen = [r for r in rows if r[3] and (r[1] == util_id if r[0] in has_util else r[1] == engine_id)]
-    gpu_ids = sorted({r[0] for r in chosen})
-    intervals = store.intervals({r[0]: r[1] for r in chosen}, lo, hi)
+    with snapshot(conn):
+        metrics = store.util_metrics()
+        rows = store.totals(lo, hi, idle_threshold, metrics)
+        util_id = metrics.get(UTIL)
+        has_util = {g for g, m, _, n, _, _ in rows if m == util_id and n}
+        engine_id = metrics.get(ENGINE_ACTIVE)
+        chosen = [r for r in rows if r[3] and (r[1] == util_id if r[0] in has_util else r[1] == engine_id)]
+        gpu_ids = sorted({r[0] for r in chosen})
+        intervals = store.intervals({r[0]: r[1] for r in chosen}, lo, hi)
+        gpus = {gid: (host, model) for gid, host, model in conn.execute(
+            "SELECT id, hostname, model_name FROM gpus WHERE id = ANY(%s)", (gpu_ids,))}
+        wids = sorted({r[2] for r in chosen if r[2]})
+        workloads = {wid: (ns, pod, c) for wid, ns, pod, c in conn.execute(
+            "SELECT id, namespace, pod, container FROM workloads WHERE id = ANY(%s)", (wids,))}
     fallback = statistics.median(intervals.values()) if intervals else default_interval_s
-    gpus = {gid: (host, model) for gid, host, model in conn.execute(
-        "SELECT id, hostname, model_name FROM gpus WHERE id = ANY(%s)", (gpu_ids,))}
-    wids = sorted({r[2] for r in chosen if r[2]})
-    workloads = {wid: (ns, pod, c) for wid, ns, pod, c in conn.execute(
-        "SELECT id, namespace, pod, container FROM workloads WHERE id = ANY(%s)", (wids,))}
     groups: dict[str | None, Group] = {}
     for gid, mid, wid, n, total, idle in chosen:
         interval = intervals.get(gid, fallback)
@@ -304,7 +317,8 @@ def workloads(conn: psycopg.Connection, start: datetime, end: datetime, *, names
     GPUs and first/last seen (per GPU and overall)."""
     lo, hi = window_bounds(start, end)
     store = UsageStore(conn)
-    spans = store.workload_spans(lo, hi, list(store.util_metrics().values()))
+    with snapshot(conn):
+        spans = store.workload_spans(lo, hi, list(store.util_metrics().values()))
     if not spans:
         return []
     wids = sorted({s[0] for s in spans})
