@@ -49,6 +49,14 @@ def _db(url: str, name: str) -> str:
     return urlunsplit((p.scheme, p.netloc, f"/{name}", p.query, p.fragment))
 
 
+class Figures(dict):
+    """The printed figures; each is also printed the moment it is measured (a long run shows progress)."""
+
+    def __setitem__(self, key: str, value: str) -> None:
+        print(f"  {key}: {value}", flush=True)
+        super().__setitem__(key, value)
+
+
 def _median(fn, runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -151,6 +159,7 @@ def main() -> int:
     parser.add_argument("--week-gpus", type=int, default=128, help="GPUs of the 7 d fleet (default 128)")
     parser.add_argument("--interval", type=int, default=30, help="seconds between samples (default 30)")
     parser.add_argument("--runs", type=int, default=5, help="runs per latency figure (default 5)")
+    parser.add_argument("--keep", action="store_true", help="keep the two databases (their names are printed)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="tnb-fleet-") as tmp_s:
@@ -168,7 +177,7 @@ def main() -> int:
                 for n in names.values():
                     conn.execute(f"CREATE DATABASE {n}")
             day, week = _db(admin, names["day"]), _db(admin, names["week"])
-            fig: dict[str, str] = {}
+            fig = Figures()
 
             print(f"fleet A: {args.gpus} GPUs x {len(METRICS)} metrics x 24 h at {args.interval} s")
             rows_a, load_a = load_fleet(day, args.gpus, 86400, args.interval)
@@ -253,10 +262,13 @@ def main() -> int:
             for p in procs:
                 p.terminate()
                 p.wait(timeout=15)
-            with psycopg.connect(admin, autocommit=True) as conn:
-                for n in names.values():
-                    conn.execute(f"DROP DATABASE IF EXISTS {n} WITH (FORCE)")
-            if emb is not None:
+            if args.keep:
+                print(f"kept databases {', '.join(names.values())}")
+            else:
+                with psycopg.connect(admin, autocommit=True) as conn:
+                    for n in names.values():
+                        conn.execute(f"DROP DATABASE IF EXISTS {n} WITH (FORCE)")
+            if emb is not None and not args.keep:
                 emb.stop()
     return 0
 

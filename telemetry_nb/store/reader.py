@@ -192,22 +192,30 @@ class Reader:
             parts: list[str] = []
             params: list = []
             raw_ranges = [(lo, hi)]
-            if res != "raw":
-                table, width = ("telemetry_1h", HOUR) if res == "1h" else ("telemetry_1m", MINUTE)
-                horizon = lifecycle.read_state(self.conn).expired(table)
-                rs = ceil_to(max(lo, horizon), width)
-                re_ = floor_to(hi, width)
-                if rs < re_:
-                    dirty = merge_ranges((max(floor_to(a, width), rs), min(ceil_to(b, width), re_))
-                                         for a, b in lifecycle.dirty_ranges(self.conn))
-                    raw_ranges = [(lo, rs), (re_, hi), *dirty]
-                    clean = _subtract((rs, re_), dirty)
-                    if clean:
-                        params += [bucket, *fparams]
-                        pred = lifecycle.ranges_predicate("bucket", clean, params)
-                        parts.append(f"SELECT gpu_id, metric_id, date_bin(%s, bucket, {_ORIGIN}) AS b, "
-                                     f"min(min) AS mn, max(max) AS mx, sum(sum) AS s, sum(count)::bigint AS c "
-                                     f"FROM {table} WHERE {filters} AND {pred} GROUP BY 1, 2, 3")
+            tiers = {"1h": [("telemetry_1h", HOUR), ("telemetry_1m", MINUTE)], "1m": [("telemetry_1m", MINUTE)],
+                     "raw": []}[res]
+            state = lifecycle.read_state(self.conn) if tiers else None
+            changed = lifecycle.dirty_ranges(self.conn) if tiers else []
+            for table, width in tiers:  # whole hours from 1h, the ragged rest in whole minutes from 1m
+                rest: list[tuple[datetime, datetime]] = []
+                clean: list[tuple[datetime, datetime]] = []
+                horizon = state.expired(table)
+                dirty = merge_ranges((floor_to(a, width), ceil_to(b, width)) for a, b in changed)
+                for a, b in raw_ranges:
+                    rs, re_ = ceil_to(max(a, horizon), width), floor_to(b, width)
+                    if rs >= re_:
+                        rest.append((a, b))
+                        continue
+                    inner = [(max(x, rs), min(y, re_)) for x, y in dirty if x < re_ and y > rs]
+                    rest += [(a, rs), (re_, b), *inner]
+                    clean += _subtract((rs, re_), inner)
+                raw_ranges = [(x, y) for x, y in merge_ranges(rest) if x < y]
+                if clean:
+                    params += [bucket, *fparams]
+                    pred = lifecycle.ranges_predicate("bucket", clean, params)
+                    parts.append(f"SELECT gpu_id, metric_id, date_bin(%s, bucket, {_ORIGIN}) AS b, "
+                                 f"min(min) AS mn, max(max) AS mx, sum(sum) AS s, sum(count)::bigint AS c "
+                                 f"FROM {table} WHERE {filters} AND {pred} GROUP BY 1, 2, 3")
             raw_ranges = merge_ranges(raw_ranges)
             if raw_ranges:
                 params.append(bucket)
