@@ -94,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         duration, interval = parse_duration(args.duration), parse_duration(args.interval)
         start = datetime.fromisoformat(args.start) if args.start else None
         rows = generate_rows(args.hosts, args.gpus_per_host, duration, interval, start=start, seed=args.seed,
-                             idle_fraction=args.idle_fraction)
+                             idle_fraction=args.idle_fraction, namespaces=args.namespaces)
         total = row_count(args.hosts, args.gpus_per_host, duration, interval)
     except ValueError as err:
         raise CliError(str(err)) from None
@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", help="first timestamp, ISO 8601 (default now)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--idle-fraction", type=float, default=0.3, help="share of idle GPUs (default 0.3)")
+    p.add_argument("--namespaces", type=int, default=0,
+                   help="schedule pods of N namespaces onto the GPUs over time (some GPUs free and unattributed, "
+                        "one pod in five at 0%% utilization); default 0: a fixed ml-training fleet")
     p.add_argument("--out", required=True, help="output CSV path")
     p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_generate)

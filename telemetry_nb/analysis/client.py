@@ -145,6 +145,39 @@ class MetricInfo:
     rows: int
 
 
+@dataclass(frozen=True)
+class UsageItem:
+    """One group of `GET /api/v1/usage`."""
+
+    group: str | None
+    gpu_hours: float
+    busy_gpu_hours: float
+    idle_gpu_hours: float
+    avg_util: float | None
+    gpus: int
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    group_by: str
+    start_time: datetime | None
+    end_time: datetime | None
+    idle_threshold: float
+    items: list[UsageItem]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One workload of `GET /api/v1/workloads` (its GPUs' uuids, first/last seen over all of them)."""
+
+    namespace: str
+    pod: str
+    container: str
+    first_seen: datetime | None
+    last_seen: datetime | None
+    gpus: list[str]
+
+
 class TelemetryClient:
     """`TelemetryClient(api_url, token=...)`; the URL defaults to $TELEMETRY_API_URL, then http://127.0.0.1:8000.
 
@@ -286,6 +319,25 @@ class TelemetryClient:
         b = self._get("/api/v1/fleet/aggregate", params)[1]
         return FleetAggregate(b["metric"], float(b["bucket_seconds"]), b["resolution"], b["uuid"], b["bucket"],
                               b["min"], b["avg"], b["max"], b["count"])
+
+    # -- accounting ----------------------------------------------------------------------------
+    def usage(self, group_by: str = "namespace", *, start_time: TimeArg = None, end_time: TimeArg = None,
+              idle_threshold: float = 5.0) -> UsageReport:
+        """`GET /api/v1/usage`: GPU-hours, busy and idle GPU-hours per group (`group` None: unattributed)."""
+        params = {"group_by": group_by, "start_time": format_ts(start_time), "end_time": format_ts(end_time),
+                  "idle_threshold": idle_threshold}
+        b = self._get("/api/v1/usage", params)[1]
+        return UsageReport(b["group_by"], parse_ts(b["start_time"]), parse_ts(b["end_time"]),
+                           float(b["idle_threshold"]), [UsageItem(**i) for i in b["items"]])
+
+    def workloads(self, *, namespace: str | None = None, pod: str | None = None, start_time: TimeArg = None,
+                  end_time: TimeArg = None, page_size: int = 1000) -> list[Workload]:
+        """`GET /api/v1/workloads`, all pages: workloads seen in the window, their GPUs, first/last seen."""
+        params = [(k, v) for k, v in (("namespace", namespace), ("pod", pod), ("start_time", format_ts(start_time)),
+                                      ("end_time", format_ts(end_time)), ("limit", page_size)) if v is not None]
+        return [Workload(w["namespace"], w["pod"], w["container"], parse_ts(w["first_seen"]),
+                         parse_ts(w["last_seen"]), [g["uuid"] for g in w["gpus"]])
+                for page in self._pages("/api/v1/workloads", params) for w in page["items"]]
 
 
 def _metrics(metric: str | Sequence[str] | None) -> list[str]:

@@ -199,6 +199,8 @@ class Dashboard:
         self.idle_title = w.HTML()
         self.xid = w.HTML()
         self.xid_title = w.HTML()
+        self.by_namespace_title = w.HTML()
+        self.by_namespace = w.HTML()
         controls = [self.host, self.gpu, self.metric, self.window, self.refresh_button]
         if refresh_s > 0:
             controls.append(self.timer)
@@ -207,7 +209,7 @@ class Dashboard:
             w.HBox(controls, layout=w.Layout(flex_flow="row wrap", gap="6px")),
             self.heatmap, self.timeseries, w.HBox([self.per_host, self.temp_power],
                                                   layout=w.Layout(flex_flow="row wrap", gap="24px")),
-            self.idle_title, self.idle, self.xid_title, self.xid,
+            self.idle_title, self.idle, self.xid_title, self.xid, self.by_namespace_title, self.by_namespace,
         ])
         self.refresh_button.on_click(lambda _: self.refresh(reload=True))
         self.timer.observe(lambda _: self.refresh(reload=True), names="value")
@@ -224,6 +226,8 @@ class Dashboard:
                                      metrics=[self.metric.value, *self.ex.CHART_METRICS],
                                      known_metrics=self.metric_names)
         loaded["events"] = self.client.events(kind="xid", start_time=loaded["start"], end_time=loaded["end"])
+        loaded["usage"] = self.client.usage("namespace", start_time=loaded["start"], end_time=loaded["end"],
+                                            idle_threshold=self.idle_threshold)
         return loaded
 
     def _host_changed(self, _change) -> None:
@@ -305,6 +309,24 @@ class Dashboard:
         xid = ex.xid_gpus(loaded.get("events", []), loaded["gpus"], host or None)
         self.xid_title.value = f"<h4>GPUs with XID errors in the window — {html.escape(where)}: {len(xid)}</h4>"
         self.xid.value = _table(xid)
+        self.render_by_namespace()
+
+    def render_by_namespace(self) -> None:
+        """The "By namespace" panel: GPU-hours and idle share per namespace over the window (whole fleet)."""
+        from telemetry_nb.analysis import accounting
+
+        report = self.loaded.get("usage")
+        if report is None:
+            return
+        df = accounting.usage_frame(report)
+        totals = accounting.summary(report, df)
+        self.by_namespace_title.value = (
+            f"<h4>By namespace — {totals['gpu_hours']:.1f} GPU-hours, {totals['idle_share']:.0%} idle, "
+            f"{totals['unattributed_share']:.0%} unattributed</h4>")
+        table = df.rename(columns={"group": "namespace"})[["namespace", "gpus", "gpu_hours", "idle_gpu_hours",
+                                                           "idle_share", "avg_util"]].copy()
+        table["idle_share"] = 100 * table["idle_share"]
+        self.by_namespace.value = _table(table.rename(columns={"idle_share": "idle %", "avg_util": "avg util %"}))
 
     def show(self):
         """Display the app and draw it once; the Play widget then drives the periodic refresh."""

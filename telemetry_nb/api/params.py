@@ -7,6 +7,7 @@ not match is a 422 naming the parameter. That is what makes the OpenAPI document
 
 from __future__ import annotations
 
+import base64
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated
@@ -109,6 +110,24 @@ def decode_event_cursor(text: str) -> tuple[datetime, int, str]:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(micros)), gid, kind
 
 
+WORKLOAD_CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,4096}$"
+
+
+def encode_workload_cursor(namespace: str, pod: str, container: str) -> str:
+    raw = "\x1f".join((namespace, pod, container)).encode()  # stored names never hold control characters
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_workload_cursor(text: str) -> tuple[str, str, str]:
+    """A position in (namespace, pod, container) order; every `WORKLOAD_CURSOR_PATTERN` match is one."""
+    if not re.match(WORKLOAD_CURSOR_PATTERN, text):
+        raise ParamError(f"cursor: invalid cursor {text!r:.80}; pass back the next_cursor of a previous page")
+    text = text[: len(text) - (len(text) % 4 == 1)]  # a lone trailing character carries no whole byte
+    parts = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode(errors="replace").split("\x1f", 2)
+    parts += [""] * (3 - len(parts))
+    return parts[0], parts[1], parts[2]
+
+
 # -- the parameter declarations the routes share ------------------------------------------------
 # Optional query parameters are declared `str` with a default of None (not `str | None`), so that their
 # schema is the plain string schema rather than `anyOf [string, null]`: a query string has no null.
@@ -128,6 +147,10 @@ Uuid = Annotated[str, Path(description="the GPU's uuid", min_length=1, max_lengt
 StartTime = Annotated[str, _time("earliest sample time")]
 EndTime = Annotated[str, _time("latest sample time; not before start_time")]
 Metrics = Annotated[list[MetricName], Query(description="metric name; repeat for several (default: every metric)")]
+Namespace = Annotated[str, _text("only workloads of this namespace")]
+Pod = Annotated[str, _text("only workloads of this pod")]
+WorkloadCursor = Annotated[str, Query(description="next_cursor of the previous page", max_length=4096,
+                                      pattern=WORKLOAD_CURSOR_PATTERN)]
 GpuCursor = Annotated[str, _text("next_cursor of the previous page", pattern=GPU_CURSOR_PATTERN)]
 ParentUuid = Annotated[str, _text("only the MIG instances of this GPU", pattern=UUID_PATTERN)]
 EventUuid = Annotated[str, _text("only events of this GPU", pattern=UUID_PATTERN)]

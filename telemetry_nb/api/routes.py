@@ -43,6 +43,7 @@ from telemetry_nb.api.params import (
     parse_bucket,
     parse_time,
 )
+from telemetry_nb.api.usage import router as usage_routes
 from telemetry_nb.store import Reader
 
 log = logging.getLogger(__name__)
@@ -240,4 +241,5 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
             rows = r.metric_counts()
         return models.MetricList(items=[{"name": m["name"], "rows": m["rows"]} for m in rows])
 
+    router.include_router(usage_routes(store))
     return router

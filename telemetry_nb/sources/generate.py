@@ -68,6 +68,39 @@ def _readings(gpu: _Gpu, rng: random.Random) -> dict[str, str]:
     }
 
 
+class Scheduler:
+    """Pods of `namespaces` namespaces scheduled onto GPUs for a while, then released (for `--namespaces`).
+
+    A free GPU stays free (idle, unattributed) for a random stretch, then a new pod takes it for 5–30 % of
+    the run; one pod in `idle_holder_every` holds its GPU at 0 % utilization. Deterministic per seed.
+    """
+
+    def __init__(self, namespaces: int, ticks: int, rng: random.Random, idle_fraction: float,
+                 idle_holder_every: int = 5):
+        self.namespaces, self.ticks, self.rng = namespaces, ticks, rng
+        self.idle_fraction, self.idle_holder_every = idle_fraction, idle_holder_every
+        self.pods = 0
+        self.until: dict[str, int] = {}
+
+    def _stretch(self, share_lo: float, share_hi: float) -> int:
+        return max(1, int(self.ticks * self.rng.uniform(share_lo, share_hi)))
+
+    def step(self, gpu: _Gpu, tick: int) -> None:
+        """Release or schedule `gpu` when its current stretch ends at `tick`."""
+        if self.until.get(gpu.uuid, 0) > tick:
+            return
+        if gpu.workload[1] or self.rng.random() < self.idle_fraction:  # release, or stay free a while
+            gpu.workload, gpu.busy = ("", "", ""), False
+            self.until[gpu.uuid] = tick + self._stretch(0.02, 0.15)
+            return
+        self.pods += 1
+        ns = f"team-{self.rng.randrange(self.namespaces):02d}"
+        gpu.workload = (ns, f"job-{self.pods:05d}", "main")
+        gpu.busy = self.pods % self.idle_holder_every != 0  # every n-th pod sits on its GPU at 0 %
+        gpu.util = self.rng.uniform(60, 100) if gpu.busy else 0.0
+        self.until[gpu.uuid] = tick + self._stretch(0.05, 0.30)
+
+
 def generate_rows(
     hosts: int,
     gpus_per_host: int,
@@ -77,8 +110,13 @@ def generate_rows(
     start: datetime | None = None,
     seed: int = 0,
     idle_fraction: float = 0.3,
+    namespaces: int = 0,
 ) -> Iterator[list[str]]:
-    """Yield DCGM CSV rows (without header), tick by tick, every GPU reporting every metric each tick."""
+    """Yield DCGM CSV rows (without header), tick by tick, every GPU reporting every metric each tick.
+
+    `namespaces` > 0 schedules pods of that many namespaces onto the GPUs over time (`Scheduler`); 0 keeps
+    the fixed fleet (busy GPUs owned by `ml-training` pods for the whole run).
+    """
     if hosts < 1 or gpus_per_host < 1:
         raise ValueError("hosts and gpus-per-host must be at least 1")
     if interval_s <= 0 or duration_s <= 0:
@@ -87,9 +125,14 @@ def generate_rows(
     fleet = _fleet(hosts, gpus_per_host, rng, idle_fraction)
     start = (start or datetime.now(UTC).replace(microsecond=0)).astimezone(UTC)
     ticks = max(1, int(duration_s / interval_s))
+    if namespaces < 0:
+        raise ValueError("namespaces must be 0 or more")
+    scheduler = Scheduler(namespaces, ticks, rng, idle_fraction) if namespaces else None
     for t in range(ticks):
         ts = (start + timedelta(seconds=t * interval_s)).isoformat().replace("+00:00", "Z")
         for gpu in fleet:
+            if scheduler is not None:
+                scheduler.step(gpu, t)
             readings = _readings(gpu, rng)
             ns, pod, container = gpu.workload
             for metric in METRICS:
