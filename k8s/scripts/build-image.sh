@@ -148,12 +148,15 @@ pip_volumes() {
       case $key in cert|client-cert|constraint|requirement) [[ -f $value ]] && files+=("$value") ;; esac
     done <"$f"
   done
+  local -A seen=()
   for f in ${files[@]+"${files[@]}"}; do
-    # pip.conf files of root are read at /root/... inside the build
+    [[ -z ${seen[$f]:-} ]] || continue
+    seen[$f]=1
+    # the user's pip.conf is read at /root/... inside the build (it runs as root)
     local target=$f
     [[ $f == "$HOME"/* ]] && target="/root/${f#"$HOME"/}"
     printf '%s\n' "--volume=$f:$target:ro"
-  done | sort -u
+  done
 }
 
 build_one() {
