@@ -504,7 +504,8 @@ def test_build_image_debian_local_base_with_pip_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cmds = traced_commands(proc.stdout)
     assert cmds[0][:2] == ["mmdebstrap", "--variant=minbase"] and "bookworm" in cmds[0]
-    assert cmds[1][:4] == ["podman", "--runtime", "runc", "import"] and cmds[1][-1] == "localhost/debian-python:bookworm"
+    assert cmds[1][:4] == ["podman", "--runtime", "runc", "import"]
+    assert cmds[1][-1] == "localhost/debian-python:bookworm"
     for build in cmds[2:]:
         assert build[:4] == ["podman", "--runtime", "runc", "build"]
         assert "PYTHON_IMAGE=localhost/debian-python:bookworm" in build
