@@ -87,7 +87,8 @@ def stack(images, servers):
         s.collected = run_role(images.services, "collect", "--drain", env=s.env)
         # then what the chart keeps running: a collector (its metrics port for the probes) and the API
         s.metrics_port = free_port()
-        s.collector = s.start(images.services, "collect", env={"TELEMETRY_METRICS_PORT": str(s.metrics_port)})
+        s.collector = s.start(images.services, "collect", env={"TELEMETRY_METRICS_PORT": str(s.metrics_port),
+                                                               "TELEMETRY_CONSUMER": "collector-0"})
         s.api = s.start(images.services, "serve", "--host", "127.0.0.1", "--port", str(s.api_port))
         yield s
     finally:
@@ -147,7 +148,7 @@ def test_dashboard_answers(stack, images):
     dash = stack.start(images.notebooks, "dashboard", "--host", "127.0.0.1", "--port", str(port),
                        "--api-url", stack.api_url)
     # up (any HTTP answer on a path that renders nothing), then one real render: GET / runs the notebook
-    dash.wait_http(f"http://127.0.0.1:{port}/no-such-page", timeout_s=120, ok=(404,))
+    dash.wait_http(f"http://127.0.0.1:{port}/no-such-page", timeout_s=120, ok=(403, 404))
     page = httpx.get(f"http://127.0.0.1:{port}/", timeout=240)
     assert page.status_code == 200 and "<html" in page.text.lower(), page.text[-2000:]
     assert "Traceback" not in dash.logs()
@@ -171,7 +172,7 @@ def _helm_test(image: str, stack: Stack, api_url: str) -> tuple[int, str, dict |
 def assert_helm_test_passes(image: str, stack: Stack) -> None:
     stack.api.wait_http(stack.api_url + "/ready")
     rc, out, report = _helm_test(image, stack, stack.api_url)
-    assert rc == 0, out[-4000:]
+    assert rc == 0, f"{out[-4000:]}\ncollector log:\n{stack.collector.logs()[-2000:]}"
     assert report and report["ok"] and report["failed"] == [], report
 
 
