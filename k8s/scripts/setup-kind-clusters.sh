@@ -9,7 +9,6 @@ set -euo pipefail
 
 PROG=$(basename -- "$0")
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd -- "$SCRIPT_DIR/../.." && pwd)
 
 EDGE_NAME=telemetry-edge
 CENTRAL_NAME=telemetry-central
@@ -35,9 +34,10 @@ Commands:
 Options:
   --edge-name NAME      edge cluster name      (default: $EDGE_NAME; context kind-NAME)
   --central-name NAME   central cluster name   (default: $CENTRAL_NAME; context kind-NAME)
-  --image TAG           image to build and load (default: $IMAGE)
+  --image TAG           services image to build and load (default: $IMAGE); the notebook
+                        image REPO-notebooks:TAG goes with it (k8s/scripts/build-image.sh)
   --node-image IMG      kindest/node image (Kubernetes >= 1.29 needed for the pod-index label)
-  --no-build            load an image you built yourself instead of running docker build
+  --no-build            load images you built yourself instead of running build-image.sh
   --dry-run             print every docker/kind command (prefixed "+ ") and run none;
                         works without docker or kind installed
   -h, --help            show this help
@@ -87,17 +87,29 @@ create_cluster() {
   run "${args[@]}"
 }
 
+# The notebook (full) image is named as build-image.sh and the chart's notebookImage default name it.
+notebook_image() {
+  if [[ ${IMAGE##*/} == *:* ]]; then echo "${IMAGE%:*}-notebooks:${IMAGE##*:}"; else echo "$IMAGE-notebooks"; fi
+}
+
 build_image() {
   if $BUILD; then
-    # BuildKit: it reads k8s/Dockerfile.dockerignore next to the Dockerfile.
-    run env DOCKER_BUILDKIT=1 docker build -f "$REPO_ROOT/k8s/Dockerfile" -t "$IMAGE" "$REPO_ROOT"
+    # the same two images as everywhere else (k8s/scripts/build-image.sh), with docker: kind loads from it
+    local args=("$SCRIPT_DIR/build-image.sh" --engine docker --image "$IMAGE")
+    $DRY_RUN && args+=(--dry-run)
+    printf '+'
+    printf ' %q' "${args[@]}"
+    printf '\n'
+    "${args[@]}"
   fi
 }
 
 load_image() {
-  local name
+  local name image
   for name in "$EDGE_NAME" "$CENTRAL_NAME"; do
-    run kind load docker-image "$IMAGE" --name "$name"
+    for image in "$IMAGE" "$(notebook_image)"; do
+      run kind load docker-image "$image" --name "$name"
+    done
   done
 }
 

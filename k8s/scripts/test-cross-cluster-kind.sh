@@ -44,7 +44,8 @@ Commands:
 Options:
   --edge-name NAME      edge kind cluster    (default: $EDGE_NAME)
   --central-name NAME   central kind cluster (default: $CENTRAL_NAME)
-  --image TAG           image to build and load (default: $IMAGE)
+  --image TAG           services image to build and load (default: $IMAGE; the notebook image
+                        is REPO-notebooks:TAG, built by k8s/scripts/build-image.sh)
   --no-build            use an already built image
   --namespace NS        pipeline namespace   (default: $NAMESPACE)
   --release NAME        pipeline release     (default: $RELEASE)

@@ -514,6 +514,7 @@ BAD_VALUES = [
     ({"networkPolicy": {"enabled": 1}}, "/networkPolicy/enabled"),
     ({"config": {"batchSize": 0}}, "/config/batchSize"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"notebookImage": {"pullPolicy": "Sometimes"}}, "/notebookImage/pullPolicy"),
     ({"redis": {"replicas": 3}}, "/redis/replicas"),
     ({"apiAuth": {"tokens": ["short"]}}, "/apiAuth/tokens/0"),
     ({"apiAuth": {"enabled": "yes"}}, "/apiAuth/enabled"),
@@ -850,14 +851,29 @@ def test_scheduling_values_reach_pods(render):
         assert res["requests"] and res["limits"]
 
 
+NOTEBOOK_COMPONENTS = ("dashboard", "deployment-check")  # the full image; the rest run the services image
+
+
 def test_image_values(render):
     rendered = render({"image": {"repository": "registry.example.com/telemetry-nb", "tag": "1.2.3",
                                  "pullPolicy": "Always"}})
     for component in (*APP_COMPONENTS, "deployment-check"):
+        repo = "telemetry-nb-notebooks" if component in NOTEBOOK_COMPONENTS else "telemetry-nb"
         for c in containers(rendered.one(component)):
-            assert c["image"] == "registry.example.com/telemetry-nb:1.2.3"
+            assert c["image"] == f"registry.example.com/{repo}:1.2.3"
             assert c["imagePullPolicy"] == "Always"
-    assert main_container(render("same-cluster").one("collector"))["image"] == "telemetry-nb:0.1.0"
+    same = render("same-cluster")
+    assert main_container(same.one("collector"))["image"] == "telemetry-nb:0.1.0"
+    assert main_container(same.one("dashboard"))["image"] == "telemetry-nb-notebooks:0.1.0"
+
+
+def test_notebook_image_values(render):
+    rendered = render({"image": {"repository": "r.example.com/svc", "tag": "1.0"},
+                       "notebookImage": {"repository": "r.example.com/nb", "tag": "2.0", "pullPolicy": "Never"}})
+    for component in NOTEBOOK_COMPONENTS:
+        (c,) = containers(rendered.one(component))
+        assert (c["image"], c["imagePullPolicy"]) == ("r.example.com/nb:2.0", "Never")
+    assert main_container(rendered.one("api-gateway"))["image"] == "r.example.com/svc:1.0"
 
 
 def test_long_release_names_stay_within_limits(render):

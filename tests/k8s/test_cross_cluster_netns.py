@@ -5,6 +5,10 @@ collector and the API, "redis" runs Redis, and "wan" sits between them with a de
 (25 ms ± 5 ms each way; this kernel has no netem). Edge and central reach Redis only through the
 relay, over TCP between namespace addresses in 198.18.0.0/15 (the benchmarking range). Then the
 edge↔wan link is cut for 10 s mid-stream and restored: nothing may be lost or duplicated.
+
+It runs twice: with the roles as processes, and as containers of the images (k8s/scripts/build-image.sh),
+the streamer in the edge namespace and collector + API in the central one (`podman run --network
+ns:/run/netns/NAME`), hardened like the chart's pods.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from containers import CHART_ENV, HARDENED, podman_argv, podman_env
 
 from telemetry_nb.embedded import redis_server_binary
 from telemetry_nb.timeparse import parse_timestamp
@@ -48,6 +53,7 @@ class Topology:
 
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
+        self.containers: list[str] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="tnb-netns-"))
         self.tmp.chmod(0o755)
         for ns in NS.values():
@@ -73,11 +79,27 @@ class Topology:
         self.procs.append(proc)
         return proc
 
+    def start_container(self, ns: str, image: str, args: list[str], name: str, env: dict[str, str],
+                        volumes: tuple[str, ...] = ()) -> subprocess.Popen:
+        """`podman run` (attached, so its output is the log) inside namespace `ns`'s network."""
+        cname = f"{PREFIX}-{name}"
+        self.containers.append(cname)
+        argv = podman_argv("run", "--rm", "--name", cname, *HARDENED, f"--network=ns:/run/netns/{NS[ns]}",
+                           *[f"--env={k}={v}" for k, v in {**CHART_ENV, **env}.items()],
+                           *[f"--volume={v}" for v in volumes], image, *args)
+        log = open(self.tmp / f"{name}.log", "w")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=podman_env(), cwd=REPO)
+        self.procs.append(proc)
+        return proc
+
     def log(self, name: str) -> str:
         path = self.tmp / f"{name}.log"
         return path.read_text() if path.exists() else ""
 
     def close(self) -> None:
+        if self.containers:  # one call: podman stops them in parallel
+            subprocess.run(podman_argv("rm", "-f", "-t", "5", *self.containers), capture_output=True,
+                           env=podman_env(), timeout=120)
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
@@ -127,7 +149,7 @@ print(json.dumps(rows))
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def topology():
     require(os.geteuid() == 0, "network namespaces need root")
     require(shutil.which("ip") is not None, "iproute2 ('ip') is not installed")
@@ -139,8 +161,10 @@ def topology():
         topo.close()
 
 
-def test_edge_and_central_through_a_delayed_wan_with_a_cut_link(topology):
+@pytest.mark.parametrize("roles", ["processes", "containers"])
+def test_edge_and_central_through_a_delayed_wan_with_a_cut_link(topology, roles, request):
     t = topology
+    images = request.getfixturevalue("images") if roles == "containers" else None
     redis_host, central, edge_gw, central_gw = (f"{LINKS['redis']}.2", f"{LINKS['central']}.2",
                                                 f"{LINKS['edge']}.1", f"{LINKS['central']}.1")
     # redis host: a real redis-server bound to its namespace address
@@ -176,16 +200,29 @@ def test_edge_and_central_through_a_delayed_wan_with_a_cut_link(topology):
                           redis_host], timeout=30)
     assert direct.returncode != 0
 
-    t.start("central", [PY, "-m", "telemetry_nb.cli", "collect"], "collector", env=central_env)
-    t.start("central", [PY, "-m", "telemetry_nb.cli", "serve", "--host", central, "--port", str(API_PORT)], "api",
-            env=central_env)
+    serve = ["serve", "--host", central, "--port", str(API_PORT)]
+    if images:
+        # the database URL names the central address, which the central namespace's containers share
+        c_env = {k: central_env[k] for k in ("REDIS_URL", "DATABASE_URL", "TELEMETRY_STREAM",
+                                             "TELEMETRY_VISIBILITY_TIMEOUT")}
+        t.start_container("central", images.services, ["collect"], "collector", c_env)
+        t.start_container("central", images.services, serve, "api", c_env)
+    else:
+        t.start("central", [PY, "-m", "telemetry_nb.cli", "collect"], "collector", env=central_env)
+        t.start("central", [PY, "-m", "telemetry_nb.cli", *serve], "api", env=central_env)
     api = f"http://{central}:{API_PORT}"
     _wait(lambda: _in("central", [PY, "-c", "import httpx, sys; httpx.get(sys.argv[1]).raise_for_status()",
                                   api + "/health"], timeout=20).returncode == 0, 60, "the API")
 
     # edge: stream the real export at 200 rows/s; cut the edge link for 10 s in the middle
-    streamer = t.start("edge", [PY, "-m", "telemetry_nb.cli", "stream", "--csv", str(REAL_CSV), "--rate", "200"],
-                       "streamer", env=edge_env)
+    if images:
+        e_env = {k: edge_env[k] for k in ("REDIS_URL", "TELEMETRY_STREAM", "TELEMETRY_BATCH_SIZE",
+                                          "TELEMETRY_RETRY_MAX")}
+        streamer = t.start_container("edge", images.services, ["stream", "--csv", "/data/dcgm.csv", "--rate", "200"],
+                                     "streamer", e_env, volumes=(f"{REAL_CSV}:/data/dcgm.csv:ro",))
+    else:
+        streamer = t.start("edge", [PY, "-m", "telemetry_nb.cli", "stream", "--csv", str(REAL_CSV), "--rate", "200"],
+                           "streamer", env=edge_env)
     _wait(lambda: "Published" in t.log("streamer"), 60, "the first published batch")
     time.sleep(2)
     _ip("-n", NS["edge"], "link", "set", t.host_link("edge"), "down")

@@ -320,12 +320,16 @@ def test_kind_create_all_dry_run(tmp_path):
     cmds = traced_commands(proc.stdout)
     creates = [c for c in cmds if c[:3] == ["kind", "create", "cluster"]]
     assert [c[c.index("--name") + 1] for c in creates] == ["telemetry-edge", "telemetry-central"]
-    (build,) = [c for c in cmds if "build" in c and "docker" in c]
-    assert build[build.index("-f") + 1] == str(K8S / "Dockerfile")
-    assert build[-1] == str(REPO) and build[build.index("-t") + 1] == "telemetry-nb:test"
+    builds = [c for c in cmds if c[:3] == ["docker", "buildx", "build"]]  # via build-image.sh
+    assert [(b[b.index("--target") + 1], b[b.index("-t") + 1]) for b in builds] == [
+        ("services", "telemetry-nb:test"), ("full", "telemetry-nb-notebooks:test")]
+    for build in builds:
+        assert build[build.index("-f") + 1] == str(K8S / "Dockerfile") and build[-1] == str(REPO)
     loads = [c for c in cmds if c[:3] == ["kind", "load", "docker-image"]]
-    assert sorted(c[c.index("--name") + 1] for c in loads) == ["telemetry-central", "telemetry-edge"]
-    assert cmds.index(build) < cmds.index(loads[0])
+    assert sorted((c[3], c[c.index("--name") + 1]) for c in loads) == sorted(
+        (i, n) for i in ("telemetry-nb:test", "telemetry-nb-notebooks:test")
+        for n in ("telemetry-central", "telemetry-edge"))
+    assert cmds.index(builds[-1]) < cmds.index(loads[0])
 
 
 def test_kind_delete_all_dry_run(tmp_path):
@@ -360,7 +364,7 @@ def test_full_test_dry_run(tmp_path):
 
     steps = [first(r"kind create cluster --name telemetry-edge"),
              first(r"kind create cluster --name telemetry-central"),
-             first(r"docker build"), first(r"kind load docker-image"),
+             first(r"docker buildx build"), first(r"kind load docker-image"),
              first(r"helm --kube-context kind-telemetry-central upgrade --install redis "),
              first(r"helm --kube-context kind-telemetry-central upgrade --install telemetry .*values-central"),
              first(r"helm --kube-context kind-telemetry-edge upgrade --install telemetry .*values-edge"),
@@ -408,26 +412,32 @@ def dockerfile_stages() -> list[list[str]]:
     return stages
 
 
-def test_dockerfile_multi_stage_non_root_one_entrypoint():
+def test_dockerfile_stages_non_root_one_entrypoint():
+    """builder (core) -> builder-full (+ notebooks extra); runtime -> services (slim) and full (last, default)."""
     preamble, *stages = dockerfile_stages()
-    assert len(stages) >= 2, "multi-stage build"
+    by_name = {s[0].split(" AS ")[1]: s for s in stages}
+    assert list(by_name) == ["builder", "builder-full", "runtime", "services", "full"]
     assert any(re.fullmatch(r"ARG PYTHON_IMAGE=python:3\.11-slim", i) for i in preamble)
-    builder, final = stages[0], stages[-1]
-    assert builder[0] == "FROM ${PYTHON_IMAGE} AS builder"
-    assert final[0].startswith("FROM ${PYTHON_IMAGE}")
-    assert any('pip install ".[notebooks]"' in i for i in builder)  # the dashboard and helm test need the extra
+    builder, builder_full, runtime = by_name["builder"], by_name["builder-full"], by_name["runtime"]
+    assert builder[0] == "FROM ${PYTHON_IMAGE} AS builder" and runtime[0] == "FROM ${PYTHON_IMAGE} AS runtime"
     assert any(i.startswith("RUN python -m venv /opt/venv") for i in builder)
-    # The final stage: the venv only, no compilers or package installs.
-    assert "COPY --from=builder /opt/venv /opt/venv" in final
-    for instr in final:
-        assert not re.search(r"apt-get install|build-essential|gcc|pip install", instr), instr
-    assert any(re.fullmatch(r"COPY (--chown=\S+ )?notebooks /app/notebooks", i) for i in final)
-    users = [i for i in final if i.startswith("USER ")]
-    assert users and users[-1] in ("USER 10001", "USER 10001:10001", "USER ${APP_UID}:${APP_GID}")
-    assert "ARG APP_UID=10001" in final
-    assert any("--uid \"${APP_UID}\"" in i for i in final)
-    assert final.count('ENTRYPOINT ["telemetry-nb"]') == 1
-    env = " ".join(i for i in final if i.startswith("ENV "))
+    assert any(re.search(r"pip install \.( |$)", i) for i in builder)  # the services: the core only
+    assert any('pip install ".[notebooks]"' in i for i in builder_full)  # the dashboard and helm test
+    assert by_name["services"][0] == "FROM runtime AS services" and by_name["full"][0] == "FROM runtime AS full"
+    assert "COPY --from=builder /opt/venv /opt/venv" in by_name["services"]
+    assert "COPY --from=builder-full /opt/venv /opt/venv" in by_name["full"]
+    assert not any("notebooks" in i for i in by_name["services"] if i.startswith("COPY"))
+    assert any(re.fullmatch(r"COPY (--chown=\S+ )?notebooks /app/notebooks", i) for i in by_name["full"])
+    for name in ("runtime", "services", "full"):  # the venv only, no compilers or package installs
+        for instr in by_name[name]:
+            assert not re.search(r"apt-get install|build-essential|gcc|pip install", instr), instr
+    for name in ("services", "full"):
+        users = [i for i in by_name[name] if i.startswith("USER ")]
+        assert users and users[-1] in ("USER 10001", "USER 10001:10001", "USER ${APP_UID}:${APP_GID}")
+        assert "ARG APP_UID=10001" in by_name[name]
+    assert "ARG APP_UID=10001" in runtime and any("--uid \"${APP_UID}\"" in i for i in runtime)
+    assert sum(i.count('ENTRYPOINT ["telemetry-nb"]') for s in stages for i in s) == 1
+    env = " ".join(i for i in runtime if i.startswith("ENV "))
     assert "PATH=/opt/venv/bin:$PATH" in env and "TELEMETRY_NOTEBOOKS=/app/notebooks" in env
 
 
@@ -447,3 +457,60 @@ def test_chart_paths_match_the_image():
     assert "COPY --chown=root:root notebooks /app/notebooks" in (K8S / "Dockerfile").read_text()
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
     assert values["securityContext"]["runAsUser"] == 10001
+
+
+# ----------------------------------------------------------------- build-image.sh ---------
+
+BUILD = SCRIPTS_DIR / "build-image.sh"
+
+
+def test_build_image_help(tmp_path):
+    path = basic_path(tmp_path)
+    proc = run(BUILD, "--help", path=path)
+    assert proc.returncode == 0 and proc.stdout.startswith("Usage: ")
+    for word in ("--base", "debian-local", "--target", "--engine", "--dry-run", "--notebook-image"):
+        assert word in proc.stdout
+    proc = run(BUILD, "--bogus", path=path)
+    assert proc.returncode == 1 and "unknown argument --bogus" in proc.stderr
+
+
+def test_build_image_prefers_a_docker_engine_that_answers(tmp_path):
+    live = basic_path(tmp_path, {"docker": "exit 0", "podman": "exit 0"})
+    cmds = traced_commands(run(BUILD, "--dry-run", "--image", "r/x:1", path=live).stdout)
+    assert [c[:3] for c in cmds] == [["docker", "buildx", "build"]] * 2
+    assert [c[c.index("-t") + 1] for c in cmds] == ["r/x:1", "r/x-notebooks:1"]
+    assert all(c[c.index("--build-arg") + 1] == "PYTHON_IMAGE=python:3.11-slim" for c in cmds)
+    # a docker client without an engine (`docker info` fails): podman
+    (tmp_path / "dead").mkdir()
+    dead = basic_path(tmp_path / "dead", {"docker": '[[ $1 == info ]] && exit 1; exit 0', "podman": "exit 0"})
+    cmds = traced_commands(run(BUILD, "--dry-run", "--target", "full", path=dead).stdout)
+    assert [c[:3] for c in cmds] == [["podman", "build", "--layers"]]
+    assert cmds[0][cmds[0].index("--target") + 1] == "full"
+    (tmp_path / "none").mkdir()
+    proc = run(BUILD, "--target", "services", path=basic_path(tmp_path / "none"))
+    assert proc.returncode == 2 and "neither a docker engine" in proc.stderr
+
+
+def test_build_image_debian_local_base_with_pip_config(tmp_path):
+    home = tmp_path / "home"
+    (home / ".config" / "pip").mkdir(parents=True)
+    constraints, ca = tmp_path / "constraints.txt", tmp_path / "ca.pem"
+    constraints.write_text("")
+    ca.write_text("")
+    (home / ".config" / "pip" / "pip.conf").write_text(f"[global]\nconstraint = {constraints}\n")
+    path = basic_path(tmp_path, {"podman": "exit 1"})
+    proc = run(BUILD, "--dry-run", "--engine", "podman", "--podman-runtime", "runc", "--base", "debian-local",
+               path=path, env={"HOME": str(home), "SSL_CERT_FILE": str(ca)})
+    assert proc.returncode == 0, proc.stderr
+    cmds = traced_commands(proc.stdout)
+    assert cmds[0][:2] == ["mmdebstrap", "--variant=minbase"] and "bookworm" in cmds[0]
+    assert cmds[1][:4] == ["podman", "--runtime", "runc", "import"]
+    assert cmds[1][-1] == "localhost/debian-python:bookworm"
+    for build in cmds[2:]:
+        assert build[:4] == ["podman", "--runtime", "runc", "build"]
+        assert "PYTHON_IMAGE=localhost/debian-python:bookworm" in build
+        volumes = {a for a in build if a.startswith("--volume=")}
+        assert volumes >= {f"--volume={ca}:{ca}:ro", f"--volume={constraints}:{constraints}:ro",
+                           f"--volume={home}/.config/pip/pip.conf:/root/.config/pip/pip.conf:ro"}
+        assert all(a.endswith(":ro") for a in volumes)
+    assert len(cmds) == 4

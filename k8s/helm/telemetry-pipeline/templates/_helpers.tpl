@@ -42,6 +42,17 @@
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* The full image (dashboard, helm test): notebookImage, else image.repository + "-notebooks", same tag. */}}
+{{- define "tp.notebookImage" -}}
+{{- $nb := .Values.notebookImage | default dict -}}
+{{- $repo := $nb.repository | default (printf "%s-notebooks" .Values.image.repository) -}}
+{{- printf "%s:%s" $repo ($nb.tag | default .Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "tp.notebookImagePullPolicy" -}}
+{{- (.Values.notebookImage | default dict).pullPolicy | default .Values.image.pullPolicy -}}
+{{- end -}}
+
 {{/* ------------------------------------------------------------------ labels --------- */}}
 
 {{/* (dict "root" $ "component" "streamer") */}}
