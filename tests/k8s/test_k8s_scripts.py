@@ -185,7 +185,8 @@ def test_deploy_all_dry_run_prints_the_helm_commands(tmp_path):
 def test_dry_run_helm_commands_render_as_intended(tmp_path, helm):
     """Feed the printed helm command lines to the real Helm engine: the result is the intended layout."""
     proc = run(DEPLOY, *DEPLOY_ARGS, "--redis-tls", "--image", "registry:5000/telemetry-nb:1.0",
-               "--edge-set", "streamer.replicas=5", "--dry-run", "deploy-all", path=basic_path(tmp_path))
+               "--edge-set", "streamer.source=csv", "--edge-set", "streamer.replicas=5", "--dry-run", "deploy-all",
+               path=basic_path(tmp_path))  # the CSV streamer: sharded replicas (the edge default scrapes instead)
     assert proc.returncode == 0, proc.stderr
     central, edge = helm_lines(traced_commands(proc.stdout))
     with helm.Chart.load(str(CHART_DIR)) as chart:
