@@ -108,7 +108,6 @@ class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer telemetry-nb; this one must not write to it."""
 
 
-
 V3_TABLES = """
 CREATE TABLE telemetry_raw (
     gpu_id bigint NOT NULL,
@@ -131,7 +130,8 @@ CREATE TABLE telemetry_packed (
     value double precision[] NOT NULL
 ) PARTITION BY RANGE (hour);
 CREATE INDEX telemetry_packed_gpu ON telemetry_packed (gpu_id, hour, metric_id);
-CREATE TABLE telemetry_1m (
+""" + "".join(f"""
+CREATE TABLE telemetry_{res} (
     gpu_id bigint NOT NULL,
     metric_id int NOT NULL,
     bucket timestamptz NOT NULL,
@@ -142,19 +142,7 @@ CREATE TABLE telemetry_1m (
     count bigint NOT NULL,
     PRIMARY KEY (gpu_id, metric_id, bucket, workload_id)
 ) PARTITION BY RANGE (bucket);
-CREATE INDEX telemetry_1m_fleet ON telemetry_1m (metric_id, bucket);
-CREATE TABLE telemetry_1h (
-    gpu_id bigint NOT NULL,
-    metric_id int NOT NULL,
-    bucket timestamptz NOT NULL,
-    workload_id bigint NOT NULL,
-    min double precision NOT NULL,
-    max double precision NOT NULL,
-    sum double precision NOT NULL,
-    count bigint NOT NULL,
-    PRIMARY KEY (gpu_id, metric_id, bucket, workload_id)
-) PARTITION BY RANGE (bucket);
-CREATE INDEX telemetry_1h_fleet ON telemetry_1h (metric_id, bucket);
+CREATE INDEX telemetry_{res}_fleet ON telemetry_{res} (metric_id, bucket);""" for res in ("1m", "1h")) + """
 CREATE TABLE telemetry_changes (
     id bigserial PRIMARY KEY,
     lo timestamptz NOT NULL,
