@@ -448,6 +448,15 @@ def _common(p: argparse.ArgumentParser, *, db: bool = True, redis: bool = True) 
                    help="DEBUG, INFO, WARNING or ERROR (default INFO)")
 
 
+def _publish_args(p: argparse.ArgumentParser) -> None:
+    """The flags every publisher (`stream`, `scrape`) shares: sharding, batch size, backpressure."""
+    p.add_argument("--shard", help="I/N: publish only GPUs of shard I of N (default $TELEMETRY_SHARD_INDEX/"
+                                   "$TELEMETRY_SHARD_COUNT or 0/1)")
+    p.add_argument("--batch-size", type=int, help="rows per stream entry (default 1000)")
+    p.add_argument("--high-water", type=int, help="wait while more entries than this are unacknowledged "
+                                                  "(default 2000; 0 disables)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="telemetry-nb",
@@ -496,13 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timestamps", choices=("source", "now"), default="source",
                    help="keep source timestamps, or re-stamp to now keeping their spacing (live replay)")
     p.add_argument("--rate", type=float, help="maximum rows per second")
-    p.add_argument("--shard", help="I/N: publish only GPUs of shard I of N (default $TELEMETRY_SHARD_INDEX/"
-                                   "$TELEMETRY_SHARD_COUNT or 0/1)")
-    p.add_argument("--batch-size", type=int, help="rows per stream entry (default 1000)")
     p.add_argument("--workers", default="auto", help="parser processes for one-pass loads: a number, or auto "
                                                      "(one per core, up to 4, for files over 16 MB; default)")
-    p.add_argument("--high-water", type=int, help="wait while more entries than this are unacknowledged "
-                                                  "(default 2000; 0 disables)")
+    _publish_args(p)
     p.add_argument("--metrics-port", type=int, help="serve /metrics, /health and /ready (503 while Redis is "
                                                     "unreachable) on this port (default off)")
     _common(p, db=False)
@@ -534,10 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="processes that fetch, parse and publish a share of the targets each (default 1; "
                         "parsing is CPU-bound: more helps with hundreds of targets on several cores)")
-    p.add_argument("--shard", help="I/N: publish only GPUs of shard I of N")
-    p.add_argument("--batch-size", type=int, help="rows per stream entry (default 1000)")
-    p.add_argument("--high-water", type=int, help="wait while more entries than this are unacknowledged "
-                                                  "(default 2000; 0 disables)")
+    _publish_args(p)
     p.add_argument("--metrics-port", type=int, help="serve /metrics (telemetry_scrape_up{target}…) and /health "
                                                     "on this port (default off)")
     _common(p, db=False)
