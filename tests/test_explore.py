@@ -37,6 +37,15 @@ def test_rollup_bucket_moves_big_fleet_windows_onto_the_hourly_rollup():
     assert ex.rollup_bucket(7200, 1024, T0, T0 + timedelta(days=7)) == 7200
 
 
+def test_align_start_moves_a_window_start_onto_its_bucket_grid():
+    off = datetime(2025, 7, 1, 13, 47, 12, tzinfo=UTC)
+    assert ex.align_start(off, 3600) == datetime(2025, 7, 1, 13, tzinfo=UTC)
+    assert ex.align_start(off, 900) == datetime(2025, 7, 1, 13, 45, tzinfo=UTC)
+    assert ex.align_start(off, 15) == datetime(2025, 7, 1, 13, 47, tzinfo=UTC)
+    assert ex.align_start(datetime(2025, 7, 1, 14, tzinfo=UTC), 3600) == datetime(2025, 7, 1, 14, tzinfo=UTC)
+    assert ex.align_start(off, 7 * 86400) == off  # not a divisor of a day: the API's grid is not midnight-based
+
+
 def test_resolve_window_ends_at_the_newest_sample_by_default():
     gpus = [gpu("a", last=T0 + timedelta(minutes=5)), gpu("b", last=T0 + timedelta(minutes=9)),
             gpu("c", last=None)]

@@ -15,11 +15,14 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 WINDOWS = ("5m", "15m", "1h", "6h", "24h", "7d")
+MAX_ELEMENTS = 20_000  # GPUs × buckets per metric and refresh: a big fleet gets wider buckets, not a slow page
+FLEET_ROWS = 64  # more GPUs than this in view: the heatmap shows one row per host
 
 
 def notebooks_dir() -> Path:
@@ -222,12 +225,17 @@ class Dashboard:
     def load(self) -> dict:
         if self.metric_names is None or self.refreshes % 20 == 0:  # names rarely change: re-read them now and then
             self.metric_names = sorted(m.name for m in self.client.metrics())
-        loaded = self.ex.load_window(self.client, window=self.window.value, target_buckets=60,
-                                     metrics=[self.metric.value, *self.ex.CHART_METRICS],
-                                     known_metrics=self.metric_names)
-        loaded["events"] = self.client.events(kind="xid", start_time=loaded["start"], end_time=loaded["end"])
-        loaded["usage"] = self.client.usage("namespace", start_time=loaded["start"], end_time=loaded["end"],
-                                            idle_threshold=self.idle_threshold)
+        inventory = self.client.gpus()
+        start, end = self.ex.resolve_window(inventory, window=self.window.value)
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the side panels load while the charts' data does
+            events = pool.submit(self.client.events, kind="xid", start_time=start, end_time=end)
+            usage = pool.submit(self.client.usage, "namespace", start_time=start, end_time=end,
+                                idle_threshold=self.idle_threshold)
+            loaded = self.ex.load_window(self.client, start_time=start, end_time=end, target_buckets=60,
+                                         max_elements=MAX_ELEMENTS, gpus=inventory,
+                                         metrics=[self.metric.value, *self.ex.CHART_METRICS],
+                                         known_metrics=self.metric_names)
+            loaded["events"], loaded["usage"] = events.result(), usage.result()
         return loaded
 
     def _host_changed(self, _change) -> None:
@@ -290,8 +298,11 @@ class Dashboard:
         scoped = df[df["hostname"] == host] if host else df
         scoped.attrs.update(df.attrs)
         where = host or "all hosts"
-        heatmap = ex.utilization_heatmap(scoped, metric, max_rows=3000, width=820, max_height=400)
-        self.heatmap.value = ex.to_svg(heatmap.properties(title=f"{ex.short(metric)} per GPU over time — {where}"))
+        per_host = scoped["uuid"].nunique() > FLEET_ROWS
+        heatmap = ex.utilization_heatmap(scoped, metric, max_rows=3000, width=820, max_height=400,
+                                         by="hostname" if per_host else "gpu")
+        self.heatmap.value = ex.to_svg(heatmap.properties(
+            title=f"{ex.short(metric)} per {'host' if per_host else 'GPU'} over time — {where}"))
         if uuid:
             one = scoped[scoped["uuid"] == uuid]
             one.attrs.update(df.attrs)

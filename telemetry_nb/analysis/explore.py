@@ -130,6 +130,20 @@ def rollup_bucket(bucket_s: int, gpus: int, start: datetime, end: datetime, budg
     return bucket_s
 
 
+def fleet_buckets(target: int, gpus: int, max_elements: int | None, min_buckets: int = 10) -> int:
+    """`target` buckets, fewer when `gpus` × buckets would pass `max_elements` (never under `min_buckets`)."""
+    if not max_elements or gpus <= 0:
+        return target
+    return max(min(target, min_buckets), min(target, max_elements // gpus))
+
+
+def align_start(start: datetime, bucket_s: int) -> datetime:
+    """The start of the bucket holding `start` (buckets of a day or less align to midnight UTC, like the API's)."""
+    if bucket_s <= 0 or 86400 % bucket_s:
+        return start
+    return pd.Timestamp(start).floor(f"{bucket_s}s").to_pydatetime()
+
+
 # -- loading -------------------------------------------------------------------------------------
 def _empty_agg() -> pd.DataFrame:
     df = pd.DataFrame({c: [] for c in AGG_COLUMNS})
@@ -217,10 +231,12 @@ def raw_to_aggregates(raw: pd.DataFrame, bucket_s: int) -> pd.DataFrame:
 def load_window(client: TelemetryClient, *, start_time=None, end_time=None, window: str | float | None = "1h",
                 hostnames: Sequence[str] | str | None = None, metrics: Sequence[str] | None = None,
                 target_buckets: int = 120, gpus: Sequence[Gpu] | None = None, workers: int = 8,
-                known_metrics: Iterable[str] | None = None) -> dict:
+                known_metrics: Iterable[str] | None = None, max_elements: int | None = None) -> dict:
     """Inventory + aggregates for a window: {gpus, all_gpus, start, end, bucket_s, data, metrics}.
 
     `known_metrics` (the stored metric names) saves a `/api/v1/metrics` call (one more round trip per load).
+    `max_elements` caps GPUs × buckets per metric (fewer, wider buckets for a big fleet: charts that show a
+    few thousand cells need no more).
     """
     inventory = list(gpus) if gpus is not None else client.gpus()
     hosts = [hostnames] if isinstance(hostnames, str) else hostnames
@@ -230,8 +246,11 @@ def load_window(client: TelemetryClient, *, start_time=None, end_time=None, wind
     wanted = list(dict.fromkeys([*CHART_METRICS, GR_ENGINE, *(metrics or DEFAULT_METRICS)]))
     known = set(known_metrics) if known_metrics is not None else {m.name for m in client.metrics()}
     wanted = [m for m in wanted if m in known]
-    bucket_s = rollup_bucket(choose_bucket(start, end, target_buckets), len(selected), start, end)
-    data = utilization_fallback(load_aggregates(client, selected, start=start, end=end, bucket_s=bucket_s,
+    bucket_s = rollup_bucket(choose_bucket(start, end, fleet_buckets(target_buckets, len(selected), max_elements)),
+                             len(selected), start, end)
+    # whole buckets: the server answers them from its rollups, not from the raw rows of a ragged first bucket
+    first = align_start(start, bucket_s)
+    data = utilization_fallback(load_aggregates(client, selected, start=first, end=end, bucket_s=bucket_s,
                                                 metrics=wanted or None, workers=workers, hostnames=hosts or None))
     return {"gpus": selected, "all_gpus": scoped, "start": start, "end": end, "bucket_s": bucket_s, "data": data,
             "metrics": wanted}
@@ -423,11 +442,16 @@ def _time_x(r: pd.DataFrame) -> alt.X:
 
 
 def utilization_heatmap(df: pd.DataFrame, metric: str = UTIL, *, max_rows: int = MAX_CHART_ROWS,
-                        min_bins: int = 10, width: int = 640, max_height: int = 900) -> alt.Chart:
-    """GPU × time heatmap of `metric` (avg per cell); at most `max_rows` cells, GPUs cut when there are too many."""
+                        min_bins: int = 10, width: int = 640, max_height: int = 900, by: str = "gpu") -> alt.Chart:
+    """GPU × time heatmap of `metric` (avg per cell); at most `max_rows` cells, GPUs cut when there are too many.
+
+    `by="hostname"`: one row per host (the mean of its GPUs), the fleet view when GPU rows would not fit.
+    """
     m = metric_frame(df, metric)
     if m.empty:
         return _empty_chart(f"no {short(metric)} data in the window")
+    if by == "hostname":
+        return _host_heatmap(m, metric, max_rows=max_rows, min_bins=min_bins, width=width, max_height=max_height)
     gpus = sorted(m["gpu"].unique())
     title = f"Fleet {short(metric)} ({UNITS.get(metric, '')})"
     if len(gpus) * min_bins > max_rows:  # too many GPUs even at the coarsest grid: show the busiest ones
@@ -448,6 +472,32 @@ def utilization_heatmap(df: pd.DataFrame, metric: str = UTIL, *, max_rows: int =
         y=alt.Y("gpu:N", title=y_title, sort=gpus, axis=y_axis),
         color=alt.Color("avg:Q", title=short(metric), scale=alt.Scale(scheme="viridis", domain=domain)),
         tooltip=["gpu:N", alt.Tooltip("t:T", format="%H:%M:%S"), alt.Tooltip("avg:Q", format=".1f"),
+                 alt.Tooltip("max:Q", format=".1f")],
+    ).properties(title=title, width=width, height=height)
+
+
+def _host_heatmap(m: pd.DataFrame, metric: str, *, max_rows: int, min_bins: int, width: int,
+                  max_height: int) -> alt.Chart:
+    hosts = sorted(m["hostname"].unique())
+    title = f"Fleet {short(metric)} ({UNITS.get(metric, '')}), mean per host"
+    if len(hosts) * min_bins > max_rows:
+        keep = _weighted(m, ["hostname"]).sort_values("avg", ascending=False)["hostname"].head(max_rows // min_bins)
+        title += f": busiest {len(keep)} of {len(hosts)} hosts"
+        attrs = m.attrs
+        m = m[m["hostname"].isin(set(keep))]
+        m.attrs.update(attrs)
+        hosts = sorted(keep)
+    r = rebin(m, len(hosts), max_rows, min_bins)
+    cells = _weighted(r, ["hostname", "t"])
+    domain = [0, 100] if UNITS.get(metric) == "%" else alt.Undefined
+    height = min(max_height, max(120, 9 * len(hosts)))
+    readable = height / len(hosts) >= 7
+    y_axis = alt.Axis(labelFontSize=8 if len(hosts) > 40 else 10) if readable else alt.Axis(labels=False, ticks=False)
+    return alt.Chart(cells).mark_rect().encode(
+        x=_time_x(r),
+        y=alt.Y("hostname:N", title="host" if readable else f"{len(hosts)} hosts", sort=hosts, axis=y_axis),
+        color=alt.Color("avg:Q", title=short(metric), scale=alt.Scale(scheme="viridis", domain=domain)),
+        tooltip=["hostname:N", alt.Tooltip("t:T", format="%H:%M:%S"), alt.Tooltip("avg:Q", format=".1f"),
                  alt.Tooltip("max:Q", format=".1f")],
     ).properties(title=title, width=width, height=height)
 

@@ -402,3 +402,14 @@ def reference_time(conn: psycopg.Connection, now: datetime) -> datetime | None:
                           "(SELECT max(hi) FROM telemetry_changes))").fetchone()[0]
     return None if newest is None else min(newest, now)
 
+
+def past_newest(conn: psycopg.Connection, hi: datetime, step: timedelta) -> datetime:
+    """`hi` rounded up to a whole `step` when no stored sample is at or after it, else `hi` itself.
+
+    A window that ends after the newest sample then reads its last bucket whole from a rollup instead of
+    re-aggregating that bucket's samples: the two hold the same rows.
+    """
+    newest = reference_time(conn, POS_INF)
+    if newest is not None and newest < hi < POS_INF:
+        return ceil_to(hi, step)
+    return hi

@@ -219,6 +219,8 @@ class Reader:
                      "raw": []}[res]
             state = lifecycle.read_state(self.conn) if tiers else None
             changed = lifecycle.dirty_ranges(self.conn) if tiers else []
+            if tiers:
+                hi = lifecycle.past_newest(self.conn, hi, tiers[0][1])
             for table, width in tiers:  # whole hours from 1h, the ragged rest in whole minutes from 1m
                 rest: list[tuple[datetime, datetime]] = []
                 clean: list[tuple[datetime, datetime]] = []
@@ -247,11 +249,18 @@ class Reader:
                              f"max(value) AS mx, sum(value) AS s, count(*) AS c FROM ({src}) r GROUP BY 1, 2, 3")
             if not parts:
                 return res, []
+            # the planner guesses ~100× too few groups for date_bin keys and would then join the inventory in a
+            # nested loop over every aggregated row (32 M comparisons for 1,024 GPUs × 15 min): hash joins only
+            prev = self.conn.execute("SELECT current_setting('enable_nestloop'), "
+                                     "set_config('enable_nestloop', 'off', true)").fetchone()[0]
             sql = (f"SELECT g.uuid, m.name AS metric, z.b AS bucket, min(z.mn) AS min, max(z.mx) AS max, "
                    f"sum(z.s) AS sum, sum(z.c)::bigint AS count FROM ({' UNION ALL '.join(parts)}) z "
                    "JOIN gpus g ON g.id = z.gpu_id JOIN metrics m ON m.id = z.metric_id "
                    "GROUP BY 1, 2, 3 ORDER BY 1, 3, 2")
-            return res, self._all(sql, params)
+            rows = self._all(sql, params)
+            if not self.conn.autocommit:  # the caller's transaction goes on: give it its planner back
+                self.conn.execute("SELECT set_config('enable_nestloop', %s, true)", (prev,))
+            return res, rows
 
     def events(self, *, uuid: str | None = None, kind: str | None = None, start: datetime | None = None,
                end: datetime | None = None, after: tuple[datetime, int, str] | None = None,

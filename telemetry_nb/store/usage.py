@@ -80,7 +80,8 @@ class UsageStore:
             return []
         if not math.isfinite(threshold):
             raise ValueError("threshold must be finite")
-        p = plan(lo, hi, lifecycle.read_state(self.conn), lifecycle.dirty_ranges(self.conn))
+        p = plan(lo, lifecycle.past_newest(self.conn, hi, HOUR), lifecycle.read_state(self.conn),
+                 lifecycle.dirty_ranges(self.conn))
         engine = metrics.get(ENGINE_ACTIVE)
         t = repr(float(threshold))  # a finite float's repr is a valid SQL numeric literal
 
@@ -189,7 +190,8 @@ class UsageStore:
         ids = list(metric_ids)
         if not ids:
             return []
-        p = plan(lo, hi, lifecycle.read_state(self.conn), lifecycle.dirty_ranges(self.conn))
+        p = plan(lo, lifecycle.past_newest(self.conn, hi, HOUR), lifecycle.read_state(self.conn),
+                 lifecycle.dirty_ranges(self.conn))
         params: list = [ids]
         parts = [f"SELECT workload_id, gpu_id, min(bucket) AS a, max(bucket) + interval '1 hour' AS b "
                  f"FROM telemetry_1h WHERE metric_id = ANY(%s) AND workload_id <> 0 AND "
