@@ -93,7 +93,7 @@ def test_v2_database_migrates_in_place_keeping_every_row(database_url):
         before = c.execute("SELECT count(*), sum(value), min(ts), max(ts), "
                            "sum(hashtext(gpu_id || ts::text || metric_id)) FROM telemetry").fetchone()
         assert before[0] == 5 * 2 * 3 * 2880
-        assert store.migrate(c) == store.SCHEMA_VERSION == 4
+        assert store.migrate(c) == store.SCHEMA_VERSION == 5
         after = c.execute("SELECT count(*), sum(value), min(ts), max(ts), "
                           "sum(hashtext(gpu_id || ts::text || metric_id)) FROM telemetry").fetchone()
         assert after == before
@@ -107,6 +107,10 @@ def test_v2_database_migrates_in_place_keeping_every_row(database_url):
         assert c.execute("SELECT count(*), sum(value), min(ts), max(ts), sum(hashtext(gpu_id || ts::text || "
                          "metric_id)) FROM telemetry").fetchone() == before
         assert c.execute("SELECT sum(count) FROM telemetry_1h").fetchone()[0] == before[0]
+        # every rollup bucket counts its idle samples (values here: s * 0.5 + g, under 5 for the first ticks)
+        assert c.execute("SELECT count(*) FROM telemetry_1h WHERE idle IS NULL").fetchone()[0] == 0
+        assert c.execute("SELECT sum(idle) FROM telemetry_1m").fetchone()[0] == c.execute(
+            "SELECT count(*) FROM telemetry WHERE value < 5").fetchone()[0] > 0
 
 
 def test_aggregates_equal_raw_across_rollups_packed_ranges_open_tail_late_rows_and_replays(conn, database_url,

@@ -189,6 +189,10 @@ def test_usage_equals_a_direct_computation_over_the_samples(conn, database_url, 
     Maintainer(database_url, policy, clock=lambda: T0 + timedelta(days=30)).run_once()
     assert not lifecycle.dirty_ranges(conn)
     check()  # rolled up now: same figures from the rollups
+    assert conn.execute("SELECT count(*) FROM telemetry_1h WHERE idle IS NULL").fetchone()[0] == 0
+    conn.execute("UPDATE telemetry_1h SET idle = NULL WHERE bucket < %s", (T0 + timedelta(hours=7),))
+    conn.execute("UPDATE telemetry_1m SET idle = NULL WHERE bucket < %s", (T0 + timedelta(hours=5),))
+    check()  # buckets rolled before the rollups counted idle samples (schema 4): their samples answer
 
     # workloads: who was where, first/last seen to the sample
     page = httpx.get(f"{api_server}/api/v1/workloads", params={"start_time": full[0].isoformat(),

@@ -4,7 +4,8 @@ Tables (all range-partitioned, every key starts with `gpu_id`):
 - `telemetry_raw` (gpu_id, ts, metric_id, value, workload_id): recent samples, one row each.
 - `telemetry_packed` (gpu_id, metric_id, hour, workload_id, n, ts[], value[]): closed ranges (older than the
   late-data window), one row per GPU, metric, hour and workload; ~17 bytes per sample instead of ~100.
-- `telemetry_1m`, `telemetry_1h` (gpu_id, metric_id, bucket, workload_id, min, max, sum, count): rollups.
+- `telemetry_1m`, `telemetry_1h` (gpu_id, metric_id, bucket, workload_id, min, max, sum, count, idle): rollups;
+  `idle` counts the samples under `IDLE_THRESHOLD` % utilization (NULL in buckets rolled before schema 5).
 - `telemetry_changes` (lo, hi): time ranges written since the last rollup refresh; the refresh recomputes
   the buckets they touch (never adds to them), readers take those buckets from raw rows.
 - `telemetry_lifecycle` (name, ts): horizons (`expired_before:<table>`, `packed_before`) and `newest`.
@@ -33,6 +34,9 @@ PARTITION_LOCK = 0x7E1E_9A27  # advisory lock: partitions are created one caller
 PACK_LOCK = 0x7E1E_9A28  # advisory lock: packing and late writes into packed ranges never interleave
 MAX_NEW_PARTITIONS = 400  # a batch needing more partitions than this is refused, not silently spread out
 ROLLUPS = {"telemetry_1m": MINUTE, "telemetry_1h": HOUR}
+# rollups also count the samples under this utilization (%): the default idle threshold of GPU accounting
+IDLE_THRESHOLD = 5.0
+ENGINE_ACTIVE = "DCGM_FI_PROF_GR_ENGINE_ACTIVE"  # a 0–1 ratio: × 100 to compare with GPU_UTIL
 SAMPLE_TABLES = ("telemetry_raw", "telemetry_packed")
 
 
@@ -286,17 +290,25 @@ def analyze_touched(conn: psycopg.Connection, ranges: Sequence[tuple[datetime, d
     return done
 
 
+def utilization_pct(value: str, metric: str) -> str:
+    """SQL for a utilization sample in percent: GR_ENGINE_ACTIVE (a 0–1 ratio) × 100, GPU_UTIL as it is."""
+    return (f"({value} * CASE WHEN {metric} = (SELECT id FROM metrics WHERE name = '{ENGINE_ACTIVE}') "
+            "THEN 100.0 ELSE 1.0 END)")
+
+
 def _from_samples(ranges: list[tuple[datetime, datetime]], params: list) -> str:
     src = samples_sql(ranges, "true", [], params)
     return ("SELECT gpu_id, metric_id, date_bin('1 minute', ts, TIMESTAMPTZ '2000-01-01 00:00:00+00'), "
-            "coalesce(workload_id, 0), min(value), max(value), sum(value), count(*) "
+            "coalesce(workload_id, 0), min(value), max(value), sum(value), count(*), "
+            f"count(*) FILTER (WHERE {utilization_pct('value', 'metric_id')} < {IDLE_THRESHOLD!r}) "
             f"FROM ({src}) s GROUP BY 1, 2, 3, 4 ORDER BY 2, 3, 1")
 
 
 def _from_1m(ranges: list[tuple[datetime, datetime]], params: list) -> str:
     pred = ranges_predicate("bucket", ranges, params)
     return ("SELECT gpu_id, metric_id, date_bin('1 hour', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'), "
-            "workload_id, min(min), max(max), sum(sum), sum(count) "
+            "workload_id, min(min), max(max), sum(sum), sum(count), "
+            "CASE WHEN count(idle) = count(*) THEN sum(idle) END "  # unknown when a minute predates the column
             f"FROM telemetry_1m WHERE {pred} GROUP BY 1, 2, 3, 4 ORDER BY 2, 3, 1")
 
 
@@ -314,7 +326,7 @@ def _recompute(conn: psycopg.Connection, table: str, ranges: list[tuple[datetime
     conn.execute(f"DELETE FROM {table} WHERE {pred}", params)
     params = []
     sql = source(ranges, params)
-    return conn.execute(f"INSERT INTO {table} (gpu_id, metric_id, bucket, workload_id, min, max, sum, count) "
+    return conn.execute(f"INSERT INTO {table} (gpu_id, metric_id, bucket, workload_id, min, max, sum, count, idle) "
                         f"{sql}", params).rowcount
 
 

@@ -99,6 +99,12 @@ MIGRATIONS: list[tuple[int, str | Callable[[psycopg.Connection, timedelta], None
            g.pci_bus_id, g.driver_version, g.labels, g.parent_uuid, g.mig_profile, g.mig_instance
     FROM gpus g;
     """),
+    (5, """
+    -- samples under the default idle threshold per rollup bucket: GPU accounting reads idle time from the
+    -- rollups instead of their samples (NULL: rolled before this column, the samples are read instead)
+    ALTER TABLE telemetry_1m ADD COLUMN IF NOT EXISTS idle bigint;
+    ALTER TABLE telemetry_1h ADD COLUMN IF NOT EXISTS idle bigint;
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x7E1E_4E7B  # advisory lock id: collectors starting together migrate one at a time

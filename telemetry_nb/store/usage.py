@@ -6,8 +6,9 @@ stands for one sampling interval of its GPU (the median spacing of its samples),
 reporting stops accruing: a gap is never usage. Per (GPU, workload) the store answers sample count, Σ util
 and the count of samples under the idle threshold, reading
 
-- the 1h rollup for whole clean hours (an hour whose min/max leave the idle count open descends to its
-  1m rows, a minute of more than two samples that is still open descends to its samples),
+- the 1h rollup for whole clean hours (at the default threshold its own idle count answers; at another,
+  an hour whose min/max leave the idle count open descends to its 1m rows, a minute of more than two
+  samples that is still open descends to its samples),
 - the 1m rollup for whole clean minutes at the window's edges,
 - raw ∪ packed samples for the ragged edges and for ranges written since the last rollup refresh,
 
@@ -30,7 +31,7 @@ from telemetry_nb.store.lifecycle import HOUR, MINUTE, NEG_INF, POS_INF, ceil_to
 from telemetry_nb.store.reader import ONE_US, _subtract
 
 UTIL = "DCGM_FI_DEV_GPU_UTIL"
-ENGINE_ACTIVE = "DCGM_FI_PROF_GR_ENGINE_ACTIVE"  # a 0–1 ratio: × 100 to compare with GPU_UTIL
+ENGINE_ACTIVE = lifecycle.ENGINE_ACTIVE  # a 0–1 ratio: × 100 to compare with GPU_UTIL
 DEFAULT_INTERVAL_S = 30.0  # dcgm-exporter's default collection interval, for GPUs with a single sample
 INTERVAL_SAMPLES = 33  # newest timestamps per GPU the interval is inferred from (slow path)
 RECENT = timedelta(minutes=16)  # fast path: every GPU's samples in the window's last minutes
@@ -88,9 +89,12 @@ class UsageStore:
         def scaled(expr: str, metric: str) -> str:
             return expr if engine is None else f"({expr} * CASE WHEN {metric} = {int(engine)} THEN 100.0 ELSE 1.0 END)"
 
-        def idle(a: str) -> str:  # NULL where min/max leave the count open
+        stored = float(threshold) == lifecycle.IDLE_THRESHOLD  # the rollups count these idle samples themselves
+
+        def idle(a: str) -> str:  # NULL where min/max (and the stored count) leave the count open
             return (f"CASE WHEN {scaled(a + '.max', a + '.metric_id')} < {t} THEN {a}.count "
-                    f"WHEN {scaled(a + '.min', a + '.metric_id')} >= {t} THEN 0 WHEN {a}.count = 2 THEN 1 END")
+                    f"WHEN {scaled(a + '.min', a + '.metric_id')} >= {t} THEN 0 WHEN {a}.count = 2 THEN 1 "
+                    + (f"ELSE {a}.idle " if stored else "") + "END")
 
         params: list = []
 
