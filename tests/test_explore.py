@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import altair as alt
@@ -117,6 +118,21 @@ def test_heatmap_keeps_the_busiest_gpus_when_there_are_too_many():
     assert ex.chart_rows(chart) <= ex.MAX_CHART_ROWS
 
 
+def test_big_fleets_chart_per_host():
+    raw = synthetic_raw(n_gpus=800, ticks=20, metrics=(ex.UTIL,))  # 100 hosts of 8
+    df = ex.raw_to_aggregates(raw, 1)
+    heat = ex.utilization_heatmap(df, max_rows=1500, by="hostname")
+    spec = heat.to_dict()
+    assert spec["encoding"]["y"]["field"] == "hostname" and "mean per host" in spec["title"]
+    assert ex.chart_rows(heat) <= 1500 and len(spec["encoding"]["y"]["sort"]) == 100  # every host, fewer bins
+    means = df.assign(w=df["avg"] * df["count"]).groupby("hostname").sum(numeric_only=True)
+    order = (means["w"] / means["count"]).sort_values(ascending=False).index
+    bars = ex.utilization_per_host(df, lines=False, max_hosts=10)
+    shown = [r["hostname"] for r in bars.to_dict()["datasets"][bars.to_dict()["data"]["name"]]]
+    assert "busiest 5 and idlest 5 of 100 hosts" in bars.to_dict()["title"]
+    assert shown == [*order[:5], *order[-5:]]
+
+
 def test_tables_have_the_known_answers(million):
     idle = ex.idle_gpus(million, threshold=5)
     assert set(idle["uuid"]) == {f"GPU-{i}" for i in range(0, 128, 4)}
@@ -165,6 +181,95 @@ def test_empty_data_gives_placeholder_charts_and_empty_tables():
 def test_svg_rendering_needs_no_browser(million):
     svg = ex.to_svg(ex.utilization_per_host(million))
     assert svg.lstrip().startswith("<svg") and "GPU_UTIL per host" in svg
+
+
+def test_svg_workers_render_what_this_process_renders_and_survive_a_dead_worker(million):
+    chart = ex.utilization_heatmap(million)
+    renderer = ex.SvgRenderer(workers=2)
+    try:
+        futures = [renderer.submit(chart) for _ in range(3)]
+
+        def same(svg: str) -> str:  # Vega numbers gradients per process: gradient_0, gradient_1, …
+            return re.sub(r"gradient_\d+", "gradient", svg)
+
+        assert all(same(f.result(timeout=120)) == same(ex.to_svg(chart)) for f in futures)
+        assert len(renderer._procs) == 2  # two worker processes, both used
+        for proc in renderer._procs:
+            proc.kill()
+            proc.wait()
+        again = renderer.submit(ex.utilization_per_host(million)).result(timeout=120)
+        assert "GPU_UTIL per host" in again  # rendered here while that worker was replaced
+        assert "GPU_UTIL per host" in renderer.submit(ex.utilization_per_host(million)).result(timeout=120)
+        assert any(p.poll() is None for p in renderer._procs)  # a new worker took over
+        bad = alt.Chart(pd.DataFrame({"x": [1]})).mark_point().encode(x="x:Q")
+        bad_spec = bad.to_dict()
+        bad_spec["mark"] = "no-such-mark"
+        with pytest.raises(ValueError, match="vl-convert"):
+            renderer._threads.submit(renderer._render, __import__("json").dumps(bad_spec)).result(timeout=120)
+    finally:
+        renderer.close()
+
+
+def _samples(start: datetime, minutes: int, step_s: int = 10):
+    """4 GPUs × UTIL/TEMP every `step_s` for `minutes` from `start`, as one batch for the store."""
+    from telemetry_nb.pipeline.codec import gpu_key, metric_key
+    from telemetry_nb.store.rows import GpuRow, MetricRow, RowBatch
+
+    ids = {m: metric_key(m) for m in (ex.UTIL, ex.TEMP)}
+    lines = []
+    for i in range(minutes * 60 // step_s):
+        ts = (start + timedelta(seconds=i * step_s)).isoformat()
+        for g in range(4):
+            for mid in ids.values():
+                lines.append(f"{gpu_key(f'GPU-{g}')}\t{ts}\t{mid}\t{(i * 7 + g * 13 + mid % 5) % 100}\t\\N\n")
+    return RowBatch(n=len(lines), rows="".join(lines).encode(),
+                    gpus=[GpuRow(gpu_key(f"GPU-{g}"), f"GPU-{g}", f"host-{g // 2}", g % 2, f"nvidia{g}", "H100")
+                          for g in range(4)],
+                    metrics=[MetricRow(mid, m, len(lines) // 2) for m, mid in ids.items()])
+
+
+class CountingClient(TelemetryClient):
+    """A real client that also records the windows of its fleet requests."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fleet_starts: list = []
+
+    def fleet_aggregate(self, metric, **kwargs):
+        self.fleet_starts.append(kwargs["start_time"])
+        return super().fleet_aggregate(metric, **kwargs)
+
+
+def test_a_sliding_refresh_equals_a_full_load_and_asks_only_for_the_newest_buckets(database_url, api_server):
+    import psycopg
+
+    from telemetry_nb import store
+
+    t0 = datetime(2025, 7, 20, 10, 0, 3, tzinfo=UTC)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        store.migrate(conn)
+        writer = store.Writer(conn)
+        writer.write([_samples(t0, 30)])
+        with CountingClient(api_server) as client:
+            kw = {"window": "15m", "metrics": [ex.UTIL, ex.TEMP], "target_buckets": 30}
+            first = ex.load_window(client, **kw)
+            assert first["bucket_s"] == 30 and not first["data"].empty
+            writer.write([_samples(t0 + timedelta(minutes=30), 7)])  # 7 more minutes arrive
+            client.fleet_starts.clear()
+            slid = ex.load_window(client, previous=first, **kw)
+            asked = set(client.fleet_starts)
+            full = ex.load_window(client, **kw)
+    assert slid["end"] == full["end"] > first["end"]
+    # only the buckets from 2 minutes before the previous end on were asked for again
+    assert asked == {ex.align_start(first["end"] - ex.REFRESH_OVERLAP, 30)}
+    key = ["uuid", "metric", "bucket"]
+    a = slid["data"].sort_values(key).reset_index(drop=True)
+    b = full["data"].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[ex.AGG_COLUMNS], b[ex.AGG_COLUMNS])
+    # a different bucket size (or GPU set, or metrics) is a full load
+    with CountingClient(api_server) as client:
+        other = ex.load_window(client, previous=full, window="15m", metrics=[ex.UTIL, ex.TEMP], target_buckets=15)
+    assert other["bucket_s"] == 60 and set(client.fleet_starts) == {ex.align_start(other["start"], 60)}
 
 
 def test_load_window_through_the_api(cli_env, api_server, real_csv):

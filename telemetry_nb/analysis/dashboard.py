@@ -23,6 +23,8 @@ DEFAULT_API_URL = "http://127.0.0.1:8000"
 WINDOWS = ("5m", "15m", "1h", "6h", "24h", "7d")
 MAX_ELEMENTS = 20_000  # GPUs × buckets per metric and refresh: a big fleet gets wider buckets, not a slow page
 FLEET_ROWS = 64  # more GPUs than this in view: the heatmap shows one row per host
+BAR_HOSTS = 40  # per-host bars: the busiest and the idlest 20 of a bigger fleet
+FULL_RELOAD_EVERY = 20  # refreshes; the others slide the window, asking only for its newest buckets
 
 
 def notebooks_dir() -> Path:
@@ -175,6 +177,8 @@ class Dashboard:
         self.idle_threshold = idle_threshold
         self.client = TelemetryClient(self.api_url, token=api_token, timeout=20)  # token default: $TELEMETRY_API_TOKEN
         self.loaded: dict | None = None
+        self.svg = explore.svg_renderer()
+        self.svg.warm()
         self.metric_names: list[str] | None = None
         self.refreshes = 0
         self.errors: list[str] = []
@@ -223,7 +227,7 @@ class Dashboard:
 
     # -- data ----------------------------------------------------------------------------------
     def load(self) -> dict:
-        if self.metric_names is None or self.refreshes % 20 == 0:  # names rarely change: re-read them now and then
+        if self.metric_names is None or self.refreshes % FULL_RELOAD_EVERY == 0:  # names rarely change
             self.metric_names = sorted(m.name for m in self.client.metrics())
         inventory = self.client.gpus()
         start, end = self.ex.resolve_window(inventory, window=self.window.value)
@@ -231,10 +235,11 @@ class Dashboard:
             events = pool.submit(self.client.events, kind="xid", start_time=start, end_time=end)
             usage = pool.submit(self.client.usage, "namespace", start_time=start, end_time=end,
                                 idle_threshold=self.idle_threshold)
+            full = self.refreshes % FULL_RELOAD_EVERY == 0  # now and then everything, for rows that came late
             loaded = self.ex.load_window(self.client, start_time=start, end_time=end, target_buckets=60,
                                          max_elements=MAX_ELEMENTS, gpus=inventory,
                                          metrics=[self.metric.value, *self.ex.CHART_METRICS],
-                                         known_metrics=self.metric_names)
+                                         known_metrics=self.metric_names, previous=None if full else self.loaded)
             loaded["events"], loaded["usage"] = events.result(), usage.result()
         return loaded
 
@@ -285,35 +290,38 @@ class Dashboard:
             self._busy = False
 
     def render(self) -> None:
+        """Charts first (their SVGs render in worker processes meanwhile), then the cards and tables."""
         ex, loaded = self.ex, self.loaded
         df = loaded["data"]
-        s = ex.fleet_summary(loaded, idle_threshold=self.idle_threshold)
-        util_now = "–" if s["utilization_now"] is None else f"{s['utilization_now']:.0f}%"
-        window = f"{loaded['start']:%H:%M}–{loaded['end']:%H:%M} UTC"
-        self.cards.value = _cards([("GPUs reporting", f"{s['reporting_gpus']} / {s['gpus']}"),
-                                   ("hosts reporting", f"{s['reporting_hosts']} / {s['hosts']}"),
-                                   ("utilization now", util_now), ("idle GPUs", str(s["idle_gpus"])),
-                                   ("window", window)])
         host, uuid, metric = self.host.value, self.gpu.value, self.metric.value
         scoped = df[df["hostname"] == host] if host else df
         scoped.attrs.update(df.attrs)
         where = host or "all hosts"
         per_host = scoped["uuid"].nunique() > FLEET_ROWS
+        svgs = []
         heatmap = ex.utilization_heatmap(scoped, metric, max_rows=3000, width=820, max_height=400,
                                          by="hostname" if per_host else "gpu")
-        self.heatmap.value = ex.to_svg(heatmap.properties(
-            title=f"{ex.short(metric)} per {'host' if per_host else 'GPU'} over time — {where}"))
+        svgs.append((self.heatmap, self.svg.submit(heatmap.properties(
+            title=f"{ex.short(metric)} per {'host' if per_host else 'GPU'} over time — {where}"))))
         if uuid:
             one = scoped[scoped["uuid"] == uuid]
             one.attrs.update(df.attrs)
             ts = ex.metric_timeseries(one, metric, by="gpu", width=820)
         else:  # one host: a line per GPU; the fleet: a line per host
             ts = ex.metric_timeseries(scoped, metric, by="gpu" if host else "hostname", width=820)
-        self.timeseries.value = ex.to_svg(ts)
-        self.per_host.value = ex.to_svg(ex.utilization_per_host(df, lines=False))
-        self.temp_power.value = ex.to_svg(ex.temperature_vs_power(scoped, max_rows=2000, width=380).properties(
-            title=f"Temperature vs power — {where}"))
-        idle = ex.idle_gpus(scoped, self.idle_threshold)
+        svgs.append((self.timeseries, self.svg.submit(ts)))
+        svgs.append((self.per_host, self.svg.submit(ex.utilization_per_host(df, lines=False, max_hosts=BAR_HOSTS))))
+        svgs.append((self.temp_power, self.svg.submit(ex.temperature_vs_power(scoped, max_rows=2000, width=380)
+                                                      .properties(title=f"Temperature vs power — {where}"))))
+        idle_all = ex.idle_gpus(df, self.idle_threshold)
+        s = ex.fleet_summary(loaded, idle_threshold=self.idle_threshold, idle=idle_all)
+        util_now = "–" if s["utilization_now"] is None else f"{s['utilization_now']:.0f}%"
+        window = f"{loaded['start']:%H:%M}–{loaded['end']:%H:%M} UTC"
+        self.cards.value = _cards([("GPUs reporting", f"{s['reporting_gpus']} / {s['gpus']}"),
+                                   ("hosts reporting", f"{s['reporting_hosts']} / {s['hosts']}"),
+                                   ("utilization now", util_now), ("idle GPUs", str(s["idle_gpus"])),
+                                   ("window", window)])
+        idle = ex.idle_gpus(scoped, self.idle_threshold) if host else idle_all
         self.idle_title.value = (f"<h4>Idle GPUs — {html.escape(where)}: {len(idle)} under "
                                  f"{self.idle_threshold:g}% utilization for the whole window</h4>")
         self.idle.value = _table(idle[["gpu", "uuid", "max_util", "avg_power_w", "avg_fb_used_mib"]])
@@ -321,6 +329,8 @@ class Dashboard:
         self.xid_title.value = f"<h4>GPUs with XID errors in the window — {html.escape(where)}: {len(xid)}</h4>"
         self.xid.value = _table(xid)
         self.render_by_namespace()
+        for widget, pending in svgs:
+            widget.value = pending.result()
 
     def render_by_namespace(self) -> None:
         """The "By namespace" panel: GPU-hours and idle share per namespace over the window (whole fleet)."""

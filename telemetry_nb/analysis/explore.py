@@ -231,12 +231,15 @@ def raw_to_aggregates(raw: pd.DataFrame, bucket_s: int) -> pd.DataFrame:
 def load_window(client: TelemetryClient, *, start_time=None, end_time=None, window: str | float | None = "1h",
                 hostnames: Sequence[str] | str | None = None, metrics: Sequence[str] | None = None,
                 target_buckets: int = 120, gpus: Sequence[Gpu] | None = None, workers: int = 8,
-                known_metrics: Iterable[str] | None = None, max_elements: int | None = None) -> dict:
+                known_metrics: Iterable[str] | None = None, max_elements: int | None = None,
+                previous: dict | None = None) -> dict:
     """Inventory + aggregates for a window: {gpus, all_gpus, start, end, bucket_s, data, metrics}.
 
     `known_metrics` (the stored metric names) saves a `/api/v1/metrics` call (one more round trip per load).
     `max_elements` caps GPUs × buckets per metric (fewer, wider buckets for a big fleet: charts that show a
-    few thousand cells need no more).
+    few thousand cells need no more). `previous` (an earlier result for the same GPUs, metrics and bucket
+    size) makes it a sliding refresh: only the buckets from `REFRESH_OVERLAP` before its end on are asked
+    for again, the older ones are kept (rows arriving later than that show after the next full load).
     """
     inventory = list(gpus) if gpus is not None else client.gpus()
     hosts = [hostnames] if isinstance(hostnames, str) else hostnames
@@ -250,10 +253,30 @@ def load_window(client: TelemetryClient, *, start_time=None, end_time=None, wind
                              len(selected), start, end)
     # whole buckets: the server answers them from its rollups, not from the raw rows of a ragged first bucket
     first = align_start(start, bucket_s)
-    data = utilization_fallback(load_aggregates(client, selected, start=first, end=end, bucket_s=bucket_s,
+    kept, fetch_from = None, first
+    if previous is not None and _slides(previous, selected, wanted, bucket_s, first, end):
+        fetch_from = max(first, align_start(previous["end"] - max(REFRESH_OVERLAP, timedelta(seconds=bucket_s)),
+                                            bucket_s))
+        old = previous["data"]
+        kept = old[(old["bucket"] >= pd.Timestamp(first)) & (old["bucket"] < pd.Timestamp(fetch_from))]
+    data = utilization_fallback(load_aggregates(client, selected, start=fetch_from, end=end, bucket_s=bucket_s,
                                                 metrics=wanted or None, workers=workers, hostnames=hosts or None))
+    if kept is not None and not kept.empty:
+        data = pd.concat([kept, data], ignore_index=True) if not data.empty else kept.reset_index(drop=True)
+        data.attrs["bucket_seconds"] = bucket_s
     return {"gpus": selected, "all_gpus": scoped, "start": start, "end": end, "bucket_s": bucket_s, "data": data,
-            "metrics": wanted}
+            "metrics": wanted, "first": first}
+
+
+REFRESH_OVERLAP = timedelta(minutes=2)  # a sliding refresh re-reads this much before the last end (late samples)
+
+
+def _slides(previous: dict, selected: Sequence[Gpu], metrics: Sequence[str], bucket_s: int, first: datetime,
+            end: datetime) -> bool:
+    """Whether `previous` covers the same GPUs, metrics and bucket size from at least `first` on."""
+    return (previous.get("bucket_s") == bucket_s and previous.get("metrics") == list(metrics)
+            and previous.get("first") is not None and previous["first"] <= first and previous["end"] <= end
+            and [g.uuid for g in previous["gpus"]] == [g.uuid for g in selected] and not previous["data"].empty)
 
 
 def utilization_fallback(df: pd.DataFrame) -> pd.DataFrame:
@@ -261,7 +284,7 @@ def utilization_fallback(df: pd.DataFrame) -> pd.DataFrame:
 
     So every chart, the idle report and the fleet summary use whichever of the two a GPU reports.
     """
-    if df.empty or GR_ENGINE not in set(df["metric"]):
+    if df.empty or not df["metric"].eq(GR_ENGINE).any():
         return df
     has_util = set(df.loc[df["metric"] == UTIL, "uuid"])
     gr = df[(df["metric"] == GR_ENGINE) & ~df["uuid"].isin(has_util)]
@@ -405,8 +428,12 @@ def stopped_reporting(gpus: Sequence[Gpu] | pd.DataFrame, *, interval_s: float, 
     return out[cols].sort_values("behind_s", ascending=False).reset_index(drop=True)
 
 
-def fleet_summary(loaded: dict, *, idle_threshold: float = 5.0, now_buckets: int = 1) -> dict:
-    """Headline numbers: GPUs and hosts (reporting in the window / known), utilization now, idle GPUs."""
+def fleet_summary(loaded: dict, *, idle_threshold: float = 5.0, now_buckets: int = 1,
+                  idle: pd.DataFrame | None = None) -> dict:
+    """Headline numbers: GPUs and hosts (reporting in the window / known), utilization now, idle GPUs.
+
+    `idle`: `idle_gpus(loaded["data"], idle_threshold)` when the caller has it already.
+    """
     df = loaded["data"]
     util = metric_frame(df, UTIL)
     now_util = None
@@ -418,7 +445,8 @@ def fleet_summary(loaded: dict, *, idle_threshold: float = 5.0, now_buckets: int
     return {"gpus": len(loaded["all_gpus"]), "reporting_gpus": int(df["uuid"].nunique()) if not df.empty else 0,
             "hosts": len({g.hostname for g in loaded["all_gpus"]}),
             "reporting_hosts": int(df["hostname"].nunique()) if not df.empty else 0,
-            "utilization_now": now_util, "idle_gpus": len(idle_gpus(df, idle_threshold)),
+            "utilization_now": now_util,
+            "idle_gpus": len(idle if idle is not None else idle_gpus(df, idle_threshold)),
             "start": loaded["start"], "end": loaded["end"], "bucket_s": loaded["bucket_s"]}
 
 
@@ -503,20 +531,24 @@ def _host_heatmap(m: pd.DataFrame, metric: str, *, max_rows: int, min_bins: int,
 
 
 def utilization_per_host(df: pd.DataFrame, *, metric: str = UTIL, max_rows: int = MAX_CHART_ROWS,
-                         width: int = 640, lines: bool = True) -> alt.Chart:
+                         width: int = 640, lines: bool = True, max_hosts: int | None = None) -> alt.Chart:
     """Mean utilization per host over time (lines, unless `lines=False` or > 20 hosts), next to each host's
-    window mean (bars)."""
+    window mean (bars); with more than `max_hosts` hosts the bars show the busiest and the idlest half each."""
     m = metric_frame(df, metric)
     if m.empty:
         return _empty_chart(f"no {short(metric)} data in the window")
     hosts = sorted(m["hostname"].unique())
-    bars_data = _weighted(m, ["hostname"])
+    bars_data = _weighted(m, ["hostname"]).sort_values("avg", ascending=False)
+    title = f"{short(metric)} per host (window mean)"
+    if max_hosts and len(bars_data) > max_hosts:
+        half = max_hosts // 2
+        title += f": busiest {half} and idlest {max_hosts - half} of {len(bars_data)} hosts"
+        bars_data = pd.concat([bars_data.head(half), bars_data.tail(max_hosts - half)])
     bars = alt.Chart(bars_data).mark_bar().encode(
         x=alt.X("avg:Q", title=f"mean {short(metric)} (%)", scale=alt.Scale(domain=[0, 100])),
         y=alt.Y("hostname:N", sort="-x", title=None),
         tooltip=["hostname:N", alt.Tooltip("avg:Q", format=".1f"), alt.Tooltip("max:Q", format=".0f")],
-    ).properties(title=f"{short(metric)} per host (window mean)", width=220,
-                 height=min(700, max(60, 16 * len(hosts))))
+    ).properties(title=title, width=220, height=min(700, max(60, 16 * len(bars_data))))
     if len(hosts) > 20 or not lines:
         return bars
     r = rebin(m, len(hosts), max_rows)
@@ -652,8 +684,101 @@ def chart_rows(chart: alt.TopLevelMixin) -> int:
     return total
 
 
-def to_svg(chart: alt.TopLevelMixin) -> str:
-    """Render a chart to SVG with vl-convert (no browser, no CDN): what the offline dashboard shows."""
+def svg_spec(chart: alt.TopLevelMixin) -> str:
+    """The Vega-Lite JSON `to_svg` renders: unvalidated and compact (Altair's indented, validated JSON costs as
+    much as the rendering), without per-mark ARIA descriptions (a third of the work and two thirds of the SVG
+    of a 3,000-cell heatmap)."""
+    import json
+
+    spec = chart.to_dict(validate=False)
+    spec.setdefault("config", {}).setdefault("aria", False)
+    return json.dumps(spec, separators=(",", ":"))
+
+
+def svg_of(spec: str) -> str:
+    """SVG of a Vega-Lite JSON spec, by vl-convert."""
     import vl_convert as vlc
 
-    return vlc.vegalite_to_svg(chart.to_json())
+    return vlc.vegalite_to_svg(spec)
+
+
+def to_svg(chart: alt.TopLevelMixin) -> str:
+    """Render a chart to SVG with vl-convert (no browser, no CDN): what the offline dashboard shows."""
+    return svg_of(svg_spec(chart))
+
+
+class SvgRenderer:
+    """Renders charts to SVG in `workers` worker processes (`svg_worker`), several at once and beside the
+    caller's own work: vl-convert holds the GIL while it renders, so in-process renders run one at a time.
+    A worker that cannot start or dies is replaced; meanwhile that chart renders in this process."""
+
+    def __init__(self, workers: int = 2):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workers = max(1, workers)
+        self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="svg")
+        self._local = threading.local()
+        self._procs: list = []
+
+    def _worker(self):
+        import subprocess
+        import sys
+
+        proc = getattr(self._local, "proc", None)
+        if proc is None or proc.poll() is not None:
+            proc = subprocess.Popen([sys.executable, "-m", "telemetry_nb.analysis.svg_worker"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self._local.proc = proc
+            self._procs.append(proc)
+        return proc
+
+    def _render(self, spec: str) -> str:
+        data = spec.encode()
+        try:
+            proc = self._worker()
+            proc.stdin.write(len(data).to_bytes(4, "big") + data)
+            proc.stdin.flush()
+            head = proc.stdout.read(5)
+            if len(head) < 5:
+                raise OSError("the SVG worker exited")
+            body = proc.stdout.read(int.from_bytes(head[1:], "big")).decode()
+        except (OSError, ValueError):
+            self._local.proc = None
+            return svg_of(spec)
+        if head[:1] == b"E":
+            raise ValueError(f"vl-convert: {body}")
+        return body
+
+    def submit(self, chart: alt.TopLevelMixin):
+        """Start rendering `chart`: a future whose `.result()` is its SVG."""
+        return self._threads.submit(self._render, svg_spec(chart))
+
+    def warm(self) -> None:
+        """Start the workers now (each loads vl-convert once, ~1 s) instead of at the first chart."""
+        tiny = alt.Chart(pd.DataFrame({"x": [0]})).mark_point().encode(x="x:Q")
+        for _ in range(self.workers):
+            self.submit(tiny)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.terminate()
+        self._procs.clear()
+
+
+_RENDERER: SvgRenderer | None = None
+
+
+def svg_renderer() -> SvgRenderer:
+    """The process's shared `SvgRenderer` (two workers, or one on a one-core machine), closed at exit."""
+    global _RENDERER
+    if _RENDERER is None:
+        import atexit
+        import os
+
+        _RENDERER = SvgRenderer(workers=min(2, os.cpu_count() or 1))
+        atexit.register(_RENDERER.close)
+    return _RENDERER

@@ -147,3 +147,10 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
 def openapi_document(**kwargs: Any) -> dict:
     """The OpenAPI document of an app built with `kwargs` (no database is contacted)."""
     return create_app("postgresql://unused/unused", **kwargs).openapi()
+
+
+def app_from_env() -> FastAPI:
+    """The app over $DATABASE_URL / $REDIS_URL: what each `serve --workers N` worker process builds."""
+    import os
+
+    return create_app(os.environ["DATABASE_URL"], os.environ.get("REDIS_URL") or None)
