@@ -6,6 +6,7 @@ parameter schemas in `params.py`; the response schemas in `models.py`.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -67,6 +68,9 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
         if tokens is not None:
             log.info("API /api/v1 requires a bearer token: %s", tokens.describe())
         pool.open(wait=False)
+        # the app's long-lived objects (routes, schemas, models) out of the collector's sight: a full collection
+        # then scans only what requests allocate, instead of pausing a request for tens of milliseconds
+        gc.freeze()
         yield
         pool.close()
 
