@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -146,6 +146,36 @@ def test_bad_values_are_rejected_with_line_and_reason_and_the_rest_is_kept():
         (16, "non-finite value '-Inf'"),
     }
     assert next(r for r in _rejected(rows) if r.line == 9).raw == f"DCGM_FI_DEV_GPU_UTIL{good} twelve"
+
+
+def test_a_warm_parser_answers_exactly_as_a_fresh_one_whatever_the_values_become():
+    """Label sets parsed in earlier scrapes are reused; what each line becomes must not depend on that."""
+    import random
+
+    rng = random.Random(7)
+    labels = [f'{{gpu="{g}",UUID="{u}",Hostname="n"}}' for g, u in ((0, UUID0), (1, UUID1))]
+    names = ["DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_FB_USED"]
+    odd = ["NaN", "+Inf", "-Inf", "2147483632", "9223372036854775792", "140737488355328", "twelve", "1_5",
+           "4.2e1", "-0", "", "7 1700000000000", "7 soon"]
+    warm = ExpositionParser()
+    for scrape in range(40):
+        lines = []
+        for lab in labels:
+            for name in names:
+                value = rng.choice(odd) if rng.random() < 0.3 else str(rng.randrange(0, 100))
+                sep = " " if rng.random() < 0.9 else rng.choice(["  ", "\t", " \t"])
+                lines.append(f"{name}{lab}{sep}{value}".rstrip())
+                if rng.random() < 0.05:
+                    lines.append(lines[-1])  # a repeated series
+        if rng.random() < 0.2:
+            lines.insert(rng.randrange(len(lines)), "  " + lines[0])  # indented
+        rng.shuffle(lines)
+        text = "\n".join(lines)
+        ts = T + timedelta(seconds=30 * scrape)
+        ours = list(warm.parse(text, ts, default_host="h"))
+        fresh = list(ExpositionParser().parse(text, ts, default_host="h"))
+        assert [_key(x) if isinstance(x, Sample) else (x.line, x.reason, x.raw) for x in ours] == \
+               [_key(x) if isinstance(x, Sample) else (x.line, x.reason, x.raw) for x in fresh], scrape
 
 
 def test_malformed_labels_reject_only_their_line():
