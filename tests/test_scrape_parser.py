@@ -149,7 +149,8 @@ def test_bad_values_are_rejected_with_line_and_reason_and_the_rest_is_kept():
 
 
 def test_a_warm_parser_answers_exactly_as_a_fresh_one_whatever_the_values_become():
-    """Label sets parsed in earlier scrapes are reused; what each line becomes must not depend on that."""
+    """A warm parser reuses the label sets of earlier scrapes; what each line becomes must not depend on that:
+    the same samples, rejects (line, reason, text) and ignored count as a fresh parser."""
     import random
 
     rng = random.Random(7)
@@ -158,24 +159,33 @@ def test_a_warm_parser_answers_exactly_as_a_fresh_one_whatever_the_values_become
     odd = ["NaN", "+Inf", "-Inf", "2147483632", "9223372036854775792", "140737488355328", "twelve", "1_5",
            "4.2e1", "-0", "", "7 1700000000000", "7 soon"]
     warm = ExpositionParser()
-    for scrape in range(40):
-        lines = []
+    for scrape in range(90):
+        dirty = scrape % 3 == 1  # the others exactly what dcgm-exporter writes
+        lines = ["# HELP DCGM_FI_DEV_GPU_TEMP GPU temperature (in C).", "# TYPE DCGM_FI_DEV_GPU_TEMP gauge",
+                 f"dcgm_exporter_build_info{labels[0]} {rng.choice(['1', 'x']) if dirty else '1'}", ""]
         for lab in labels:
             for name in names:
-                value = rng.choice(odd) if rng.random() < 0.3 else str(rng.randrange(0, 100))
-                sep = " " if rng.random() < 0.9 else rng.choice(["  ", "\t", " \t"])
+                value = rng.choice(odd) if dirty and rng.random() < 0.3 else str(rng.randrange(0, 100))
+                sep = " " if not dirty or rng.random() < 0.9 else rng.choice(["  ", "\t", " \t"])
                 lines.append(f"{name}{lab}{sep}{value}".rstrip())
-                if rng.random() < 0.05:
+                if dirty and rng.random() < 0.05:
                     lines.append(lines[-1])  # a repeated series
-        if rng.random() < 0.2:
-            lines.insert(rng.randrange(len(lines)), "  " + lines[0])  # indented
+        if dirty and rng.random() < 0.2:
+            lines.insert(rng.randrange(len(lines)), "  " + lines[-1])  # indented
+        if dirty and rng.random() < 0.2:
+            lines.append(f'DCGM_FI_DEV_GPU_TEMP{{gpu="9",UUID="GPU-new-{scrape}"}} 1')  # a label set not seen yet
+        if scrape % 3 == 2:
+            lines.append(lines[-1])  # plain, but a series twice: the second is refused
         rng.shuffle(lines)
         text = "\n".join(lines)
         ts = T + timedelta(seconds=30 * scrape)
+        ignored_before = warm.ignored
         ours = list(warm.parse(text, ts, default_host="h"))
         fresh = list(ExpositionParser().parse(text, ts, default_host="h"))
         assert [_key(x) if isinstance(x, Sample) else (x.line, x.reason, x.raw) for x in ours] == \
                [_key(x) if isinstance(x, Sample) else (x.line, x.reason, x.raw) for x in fresh], scrape
+        assert warm.ignored == ignored_before + sum(
+            1 for ln in lines if ln.strip().startswith("dcgm_exporter_build_info") and ln.split()[-1] == "1")
 
 
 def test_malformed_labels_reject_only_their_line():
