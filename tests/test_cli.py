@@ -227,3 +227,23 @@ def test_check_lists_rejected_rows_and_dead_letters(cli_env, tmp_path, redis_cli
     assert "dead=1 rejected=1" in out
     assert f"  rejected {path}:2 non-numeric value 'N/A'" in out
     assert "deliveries=0 unsupported batch encoding version b'42'" in out
+
+
+def test_serve_with_two_worker_processes(cli_env, tmp_path):
+    from tests.conftest import start_cli, wait_http
+
+    port = free_port()
+    proc = start_cli("serve", "--port", str(port), "--workers", "2", env=cli_env, log_path=tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base + "/health")
+        with httpx.Client(base_url=base, timeout=10) as http:
+            assert all(http.get("/api/v1/gpus").status_code == 200 for _ in range(20))
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+                                 text=True).stdout.split()
+        assert len(workers) == 2, f"uvicorn should run two worker processes, found {workers}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = (tmp_path / "api.log").read_text()
+    assert "Traceback" not in log and "2 worker processes" in log, log[-2000:]
