@@ -755,7 +755,9 @@ class SvgRenderer:
         return self._threads.submit(self._render, svg_spec(chart))
 
     def warm(self) -> None:
-        """Start the workers now (each loads vl-convert once, ~1 s) instead of at the first chart."""
+        """Start the workers now (each loads vl-convert once, ~1 s) instead of at the first chart; once."""
+        if self._procs:
+            return
         tiny = alt.Chart(pd.DataFrame({"x": [0]})).mark_point().encode(x="x:Q")
         for _ in range(self.workers):
             self.submit(tiny)

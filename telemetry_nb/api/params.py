@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated
 
@@ -71,6 +72,27 @@ def parse_time(name: str, text: str | None) -> datetime | None:
         return local.replace(tzinfo=tz).astimezone(UTC)
     except OverflowError:
         return _MIN if offset > timedelta(0) else _MAX
+
+
+def time_window(start_time: str | None, end_time: str | None) -> tuple[datetime | None, datetime | None]:
+    """The `start_time`/`end_time` parameters parsed (either may be absent); 422 when end is before start."""
+    start, end = parse_time("start_time", start_time), parse_time("end_time", end_time)
+    if start and end and end < start:
+        raise ParamError(f"end_time: {end_time} is before start_time {start_time}")
+    return start, end
+
+
+def fill_window(start: datetime | None, end: datetime | None, newest: Callable[[], datetime | None],
+                default: timedelta) -> tuple[datetime, datetime]:
+    """A window with both ends: `end` defaults to the newest stored sample (asked only then, and only if
+    not before `start`), else `start` + `default` or now; `start` to `end` − `default`."""
+    if end is None:
+        latest = newest()
+        end = latest if latest is not None and (start is None or latest >= start) else \
+            (start + default if start else datetime.now(UTC))
+    if start is None:
+        start = end - default
+    return start, end
 
 
 def parse_bucket(text: str) -> float:

@@ -40,8 +40,9 @@ from telemetry_nb.api.params import (
     decode_telemetry_cursor,
     encode_event_cursor,
     encode_telemetry_cursor,
+    fill_window,
     parse_bucket,
-    parse_time,
+    time_window,
 )
 from telemetry_nb.api.usage import router as usage_routes
 from telemetry_nb.store import Reader
@@ -85,13 +86,6 @@ def gpu_out(row: dict) -> dict[str, Any]:
             "pci_bus_id": row["pci_bus_id"], "driver_version": row["driver_version"], "labels": row["labels"] or {},
             "parent_uuid": row["parent_uuid"] or None, "mig_profile": row["mig_profile"] or None,
             "mig_instance": row["mig_instance"]}
-
-
-def _window(start_time: str | None, end_time: str | None) -> tuple[datetime | None, datetime | None]:
-    start, end = parse_time("start_time", start_time), parse_time("end_time", end_time)
-    if start and end and end < start:
-        raise ParamError(f"end_time: {end_time} is before start_time {start_time}")
-    return start, end
 
 
 def _gpu_and_metrics(r: Reader, uuid: str, metric: list[str] | None) -> tuple[dict, dict[str, int] | None]:
@@ -152,7 +146,7 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
     def telemetry(uuid: Uuid, start_time: StartTime = None, end_time: EndTime = None, metric: Metrics = None,
                   limit: Annotated[int, Query(ge=1, le=10000, description="page size")] = 1000,
                   cursor: TelemetryCursor = None) -> models.TelemetryPage:
-        start, end = _window(start_time, end_time)
+        start, end = time_window(start_time, end_time)
         after = decode_telemetry_cursor(cursor) if cursor else None
         with store.reader() as r:
             gpu, ids = _gpu_and_metrics(r, uuid, metric)
@@ -170,7 +164,7 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
                 operation_id="get_aggregate", responses={**NOT_FOUND, **BAD_PARAMS})
     def aggregate(uuid: Uuid, metric: Metrics = None, bucket: Bucket = "1m", start_time: StartTime = None,
                   end_time: EndTime = None) -> models.Aggregate:
-        start, end = _window(start_time, end_time)
+        start, end = time_window(start_time, end_time)
         seconds = parse_bucket(bucket)
         with store.reader() as r:
             gpu, ids = _gpu_and_metrics(r, uuid, metric)
@@ -187,7 +181,7 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
     def fleet_aggregate(metric: Annotated[MetricName, Query(description="the metric")],
                         bucket: FleetBucket = "15m", start_time: StartTime = None, end_time: EndTime = None,
                         hostname: Hostnames = None, model_name: ModelNames = None) -> Response:
-        start, end = _window(start_time, end_time)
+        start, end = time_window(start_time, end_time)
         seconds = parse_bucket(bucket)
         width = timedelta(seconds=seconds)
         with store.reader() as r:
@@ -195,12 +189,7 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
             if metric not in ids:
                 raise ParamError(f"metric: unknown metric {metric}; GET /api/v1/metrics lists them")
             gpu_ids = r.gpu_ids(hostnames=hostname, model_names=model_name)
-            if end is None:
-                newest = r.newest()
-                end = newest if newest is not None and (start is None or newest >= start) else \
-                    (start + DEFAULT_FLEET_WINDOW if start else datetime.now(UTC))
-            if start is None:
-                start = end - DEFAULT_FLEET_WINDOW
+            start, end = fill_window(start, end, r.newest, DEFAULT_FLEET_WINDOW)
             buckets = int((end - start) / width) + 1
             if len(gpu_ids) * buckets > MAX_FLEET_ELEMENTS:
                 raise ParamError(f"bucket: {bucket} over {end - start} for {len(gpu_ids)} GPUs would return up to "
@@ -222,7 +211,7 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
                     end_time: EndTime = None,
                     limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
                     cursor: EventCursor = None) -> models.EventPage:
-        start, end = _window(start_time, end_time)
+        start, end = time_window(start_time, end_time)
         after = decode_event_cursor(cursor) if cursor else None
         with store.reader() as r:
             rows = r.events(uuid=uuid or None, kind=kind or None, start=start, end=end, after=after, limit=limit)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -18,7 +18,8 @@ from telemetry_nb.api.params import (
     WorkloadCursor,
     decode_workload_cursor,
     encode_workload_cursor,
-    parse_time,
+    fill_window,
+    time_window,
 )
 from telemetry_nb.store import Reader
 from telemetry_nb.store import usage as accounting
@@ -77,15 +78,7 @@ def router(store: Store) -> APIRouter:
     api = APIRouter()
 
     def window(r: Reader, start_time: str | None, end_time: str | None) -> tuple[datetime, datetime]:
-        start, end = parse_time("start_time", start_time), parse_time("end_time", end_time)
-        if start and end and end < start:
-            raise ParamError(f"end_time: {end_time} is before start_time {start_time}")
-        if end is None:
-            newest = r.newest()
-            end = newest if newest is not None and (start is None or newest >= start) else \
-                (start + DEFAULT_WINDOW if start else datetime.now(UTC))
-        if start is None:
-            start = end - DEFAULT_WINDOW
+        start, end = fill_window(*time_window(start_time, end_time), r.newest, DEFAULT_WINDOW)
         if end - start > MAX_WINDOW:
             raise ParamError(f"start_time: the window {rfc3339(start)} to {rfc3339(end)} is {end - start}, longer "
                              f"than {MAX_WINDOW.days} days; ask for it in parts")

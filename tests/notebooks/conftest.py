@@ -25,7 +25,7 @@ import redis
 
 from telemetry_nb.embedded import free_port
 from tests.conftest import REPO, run_cli, start_cli, wait_http
-from tests.notebooks.fixture import FixtureStack, fixture_stack, write_kernelspec
+from tests.notebooks.fixture import FixtureStack, fixture_stack, stop_stack, write_kernelspec
 
 NOTEBOOKS = REPO / "notebooks"
 HOSTS, GPUS_PER_HOST, HISTORY_S, SEED = 16, 8, 800, 7
@@ -111,15 +111,7 @@ def stack(servers, real_csv, kernel_env, tmp_path_factory) -> Iterator[Stack]:
                                         log_path=tmp / "streamer.log")
         yield s
     finally:
-        for p in s.procs.values():
-            p.terminate()
-        for p in s.procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        stop_stack(s.procs.values(), admin, name)
         client = redis.Redis.from_url(servers.redis_url)
         client.delete(stream, f"{stream}:dead", f"{stream}:rejected")
         client.close()

@@ -96,17 +96,23 @@ def fixture_stack(servers: Servers, tmp: Path, kernel_env: dict[str, str], real_
         _until(f"{want} rows stored and acknowledged", lambda: _stored(api_url) == want and queue.backlog() == 0)
         yield s
     finally:
-        for p in s.procs.values():
-            p.terminate()
-        for p in s.procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        stop_stack(s.procs.values(), admin, name)
         client.delete(stream, f"{stream}:dead", f"{stream}:rejected")
         client.close()
+
+
+def stop_stack(procs, admin_url: str, database: str) -> None:
+    """Stop a test stack's processes (killed after 20 s) and drop its database."""
+    procs = list(procs)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
 def _stored(api_url: str) -> int:
