@@ -96,3 +96,31 @@ def test_newer_schema_is_refused(database_url):
         conn.commit()
         with pytest.raises(store.SchemaTooNew, match="newer than this telemetry-nb"):
             store.migrate(conn)
+
+
+def _advisory_locks(conn, pid: int) -> int:
+    return conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s AND granted",
+                        (pid,)).fetchone()[0]
+
+
+def test_two_writers_never_wait_on_each_others_row_counts(database_url):
+    """Collectors committing at once touch no common row: the second writes while the first holds its transaction."""
+    with psycopg.connect(database_url) as a, psycopg.connect(database_url) as b, \
+            psycopg.connect(database_url, autocommit=True) as watch:
+        store.migrate(a)
+        first, second = store.Writer(a), store.Writer(b)
+        for w, gpu in ((first, "GPU-a"), (second, "GPU-b")):  # metrics, GPUs and partitions known to both
+            w.write([_batch(gpu, "UTIL", 10), _batch(gpu, "TEMP", 10)])
+        a.execute("SELECT 1")  # an open transaction: the first writer's write nests in it and stays uncommitted
+        assert first.write([_batch("GPU-a", "UTIL", 50, start=10), _batch("GPU-a", "TEMP", 50, start=10)]).stored == 100
+        assert _advisory_locks(watch, a.info.backend_pid) == 1  # it took one count slot, not every free one
+        b.execute("SET lock_timeout = '2s'")  # waiting on the first writer's locks fails the write (55P03)
+        b.commit()
+        assert second.write([_batch("GPU-b", "UTIL", 50, start=10), _batch("GPU-b", "TEMP", 50, start=10)]).stored == 100
+        waiting = watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]
+        a.commit()
+        assert waiting == 0
+        counts = {m["name"]: m["rows"] for m in store.Reader(watch).metric_counts()}
+        assert counts == _true_counts(watch) == {"UTIL": 120, "TEMP": 120}
+        slots = watch.execute("SELECT count(DISTINCT slot) FROM metric_row_counts").fetchone()[0]
+        assert slots == 2  # the second writer took the next slot while the first held slot 0

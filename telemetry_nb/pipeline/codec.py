@@ -206,35 +206,76 @@ def decode(fields: dict[bytes, bytes]) -> RowBatch:
     try:
         n = int(fields[b"n"])
         rows = fields[b"rows"]
-        gpus = json.loads(fields[b"gpus"])
+        gpus = _gpus(fields[b"gpus"])
         metrics = json.loads(fields[b"metrics"])
-        workloads = json.loads(fields.get(b"workloads", b"[]"))
-        inventory = json.loads(fields.get(b"inventory", b"[]"))
+        workloads = _workloads(fields.get(b"workloads", b"[]"))
+        inventory = _inventory(fields.get(b"inventory", b"[]"))
         events = json.loads(fields.get(b"events", b"[]"))
     except KeyError as err:
         raise CodecError(f"batch entry lacks field '{err.args[0].decode(errors='replace')}'") from None
     except (ValueError, TypeError) as err:
+        if isinstance(err, CodecError):
+            raise
         raise CodecError(f"batch entry is malformed: {err}") from None
-    _check_shape(rows, gpus, metrics, workloads)
-    _check_extra_shape(inventory, events)
+    _check_shape(rows, metrics)
+    _check_events(events)
     carried = rows.count(b"\n")
     if carried != n:
         raise CodecError(f"batch entry says n={n} but carries {carried} rows")
-    return RowBatch(n=n, rows=rows, gpus=[GpuRow(*g) for g in gpus], metrics=[MetricRow(*m) for m in metrics],
-                    workloads=[WorkloadRow(*w) for w in workloads], inventory=[InventoryRow(*i) for i in inventory],
+    return RowBatch(n=n, rows=rows, gpus=list(gpus), metrics=[MetricRow(*m) for m in metrics],
+                    workloads=list(workloads), inventory=list(inventory),
                     events=[EventRow(e[0], parse_timestamp(e[1]), *e[2:]) for e in events])
 
 
-def _check_extra_shape(inventory: object, events: object) -> None:
-    """The optional side fields, refused here when malformed (like `_check_shape`)."""
-    if not (isinstance(inventory, list) and isinstance(events, list)):
+def _bad(what: str, row: object) -> CodecError:
+    return CodecError(f"batch entry has a malformed {what} row: {row!r:.200}")
+
+
+# The GPU, workload and inventory fields of consecutive entries repeat (the same GPUs batch after batch):
+# each distinct field is parsed and checked once. Their rows are tuples; nothing downstream mutates them.
+@lru_cache(maxsize=1024)
+def _gpus(raw: bytes) -> tuple[GpuRow, ...]:
+    gpus = json.loads(raw)
+    if not isinstance(gpus, list):
+        raise CodecError("batch entry side fields are not lists")
+    for g in gpus:
+        if not (isinstance(g, list) and len(g) == 6 and isinstance(g[0], int) and isinstance(g[1], str)
+                and isinstance(g[2], str) and (g[3] is None or isinstance(g[3], int))
+                and isinstance(g[4], str) and isinstance(g[5], str)):
+            raise _bad("gpus", g)
+    return tuple(GpuRow(*g) for g in gpus)
+
+
+@lru_cache(maxsize=1024)
+def _workloads(raw: bytes) -> tuple[WorkloadRow, ...]:
+    workloads = json.loads(raw)
+    if not isinstance(workloads, list):
+        raise CodecError("batch entry side fields are not lists")
+    for w in workloads:
+        if not (isinstance(w, list) and len(w) == 4 and isinstance(w[0], int)
+                and all(isinstance(x, str) for x in w[1:])):
+            raise _bad("workloads", w)
+    return tuple(WorkloadRow(*w) for w in workloads)
+
+
+@lru_cache(maxsize=1024)
+def _inventory(raw: bytes) -> tuple[InventoryRow, ...]:
+    inventory = json.loads(raw)
+    if not isinstance(inventory, list):
         raise CodecError("batch entry inventory/events are not lists")
     for i in inventory:
         if not (isinstance(i, list) and len(i) == 7 and isinstance(i[0], int)
                 and all(isinstance(x, str) for x in (i[1], i[2], i[4], i[5]))
                 and isinstance(i[3], dict) and all(isinstance(v, str) for v in i[3].values())
                 and (i[6] is None or isinstance(i[6], int))):
-            raise CodecError(f"batch entry has a malformed inventory row: {i!r:.200}")
+            raise _bad("inventory", i)
+    return tuple(InventoryRow(*i) for i in inventory)
+
+
+def _check_events(events: object) -> None:
+    """The optional events field, refused here when malformed (like `_check_shape`)."""
+    if not isinstance(events, list):
+        raise CodecError("batch entry inventory/events are not lists")
     for e in events:
         ok = (isinstance(e, list) and len(e) == 5 and isinstance(e[0], int) and isinstance(e[1], str)
               and isinstance(e[2], str) and isinstance(e[3], int) and isinstance(e[4], str))
@@ -244,31 +285,19 @@ def _check_extra_shape(inventory: object, events: object) -> None:
             except ValueError:
                 ok = False
         if not ok:
-            raise CodecError(f"batch entry has a malformed events row: {e!r:.200}")
+            raise _bad("events", e)
 
 
-def _check_shape(rows: object, gpus: list, metrics: list, workloads: list) -> None:
-    """Refuse side fields of the wrong shape here, so they can never break a collector's transaction."""
-    def bad(what: str, row: object) -> CodecError:
-        return CodecError(f"batch entry has a malformed {what} row: {row!r:.200}")
-
+def _check_shape(rows: object, metrics: object) -> None:
+    """Refuse fields of the wrong shape here, so they can never break a collector's transaction."""
     if not isinstance(rows, bytes):
         raise CodecError("batch entry rows are not bytes")
-    if not (isinstance(gpus, list) and isinstance(metrics, list) and isinstance(workloads, list)):
+    if not isinstance(metrics, list):
         raise CodecError("batch entry side fields are not lists")
-    for g in gpus:
-        if not (isinstance(g, list) and len(g) == 6 and isinstance(g[0], int) and isinstance(g[1], str)
-                and isinstance(g[2], str) and (g[3] is None or isinstance(g[3], int))
-                and isinstance(g[4], str) and isinstance(g[5], str)):
-            raise bad("gpus", g)
     for m in metrics:
         if not (isinstance(m, list) and len(m) in (2, 3) and isinstance(m[0], int) and isinstance(m[1], str)
                 and (len(m) == 2 or isinstance(m[2], int))):
-            raise bad("metrics", m)
-    for w in workloads:
-        if not (isinstance(w, list) and len(w) == 4 and isinstance(w[0], int)
-                and all(isinstance(x, str) for x in w[1:])):
-            raise bad("workloads", w)
+            raise _bad("metrics", m)
 
 
 def decode_samples(batch: RowBatch) -> list[Sample]:

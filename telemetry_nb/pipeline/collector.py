@@ -71,6 +71,7 @@ class Collector:
         self._writer: store.Writer | None = None
         self.totals = {"consumed": 0, "stored": 0, "dead": 0, "lost": 0, "expired": 0}
         self._leftover: list[Entry] = []
+        self._decoded: dict[bytes, RowBatch | CodecError] = {}  # entries the reader thread decoded ahead
         self._window = _Window(clock())
 
     # -- dependencies, with retry ----------------------------------------------------------------
@@ -113,10 +114,13 @@ class Collector:
             return 0
         good: list[tuple[bytes, RowBatch]] = []
         for eid, fields in entries:
-            try:
-                good.append((eid, decode(fields)))
-            except CodecError as err:
-                self._dead(eid, fields, str(err))
+            batch = self._decoded.pop(eid, None)
+            if batch is None:
+                batch = _decode(fields)
+            if isinstance(batch, CodecError):
+                self._dead(eid, fields, str(batch))
+            else:
+                good.append((eid, batch))
         if not good:
             return 0
         stored = self._write(good, {eid: fields for eid, fields in entries})
@@ -270,6 +274,8 @@ class Collector:
                 entries = self._redis(lambda: self.queue.read(self.settings.read_count, block_ms))
             except REDIS_ERRORS:
                 break
+            for eid, fields in entries:  # decoding here overlaps the write of the previous read
+                self._decoded[eid] = _decode(fields)
             while not self.stop_event.is_set():
                 try:
                     out.put(entries, timeout=0.5)
@@ -365,3 +371,10 @@ class Collector:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+def _decode(fields: dict) -> RowBatch | CodecError:
+    try:
+        return decode(fields)
+    except CodecError as err:
+        return err

@@ -24,6 +24,8 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
+from telemetry_nb.store import counts
+
 log = logging.getLogger(__name__)
 
 ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)  # date_bin origin: buckets and partitions are aligned to it
@@ -388,12 +390,8 @@ def enforce_retention(conn: psycopg.Connection, policy: Policy, reference: datet
                 if table in SAMPLE_TABLES:
                     count = "count(*)" if table == "telemetry_raw" else "sum(n)"
                     gone = conn.execute(f'SELECT metric_id, {count} FROM "{p.name}" GROUP BY 1').fetchall()
-                    ids = sorted(i for i, _ in gone)
-                    per = dict(gone)
-                    if ids:
-                        conn.execute("UPDATE metric_rows r SET rows = r.rows - d.n FROM unnest(%s::int[], "
-                                     "%s::bigint[]) AS d(id, n) WHERE r.metric_id = d.id",
-                                     (ids, [per[i] for i in ids]))
+                    with conn.cursor() as cur:
+                        counts.add(cur, {i: -int(n) for i, n in gone})
                     for t in SAMPLE_TABLES:
                         _raise_mark(conn, f"expired_before:{t}", p.hi)
                 else:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import psycopg
 from psycopg.rows import dict_row
 
-from telemetry_nb.store import lifecycle
+from telemetry_nb.store import counts, lifecycle
 from telemetry_nb.store.lifecycle import HOUR, MINUTE, NEG_INF, POS_INF, ceil_to, floor_to, merge_ranges
 
 ONE_US = timedelta(microseconds=1)
@@ -290,12 +290,12 @@ class Reader:
     def metric_counts(self) -> list[dict]:
         """Metric names with their row counts (kept by the collectors, not counted here)."""
         return self._all("SELECT m.name, coalesce(r.rows, 0) AS rows FROM metrics m "
-                         "LEFT JOIN metric_rows r ON r.metric_id = m.id ORDER BY m.name")
+                         f"LEFT JOIN ({counts.TOTALS}) r ON r.metric_id = m.id ORDER BY m.name")
 
     def summary(self) -> dict:
         """Schema version, row and GPU counts, newest sample time: what a deployment check looks at."""
         rows = self._all("SELECT (SELECT max(version) FROM schema_version) AS schema_version, "
-                         "(SELECT coalesce(sum(rows), 0)::bigint FROM metric_rows) AS rows, "
+                         f"(SELECT coalesce(sum(rows), 0)::bigint FROM ({counts.TOTALS}) c) AS rows, "
                          "(SELECT count(*) FROM gpus) AS gpus, "
                          "(SELECT max(last_seen) FROM gpu_inventory) AS newest")
         return rows[0]

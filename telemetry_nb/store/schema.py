@@ -105,6 +105,20 @@ MIGRATIONS: list[tuple[int, str | Callable[[psycopg.Connection, timedelta], None
     ALTER TABLE telemetry_1m ADD COLUMN IF NOT EXISTS idle bigint;
     ALTER TABLE telemetry_1h ADD COLUMN IF NOT EXISTS idle bigint;
     """),
+    (6, """
+    -- row counts per metric without a hot row: every writing transaction adds to a slot no other running
+    -- transaction holds (store/counts.py); totals are summed on read. The counts move here in one go;
+    -- collectors of schema <= 5 still running during an upgrade keep adding to metric_rows, also summed.
+    CREATE TABLE IF NOT EXISTS metric_row_counts (
+        slot int NOT NULL,
+        metric_id int NOT NULL,
+        rows bigint NOT NULL,
+        PRIMARY KEY (slot, metric_id)
+    );
+    WITH moved AS (DELETE FROM metric_rows RETURNING metric_id, rows)
+    INSERT INTO metric_row_counts (slot, metric_id, rows) SELECT 0, metric_id, sum(rows) FROM moved
+    GROUP BY metric_id ON CONFLICT (slot, metric_id) DO UPDATE SET rows = metric_row_counts.rows + EXCLUDED.rows;
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x7E1E_4E7B  # advisory lock id: collectors starting together migrate one at a time

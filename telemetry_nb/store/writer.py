@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 
-from telemetry_nb.store import lifecycle
+from telemetry_nb.store import counts, lifecycle
 from telemetry_nb.store.events import labels_json, record_changes
 from telemetry_nb.store.rows import EventRow, GpuRow, InventoryRow, RowBatch, WorkloadRow
 from telemetry_nb.timeparse import parse_timestamp
@@ -93,6 +93,7 @@ class Writer:
         self._partitions: list[lifecycle.Partition] = []
         self.fallbacks = 0
         self.events_added = 0
+        self._slot = 0  # the count slot this writer's last transaction took: tried first next time
 
     def _load_layout(self) -> None:
         """Re-read horizons and raw partitions (after a maintainer packed, dropped or created some).
@@ -199,7 +200,7 @@ class Writer:
             else:
                 stored, per_metric = self._copy_rows(cur, batches, consumed)
                 expired = 0
-            _add_metric_rows(cur, per_metric)
+            slot = counts.add(cur, per_metric, self._slot)
             if stored:  # the rollup refresh recomputes these ranges; readers take them from raw rows until then
                 ranges = lifecycle.merge_ranges((a, b + timedelta(microseconds=1)) for a, b in spans)
                 cur.execute("INSERT INTO telemetry_changes (lo, hi) SELECT * FROM unnest(%s::timestamptz[], "
@@ -212,6 +213,8 @@ class Writer:
         self._known_gpus.update(gpus)
         self._known_inventory.update(inventory)
         self.events_added += added
+        if slot is not None:
+            self._slot = slot
         return WriteResult(consumed=consumed, stored=stored, expired=expired)
 
     def _upsert_metrics(self, cur: psycopg.Cursor, metrics: dict[int, str]) -> None:
@@ -305,16 +308,6 @@ def _update_inventory(cur: psycopg.Cursor, inventory: dict[int, InventoryRow]) -
          [r.mig_instance for r in rows]))
 
 
-def _add_metric_rows(cur: psycopg.Cursor, per_metric: dict[int, int]) -> None:
-    """Add (or, negative, subtract) row counts per metric; ids in order so collectors never deadlock."""
-    ids = sorted(i for i, n in per_metric.items() if n)
-    if ids:
-        cur.execute("INSERT INTO metric_rows AS r (metric_id, rows) SELECT * FROM unnest(%s::int[], %s::bigint[]) "
-                    "ON CONFLICT (metric_id) DO UPDATE SET rows = r.rows + EXCLUDED.rows",
-                    (ids, [per_metric[i] for i in ids]))
-
-
-
 def delete_gpu(conn: psycopg.Connection, uuid: str) -> int:
     """Remove a GPU and all its rows (canary clean-up); returns the number of telemetry rows removed."""
     with conn.transaction(), conn.cursor() as cur:
@@ -326,7 +319,7 @@ def delete_gpu(conn: psycopg.Connection, uuid: str) -> int:
             "packed AS (DELETE FROM telemetry_packed WHERE gpu_id = %s RETURNING metric_id, n) "
             "SELECT metric_id, sum(n)::bigint FROM (SELECT * FROM gone UNION ALL SELECT * FROM packed) g "
             "GROUP BY metric_id", (gpu[0], gpu[0])).fetchall()
-        _add_metric_rows(cur, {i: -n for i, n in gone})
+        counts.add(cur, {i: -n for i, n in gone})
         cur.execute("DELETE FROM gpu_events WHERE gpu_id = %s", (gpu[0],))
         for table in lifecycle.ROLLUPS:
             cur.execute(f"DELETE FROM {table} WHERE gpu_id = %s", (gpu[0],))
