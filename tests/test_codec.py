@@ -20,10 +20,44 @@ def _samples() -> list[Sample]:
     ]
 
 
+def _key(s: Sample) -> tuple:
+    return (s.uuid, s.metric, s.ts)
+
+
 def test_round_trip_is_exact():
     samples = _samples()
-    back = codec.decode_samples(codec.decode(codec.encode(samples)))
-    assert back == samples  # values bit-exact, timestamps to the microsecond, workloads and inventory kept
+    batch = codec.decode(codec.encode(samples))
+    assert batch.binary and batch.plain == 2  # binary rows, the two without a workload first
+    back = codec.decode_samples(batch)
+    # values bit-exact, timestamps to the microsecond, workloads and inventory kept (rows reordered by kind)
+    assert sorted(back, key=_key) == sorted(samples, key=_key)
+
+
+def _text_entry(samples: list[Sample]) -> dict[bytes, bytes]:
+    """A version-1 entry (COPY text rows) of the samples, as streamers before version 2 wrote them."""
+    return codec.as_text(codec.encode(samples))
+
+
+def test_version_1_text_entries_still_decode_to_the_same_samples():
+    samples = _samples()
+    fields_v1 = _text_entry(samples)
+    text = codec.decode(fields_v1)
+    assert fields_v1[b"v"] == b"1" and not text.binary and text.rows.count(b"\n") == 3
+    assert sorted(codec.decode_samples(text), key=_key) == sorted(samples, key=_key)
+    binary = codec.decode(codec.encode(samples))
+    assert (sorted(text.gpus), sorted(text.metrics), text.workloads) == (
+        sorted(binary.gpus), sorted(binary.metrics), binary.workloads)
+
+
+def test_subsets_of_binary_rows_keep_the_layout_and_their_inventory():
+    batch = codec.decode(codec.encode(_samples()))
+    lines = batch.lines()
+    assert sorted(map(len, lines)) == [50, 50, 58]
+    part = batch.subset([lines[2], lines[0]])  # the workload row given first
+    assert part.plain == 1 and part.n == 2 and codec.decode(codec.encode_batch(part)).rows == part.rows
+    assert {g.uuid for g in part.gpus} == {"GPU-a"} and [w.pod for w in part.workloads] == ["p"]
+    assert "gpu GPU-a on h1 metric DCGM_FI_DEV_POWER_USAGE ts 2025-07-18T20:42:34.250000+00:00 value 301.12" in (
+        part.describe())
 
 
 def test_ids_are_stable_and_distinct():
@@ -46,7 +80,11 @@ def test_side_fields_carry_inventory_once_per_gpu():
     (lambda f: f.update({b"v": b"9"}), "unsupported batch encoding version"),
     (lambda f: f.pop(b"rows"), "lacks field 'rows'"),
     (lambda f: f.update({b"gpus": b"{not json"}), "malformed"),
-    (lambda f: f.update({b"n": b"7"}), "says n=7 but carries 3 rows"),
+    (lambda f: f.update({b"n": b"7"}), "158 bytes are not 2 rows without and 5 with a workload"),
+    (lambda f: f.update({b"plain": b"3"}), "158 bytes are not 3 rows without and 0 with a workload"),
+    (lambda f: f.update({b"rows": f[b"rows"][:64] + b"\x00\x00\x00\x09" + f[b"rows"][68:]}),
+     "row 1 of a binary batch is not a telemetry row"),
+    (lambda f: f.pop(b"plain"), "lacks field 'plain'"),
 ])
 def test_bad_entries_raise_codec_error(mutate, message):
     fields = codec.encode(_samples())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +22,7 @@ from telemetry_nb.model import Sample
 from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.collector import Collector
 from telemetry_nb.pipeline.streams import Queue
+from telemetry_nb.store import binary
 
 T0 = datetime(2025, 7, 18, 20, 0, 0, tzinfo=UTC)
 
@@ -98,7 +100,7 @@ def test_many_rows_sharing_a_refused_name_cost_few_transactions(redis_client, st
 
 
 def test_rows_postgres_refuses_inside_the_copy(redis_client, stream, database_url):
-    good = codec.encode(_rows(20))
+    good = codec.as_text(codec.encode(_rows(20)))  # text rows (version 1), as older streamers send them
     lines = good[b"rows"].split(b"\n")
     lines[3] = lines[3].replace(b"2025-07-18T20", b"0000-07-18T20", 1)  # year 0 does not exist
     lines[11] = lines[11].split(b"\t", 1)[0] + b"\t2025-07-18T20:00:11+00:00\t\x00\t1.0\t\\N"  # NUL in the COPY
@@ -112,6 +114,20 @@ def test_rows_postgres_refuses_inside_the_copy(redis_client, stream, database_ur
     errors = " | ".join(d["error"] for d in dead)
     assert "0000-07-18" in errors  # the database's own words, with the value it refused…
     assert "[22021]" in errors and "0x00" in errors  # …and its SQLSTATE
+
+
+def test_binary_rows_postgres_refuses_are_isolated(redis_client, stream, database_url):
+    good = codec.encode(_rows(20))
+    rows = bytearray(good[b"rows"])
+    at = 5 * binary.PLAIN_SIZE + 18  # row 5's timestamp: far past what timestamptz holds
+    rows[at:at + 8] = struct.pack("!q", 2 ** 62)
+    good[b"rows"] = bytes(rows)
+    q = _queue(redis_client, stream)
+    q.publish([good])
+    _, totals = _collect(redis_client, stream, database_url)
+    assert totals["stored"] == 19 and len(_stored(database_url)) == 19
+    [dead] = q.read_dead()
+    assert dead["rows"] == "1" and "out of range" in dead["error"]
 
 
 def test_gpu_index_beyond_int32_refused_alone(redis_client, stream, database_url):
@@ -128,6 +144,7 @@ def test_gpu_index_beyond_int32_refused_alone(redis_client, stream, database_url
 def test_a_refused_entry_among_many_in_one_transaction(redis_client, stream, database_url):
     q = _queue(redis_client, stream)
     entries = [codec.encode(_rows(10, gpu=f"GPU-{i}")) for i in range(12)]
+    entries[9] = codec.as_text(entries[9])
     entries[9][b"rows"] = entries[9][b"rows"].replace(b"2025-07-18", b"2025-02-30", 1)
     q.publish(entries)
     _, totals = _collect(redis_client, stream, database_url, read_count=20)

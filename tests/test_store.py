@@ -14,10 +14,11 @@ from telemetry_nb.pipeline import codec
 T0 = datetime(2025, 7, 18, 20, 0, 0, tzinfo=UTC)
 
 
-def _batch(gpu: str, metric: str, n: int, start: int = 0) -> store.RowBatch:
+def _batch(gpu: str, metric: str, n: int, start: int = 0, text: bool = False) -> store.RowBatch:
     samples = [Sample(gpu, metric, T0 + timedelta(seconds=start + i), float(i), "h", 0, "nvidia0", "H100")
                for i in range(n)]
-    return codec.decode(codec.encode(samples))
+    fields = codec.encode(samples)
+    return codec.decode(codec.as_text(fields) if text else fields)
 
 
 def _true_counts(conn) -> dict[str, int]:
@@ -68,7 +69,7 @@ def test_failed_transaction_leaves_nothing_and_is_redone_in_full(database_url):
     with psycopg.connect(database_url) as conn:
         store.migrate(conn)
         writer = store.Writer(conn)
-        bad = _batch("GPU-c", "NEW_METRIC", 3)
+        bad = _batch("GPU-c", "NEW_METRIC", 3, text=True)
         bad.rows = bad.rows.replace(b"2025-07-18", b"2025-13-45", 1)
         with pytest.raises(psycopg.DataError):
             writer.write([_batch("GPU-c", "NEW_METRIC", 5, start=10), bad])
@@ -112,11 +113,13 @@ def test_two_writers_never_wait_on_each_others_row_counts(database_url):
         for w, gpu in ((first, "GPU-a"), (second, "GPU-b")):  # metrics, GPUs and partitions known to both
             w.write([_batch(gpu, "UTIL", 10), _batch(gpu, "TEMP", 10)])
         a.execute("SELECT 1")  # an open transaction: the first writer's write nests in it and stays uncommitted
-        assert first.write([_batch("GPU-a", "UTIL", 50, start=10), _batch("GPU-a", "TEMP", 50, start=10)]).stored == 100
+        more = [_batch("GPU-a", "UTIL", 50, start=10), _batch("GPU-a", "TEMP", 50, start=10)]
+        assert first.write(more).stored == 100
         assert _advisory_locks(watch, a.info.backend_pid) == 1  # it took one count slot, not every free one
         b.execute("SET lock_timeout = '2s'")  # waiting on the first writer's locks fails the write (55P03)
         b.commit()
-        assert second.write([_batch("GPU-b", "UTIL", 50, start=10), _batch("GPU-b", "TEMP", 50, start=10)]).stored == 100
+        more = [_batch("GPU-b", "UTIL", 50, start=10), _batch("GPU-b", "TEMP", 50, start=10)]
+        assert second.write(more).stored == 100
         waiting = watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]
         a.commit()
         assert waiting == 0

@@ -1,13 +1,16 @@
 """One versioned encoding of a batch of samples into a Redis stream entry, and back.
 
-Version 1 puts the rows in PostgreSQL COPY text format, already in the shape of the `telemetry`
-table (`gpu_id, ts, metric_id, value, workload_id`), so a collector COPYs a batch straight into
-the table with no per-row Python work. The ids are content hashes (`gpu_key`, `metric_key`,
-`workload_key`), so a streamer needs no lookups and every process derives the same id. The batch's
-GPU inventory, metric names and workloads travel as small JSON side fields for the upserts.
-Two optional side fields came later (entries without them still decode): `inventory` (PCI bus id,
-driver version, static labels, MIG parent/profile/instance per GPU) and `events` (every XID
-reading: GPU, time, code, message), from which the writer derives XID change events.
+The rows travel already in the shape of the `telemetry` table (`gpu_id, ts, metric_id, value,
+workload_id`), so a collector COPYs a batch straight into the table with no per-row Python work.
+Version 2 (what `encode` writes) carries them as binary COPY tuples (`store.binary`: PostgreSQL
+parses no numbers or timestamps), rows without a workload first and their count in `plain`;
+version 1 carries COPY text (what the scraper's `encode_series` writes, and older streamers) and
+still decodes. The ids are content hashes (`gpu_key`, `metric_key`, `workload_key`), so a streamer
+needs no lookups and every process derives the same id. The batch's GPU inventory, metric names and
+workloads travel as small JSON side fields for the upserts. Two optional side fields came later
+(entries without them still decode): `inventory` (PCI bus id, driver version, static labels, MIG
+parent/profile/instance per GPU) and `events` (every XID reading: GPU, time, code, message), from
+which the writer derives XID change events.
 """
 
 from __future__ import annotations
@@ -15,14 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import datetime
 from functools import lru_cache
 
 from telemetry_nb.model import XID_METRIC, Sample, static_labels
+from telemetry_nb.store import binary
 from telemetry_nb.store.rows import EventRow, GpuRow, InventoryRow, MetricRow, RowBatch, WorkloadRow
 from telemetry_nb.timeparse import parse_timestamp
 
-VERSION = b"1"
+VERSION = b"2"  # binary COPY rows; entries of version 1 (text rows: the scraper's, older streamers') still decode
+TEXT_VERSION = b"1"
+VERSIONS = (TEXT_VERSION, VERSION)
 
 
 class CodecError(ValueError):
@@ -50,23 +57,24 @@ def workload_key(namespace: str, pod: str, container: str) -> int:
 
 def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
     """Encode samples into the fields of one stream entry (`XADD` takes the dict as is)."""
-    lines: list[str] = []
-    append = lines.append
+    plain: list[bytes] = []
+    with_workload: list[bytes] = []
     gpus: dict[str, list] = {}
-    metrics: dict[str, str] = {}
+    metrics: dict[str, int] = {}
     per_metric: dict[str, int] = {}
-    workloads: dict[tuple[str, str, str], str] = {}
+    workloads: dict[tuple[str, str, str], int] = {}
     ts_text: dict[datetime, str] = {}
+    ts_us: dict[datetime, int] = {}
     inventory: dict[str, list] = {}
     merged: dict[str, object] = {}  # per GPU, the last labels dict merged (sources share one per series)
     events: list[list] = []
     for s in samples:
-        ts = ts_text.get(s.ts)
-        if ts is None:
-            ts = ts_text[s.ts] = s.ts.isoformat()
+        us = ts_us.get(s.ts)
+        if us is None:
+            us = ts_us[s.ts] = binary.micros(s.ts)
         gpu = gpus.get(s.uuid)
         if gpu is None:
-            gpu = gpus[s.uuid] = [str(gpu_key(s.uuid)), s.uuid, s.hostname, s.gpu_index, s.device, s.model_name]
+            gpu = gpus[s.uuid] = [gpu_key(s.uuid), s.uuid, s.hostname, s.gpu_index, s.device, s.model_name]
             inventory[s.uuid] = [0, s.pci_bus_id, s.driver_version, static_labels(s.labels), s.parent_uuid,
                                  s.mig_profile, s.mig_instance]
             merged[s.uuid] = s.labels
@@ -75,48 +83,63 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
             merged[s.uuid] = s.labels
         mid = metrics.get(s.metric)
         if mid is None:
-            mid = metrics[s.metric] = str(metric_key(s.metric))
+            mid = metrics[s.metric] = metric_key(s.metric)
             per_metric[s.metric] = 0
         per_metric[s.metric] += 1
         if s.pod or s.namespace or s.container:
             wkey = (s.namespace, s.pod, s.container)
             wid = workloads.get(wkey)
             if wid is None:
-                wid = workloads[wkey] = str(workload_key(*wkey))
+                wid = workloads[wkey] = workload_key(*wkey)
+            with_workload.append(binary.row(gpu[0], us, mid, float(s.value), wid))
         else:
-            wid = "\\N"
-        append(f"{gpu[0]}\t{ts}\t{mid}\t{s.value!r}\t{wid}\n")
+            plain.append(binary.row(gpu[0], us, mid, float(s.value), None))
         if s.metric == XID_METRIC and float(s.value).is_integer():
+            ts = ts_text.get(s.ts)
+            if ts is None:
+                ts = ts_text[s.ts] = s.ts.isoformat()
             events.append([gpu[0], ts, "xid", int(s.value), s.labels.get("err_msg", "")])
-    for gpu in gpus.values():
-        gpu[0] = int(gpu[0])
     for uuid, inv in inventory.items():
         inv[0] = gpus[uuid][0]
-    for e in events:
-        e[0] = int(e[0])
-    return _fields(lines, gpus.values(), metrics, per_metric, workloads, inventory.values(), events)
+    return _binary_fields(plain, with_workload, gpus.values(), metrics, per_metric, workloads, inventory.values(),
+                          events)
 
 
-def _fields(lines: list[str], gpus: Iterable[list], metrics: dict[str, str], per_metric: dict[str, int],
-            workloads: dict[tuple[str, str, str], str], inventory: Iterable[list], events: list[list]
-            ) -> dict[bytes, bytes]:
+def _binary_fields(plain: list[bytes], with_workload: list[bytes], gpus: Iterable[list], metrics: dict[str, int],
+                   per_metric: dict[str, int], workloads: dict[tuple[str, str, str], int], inventory: Iterable[list],
+                   events: list[list]) -> dict[bytes, bytes]:
     return {
         b"v": VERSION,
-        b"n": str(len(lines)).encode(),
+        b"n": str(len(plain) + len(with_workload)).encode(),
+        b"plain": str(len(plain)).encode(),
         b"gpus": json.dumps(list(gpus), separators=(",", ":")).encode(),
         b"metrics": json.dumps([[int(i), n, per_metric[n]] for n, i in metrics.items()],
                                separators=(",", ":")).encode(),
         b"workloads": json.dumps([[int(i), *w] for w, i in workloads.items()], separators=(",", ":")).encode(),
         b"inventory": json.dumps([i for i in inventory if _informative(i)], separators=(",", ":")).encode(),
         b"events": json.dumps(events, separators=(",", ":")).encode(),
-        b"rows": "".join(lines).encode(),
+        b"rows": b"".join(plain) + b"".join(with_workload),
     }
+
+
+def as_text(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """A version-2 entry rewritten as version 1 (COPY text rows), as streamers before binary rows wrote it."""
+    batch = decode(fields)
+    if batch.plain is None:
+        return fields
+    lines = []
+    for line in batch.lines():
+        gid, ts, mid, value, wid = binary.fields(line)
+        lines.append(f"{gid}\t{ts.isoformat()}\t{mid}\t{value!r}\t{wid if wid is not None else chr(92) + 'N'}\n")
+    return encode_batch(replace(batch, rows="".join(lines).encode(), plain=None))
 
 
 def encode_batch(batch: RowBatch) -> dict[bytes, bytes]:
     """A `RowBatch` back into stream-entry fields (a dead-lettered subset stays replayable as is)."""
+    extra = {} if batch.plain is None else {b"plain": str(batch.plain).encode()}
     return {
-        b"v": VERSION,
+        b"v": TEXT_VERSION if batch.plain is None else VERSION,
+        **extra,
         b"n": str(batch.n).encode(),
         b"gpus": json.dumps([list(g) for g in batch.gpus], separators=(",", ":")).encode(),
         b"metrics": json.dumps([list(m) for m in batch.metrics], separators=(",", ":")).encode(),
@@ -135,20 +158,18 @@ class Series:
     differs (the row text and the per-metric counts), the same entry `encode` would make.
     """
 
-    __slots__ = ("uuid", "gid", "wid", "workload", "gpu_row", "inventory_row", "static", "err_msg", "prefix",
-                 "_shard")
+    __slots__ = ("uuid", "gid", "wid", "workload", "gpu_row", "inventory_row", "static", "err_msg", "_shard")
 
     def __init__(self, t: Sample):
         self.uuid = t.uuid
         self.gid = gpu_key(t.uuid)
         self.workload = (t.namespace, t.pod, t.container) if (t.pod or t.namespace or t.container) else None
-        self.wid = str(workload_key(*self.workload)) if self.workload else "\\N"
+        self.wid = workload_key(*self.workload) if self.workload else None
         self.gpu_row = [self.gid, t.uuid, t.hostname, t.gpu_index, t.device, t.model_name]
         self.static = static_labels(t.labels)
         self.inventory_row = [self.gid, t.pci_bus_id, t.driver_version, self.static, t.parent_uuid, t.mig_profile,
                               t.mig_instance]
         self.err_msg = t.labels.get("err_msg", "")
-        self.prefix = f"{self.gid}\t"
         self._shard: tuple[int, int] = (0, -1)
 
     def shard(self, count: int, shard_of) -> int:
@@ -160,15 +181,17 @@ class Series:
 
 def encode_series(rows: Iterable[tuple[Series, str, str, float]]) -> dict[bytes, bytes]:
     """Encode (series, metric, timestamp text, value) rows into one stream entry, exactly as `encode` would."""
-    lines: list[str] = []
-    append = lines.append
+    plain: list[bytes] = []
+    with_workload: list[bytes] = []
     gpus: dict[int, list] = {}
     inventory: dict[int, list] = {}
-    metrics: dict[str, str] = {}
+    metrics: dict[str, int] = {}
     per_metric: dict[str, int] = {}
-    workloads: dict[tuple[str, str, str], str] = {}
+    workloads: dict[tuple[str, str, str], int] = {}
     events: list[list] = []
     seen: set[Series] = set()
+    stamps: dict[str, int] = {}
+    row = binary.row
     for series, metric, ts, value in rows:
         if series not in seen:
             seen.add(series)
@@ -184,13 +207,20 @@ def encode_series(rows: Iterable[tuple[Series, str, str, float]]) -> dict[bytes,
                 workloads[series.workload] = series.wid
         mid = metrics.get(metric)
         if mid is None:
-            mid = metrics[metric] = str(metric_key(metric))
+            mid = metrics[metric] = metric_key(metric)
             per_metric[metric] = 0
         per_metric[metric] += 1
-        append(f"{series.prefix}{ts}\t{mid}\t{value!r}\t{series.wid}\n")
+        us = stamps.get(ts)
+        if us is None:
+            us = stamps[ts] = binary.micros(parse_timestamp(ts))
+        if series.wid is None:
+            plain.append(row(series.gid, us, mid, float(value), None))
+        else:
+            with_workload.append(row(series.gid, us, mid, float(value), series.wid))
         if metric == XID_METRIC and float(value).is_integer():
             events.append([series.gid, ts, "xid", int(value), series.err_msg])
-    return _fields(lines, gpus.values(), metrics, per_metric, workloads, inventory.values(), events)
+    return _binary_fields(plain, with_workload, gpus.values(), metrics, per_metric, workloads, inventory.values(),
+                          events)
 
 
 def _informative(inv: list) -> bool:
@@ -201,10 +231,12 @@ def _informative(inv: list) -> bool:
 def decode(fields: dict[bytes, bytes]) -> RowBatch:
     """Decode a stream entry; raises `CodecError` naming what is wrong with it."""
     version = fields.get(b"v")
-    if version != VERSION:
-        raise CodecError(f"unsupported batch encoding version {version!r} (this collector reads {VERSION!r})")
+    if version not in VERSIONS:
+        raise CodecError(f"unsupported batch encoding version {version!r} (this collector reads "
+                         f"{b' and '.join(VERSIONS)!r})")
     try:
         n = int(fields[b"n"])
+        plain = int(fields[b"plain"]) if version == VERSION else None
         rows = fields[b"rows"]
         gpus = _gpus(fields[b"gpus"])
         metrics = json.loads(fields[b"metrics"])
@@ -219,12 +251,17 @@ def decode(fields: dict[bytes, bytes]) -> RowBatch:
         raise CodecError(f"batch entry is malformed: {err}") from None
     _check_shape(rows, metrics)
     _check_events(events)
-    carried = rows.count(b"\n")
-    if carried != n:
-        raise CodecError(f"batch entry says n={n} but carries {carried} rows")
+    if plain is None:
+        carried = rows.count(b"\n")
+        if carried != n:
+            raise CodecError(f"batch entry says n={n} but carries {carried} rows")
+    else:
+        wrong = binary.check(rows, plain, n)
+        if wrong:
+            raise CodecError(f"batch entry (n={n}, plain={plain}) is malformed: {wrong}")
     return RowBatch(n=n, rows=rows, gpus=list(gpus), metrics=[MetricRow(*m) for m in metrics],
                     workloads=list(workloads), inventory=list(inventory),
-                    events=[EventRow(e[0], parse_timestamp(e[1]), *e[2:]) for e in events])
+                    events=[EventRow(e[0], parse_timestamp(e[1]), *e[2:]) for e in events], plain=plain)
 
 
 def _bad(what: str, row: object) -> CodecError:
@@ -307,14 +344,19 @@ def decode_samples(batch: RowBatch) -> list[Sample]:
     workloads = {w.id: (w.namespace, w.pod, w.container) for w in batch.workloads}
     inventory = {i.id: i for i in batch.inventory}
     out = []
-    for line in batch.rows.decode().splitlines():
-        gid, ts, mid, value, wid = line.split("\t")
-        g = gpus[int(gid)]
-        ns, pod, container = workloads[int(wid)] if wid != "\\N" else ("", "", "")
-        out.append(Sample(uuid=g.uuid, metric=metrics[int(mid)], ts=parse_timestamp(ts), value=float(value),
+    for line in batch.lines():
+        if batch.binary:
+            gid, when, mid, value, wid = binary.fields(line)
+        else:
+            gid, ts, mid, value, wid = line.decode().rstrip("\n").split("\t")
+            gid, when, mid, value, wid = int(gid), parse_timestamp(ts), int(mid), float(value), (
+                int(wid) if wid != "\\N" else None)
+        g = gpus[gid]
+        ns, pod, container = workloads[wid] if wid is not None else ("", "", "")
+        out.append(Sample(uuid=g.uuid, metric=metrics[mid], ts=when, value=value,
                           hostname=g.hostname, gpu_index=g.gpu_index, device=g.device, model_name=g.model_name,
                           namespace=ns, pod=pod, container=container))
-        inv = inventory.get(int(gid))
+        inv = inventory.get(gid)
         if inv is not None:
             last = out[-1]
             last.labels = dict(inv.labels)

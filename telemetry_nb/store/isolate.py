@@ -46,7 +46,7 @@ def isolate(batch: RowBatch, write: Write) -> Isolated:
     by_reason: dict[str, list[bytes]] = {}
     ok: list[bytes] = []
     for line in batch.lines():
-        why = _refers_to_bad(line, bad)
+        why = _refers_to_bad(batch, line, bad)
         if why is None:
             ok.append(line)
         else:
@@ -106,20 +106,11 @@ def _bisect_inventory(batch: RowBatch, items: list[tuple[str, int]], write: Writ
     _bisect_inventory(batch, items[mid:], write, bad, out)
 
 
-def _refers_to_bad(line: bytes, bad: dict[tuple[str, int], str]) -> str | None:
+def _refers_to_bad(batch: RowBatch, line: bytes, bad: dict[tuple[str, int], str]) -> str | None:
     if not bad:
         return None
-    parts = line.rstrip(b"\n").split(b"\t")
-    keys = [("gpu", parts[0])]
-    if len(parts) > 2:
-        keys.append(("metric", parts[2]))
-    if len(parts) > 4 and parts[4] != b"\\N":
-        keys.append(("workload", parts[4]))
-    for kind, raw in keys:
-        try:
-            why = bad.get((kind, int(raw)))
-        except ValueError:
-            continue
+    for key in batch.ids(line):
+        why = bad.get(key)
         if why is not None:
             return why
     return None

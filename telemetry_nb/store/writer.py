@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 
-from telemetry_nb.store import counts, lifecycle
+from telemetry_nb.store import binary, counts, lifecycle
 from telemetry_nb.store.events import labels_json, record_changes
 from telemetry_nb.store.rows import EventRow, GpuRow, InventoryRow, RowBatch, WorkloadRow
 from telemetry_nb.timeparse import parse_timestamp
@@ -47,6 +47,8 @@ def batch_span(batch: RowBatch) -> tuple[datetime, datetime] | None:
     The rows are `gpu\tts\tmetric\tvalue\tworkload\n`, so every 4th tab-separated field is a timestamp;
     UTC ISO texts (what the codec writes) order like the times they name, so only two get parsed.
     """
+    if batch.plain is not None:
+        return binary.span(batch.rows, batch.plain)
     texts = set(batch.rows.split(b"\t")[1::4])
     if not texts:
         return None
@@ -229,9 +231,8 @@ class Writer:
     def _copy_rows(self, cur: psycopg.Cursor, batches: Sequence[RowBatch], consumed: int) -> tuple[int, dict[int, int]]:
         """COPY the rows; returns how many were new, and how many of those per metric id."""
         try:
-            with self.conn.transaction(), cur.copy("COPY telemetry_raw FROM STDIN") as copy:
-                for b in batches:
-                    copy.write(b.rows)
+            with self.conn.transaction():
+                copy_rows(cur, "telemetry_raw", batches)
             per_metric: dict[int, int] = {}
             for b in batches:
                 for m in b.metrics:
@@ -239,9 +240,7 @@ class Writer:
             return consumed, per_metric
         except psycopg.errors.UniqueViolation:
             self.fallbacks += 1
-        with cur.copy("COPY staging FROM STDIN") as copy:
-            for b in batches:
-                copy.write(b.rows)
+        copy_rows(cur, "staging", batches)
         rows = cur.execute("WITH new AS (INSERT INTO telemetry_raw SELECT * FROM staging ON CONFLICT DO NOTHING "
                            "RETURNING metric_id) SELECT metric_id, count(*) FROM new GROUP BY metric_id").fetchall()
         return sum(n for _, n in rows), dict(rows)
@@ -251,9 +250,7 @@ class Writer:
         """Staging path for rows that may be expired or fall into packed ranges: (stored, per metric, expired)."""
         self.fallbacks += 1
         state = self._state
-        with cur.copy("COPY staging FROM STDIN") as copy:
-            for b in batches:
-                copy.write(b.rows)
+        copy_rows(cur, "staging", batches)
         expired = cur.execute("SELECT count(*) FROM staging WHERE ts < %s", (state.expired(),)).fetchone()[0]
         per_metric: dict[int, int] = {}
         rows = cur.execute("WITH new AS (INSERT INTO telemetry_raw SELECT * FROM staging WHERE ts >= %s "
@@ -275,6 +272,22 @@ class Writer:
             for i, n in rows:
                 per_metric[i] = per_metric.get(i, 0) + int(n)
         return sum(per_metric.values()), per_metric, expired
+
+
+def copy_rows(cur: psycopg.Cursor, table: str, batches: Sequence[RowBatch]) -> None:
+    """COPY the batches' rows into `table`: one text COPY for text rows, one binary COPY for binary rows."""
+    text = [b for b in batches if b.plain is None and b.n]
+    packed = [b for b in batches if b.plain is not None and b.n]
+    if text:
+        with cur.copy(f"COPY {table} FROM STDIN") as copy:
+            for b in text:
+                copy.write(b.rows)
+    if packed:
+        with cur.copy(f"COPY {table} FROM STDIN (FORMAT binary)") as copy:
+            copy.write(binary.HEADER)
+            for b in packed:
+                copy.write(b.rows)
+            copy.write(binary.TRAILER)
 
 
 def _merge(old: InventoryRow | None, new: InventoryRow) -> InventoryRow:
