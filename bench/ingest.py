@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,7 +30,7 @@ from telemetry_nb.observability import peak_rss_kib  # noqa: E402
 from telemetry_nb.pipeline import codec  # noqa: E402
 from telemetry_nb.sources.dcgm_csv import read_samples  # noqa: E402
 from telemetry_nb.sources.generate import METRICS, generate_rows, write_csv  # noqa: E402
-from telemetry_nb.store import counts, lifecycle  # noqa: E402
+from telemetry_nb.store import binary, counts, lifecycle  # noqa: E402
 
 
 def _db(url: str, name: str) -> str:
@@ -44,48 +43,30 @@ def _cli(*args: str, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def prepared_rows(csv_path: Path) -> bytes:
-    """The file's rows exactly as the collector COPYs them: the codec's text rows (hash ids, ISO times)."""
-    parts, batch = [], []
+def prepared_rows(csv_path: Path) -> dict[str, bytes]:
+    """The file's rows exactly as the collector COPYs them (the codec's hash ids), as text and as binary."""
+    text, packed, batch = [], [binary.HEADER], []
+
+    def flush() -> None:
+        fields = codec.encode(batch)
+        packed.append(fields[b"rows"])
+        text.append(codec.as_text(fields)[b"rows"])
+        batch.clear()
+
     for s in read_samples(csv_path, with_labels=False):
         batch.append(s)
         if len(batch) == 1000:
-            parts.append(codec.encode(batch)[b"rows"])
-            batch = []
+            flush()
     if batch:
-        parts.append(codec.encode(batch)[b"rows"])
-    return b"".join(parts)
-
-
-_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-_ROW = struct.Struct("!hiqiqiiidi")  # 5 fields: gpu int8, ts int8 (µs since 2000), metric int4, value float8, NULL
-_ROW_W = struct.Struct("!hiqiqiiidiq")  # the same with a workload id
-
-
-def as_binary(text: bytes) -> bytes:
-    """The same rows in COPY's binary format."""
-    out = [b"PGCOPY\n\xff\r\n\x00", struct.pack("!ii", 0, 0)]
-    stamps: dict[bytes, int] = {}
-    for line in text.splitlines():
-        gid, ts, mid, value, wid = line.split(b"\t")
-        us = stamps.get(ts)
-        if us is None:
-            us = stamps[ts] = (datetime.fromisoformat(ts.decode()) - _EPOCH) // timedelta(microseconds=1)
-        if wid == b"\\N":
-            out.append(_ROW.pack(5, 8, int(gid), 8, us, 4, int(mid), 8, float(value), -1))
-        else:
-            out.append(_ROW_W.pack(5, 8, int(gid), 8, us, 4, int(mid), 8, float(value), 8, int(wid)))
-    out.append(struct.pack("!h", -1))
-    return b"".join(out)
+        flush()
+    return {"text": b"".join(text), "binary": b"".join(packed) + binary.TRAILER}
 
 
 def raw_copy_rates(admin_url: str, csv_path: Path, rows: int) -> dict[str, float]:
     """COPY the prepared rows, as text and as binary, into an empty `telemetry_raw` of a migrated database
     (partitions made beforehand); returns rows/s of each COPY alone (the anchor is the faster)."""
-    text = prepared_rows(csv_path)
-    payloads = {"text": text, "binary": as_binary(text)}
-    stamps = sorted({line.split(b"\t", 2)[1] for line in text.splitlines()[:: max(1, rows // 1000)]})
-    lo = datetime.fromisoformat(stamps[0].decode())
+    payloads = prepared_rows(csv_path)
+    lo = min(s.ts for s in read_samples(csv_path, with_labels=False))
     rates = {}
     for fmt, payload in payloads.items():
         name = f"bench_raw_{uuid.uuid4().hex[:8]}"

@@ -581,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visibility-timeout", type=float, help="claim entries idle longer than this, seconds "
                                                             "(default 60)")
     p.add_argument("--max-deliveries", type=int, help="dead-letter entries delivered more often (default 5)")
-    p.add_argument("--read-count", type=int, help="entries per read and transaction (default 20)")
+    p.add_argument("--read-count", type=int, help="entries per read and transaction (default 50)")
     p.add_argument("--metrics-port", type=int, help="serve /metrics, /health and /ready (503 while Redis or "
                                                     "PostgreSQL is unreachable) on this port (default off)")
     _common(p)

@@ -82,7 +82,7 @@ class Settings:
     group: str = "collectors"
     consumer: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
     batch_size: int = 1000
-    read_count: int = 20
+    read_count: int = 50
     block_ms: int = 1000
     visibility_timeout_s: float = 60.0
     max_deliveries: int = 5
@@ -128,7 +128,7 @@ class Settings:
             stream=env.get("TELEMETRY_STREAM") or "telemetry",
             group=env.get("TELEMETRY_GROUP") or "collectors",
             batch_size=_env_int(env, "TELEMETRY_BATCH_SIZE", 1000),
-            read_count=_env_int(env, "TELEMETRY_READ_COUNT", 20),
+            read_count=_env_int(env, "TELEMETRY_READ_COUNT", 50),
             block_ms=_env_int(env, "TELEMETRY_BLOCK_MS", 1000),
             visibility_timeout_s=_env_float(env, "TELEMETRY_VISIBILITY_TIMEOUT", 60.0),
             max_deliveries=_env_int(env, "TELEMETRY_MAX_DELIVERIES", 5),
