@@ -2,9 +2,9 @@
 
 The rows travel already in the shape of the `telemetry` table (`gpu_id, ts, metric_id, value,
 workload_id`), so a collector COPYs a batch straight into the table with no per-row Python work.
-Version 2 (what `encode` writes) carries them as binary COPY tuples (`store.binary`: PostgreSQL
-parses no numbers or timestamps), rows without a workload first and their count in `plain`;
-version 1 carries COPY text (what the scraper's `encode_series` writes, and older streamers) and
+Version 2 (what `encode` and `encode_series` write) carries them as binary COPY tuples
+(`store.binary`: PostgreSQL parses no numbers or timestamps), rows without a workload first and
+their count in `plain`; version 1 carries COPY text (older streamers; `as_text` writes it) and
 still decodes. The ids are content hashes (`gpu_key`, `metric_key`, `workload_key`), so a streamer
 needs no lookups and every process derives the same id. The batch's GPU inventory, metric names and
 workloads travel as small JSON side fields for the upserts. Two optional side fields came later
