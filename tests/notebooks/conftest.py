@@ -90,7 +90,7 @@ def stack(servers, real_csv, kernel_env, tmp_path_factory) -> Iterator[Stack]:
            "TELEMETRY_STREAM": stream, "TELEMETRY_NB_HOME": str(tmp / "home"), "TELEMETRY_API_URL": api_url,
            "PYTHONUNBUFFERED": "1",
            # the stack mixes live data with the 2025 export: keep every sample (retention counts back from now)
-           "TELEMETRY_RETENTION_RAW": "0"}
+           "TELEMETRY_RETENTION_RAW": "0", "TELEMETRY_RETENTION_1M": "0", "TELEMETRY_RETENTION_1H": "0"}
     (tmp / "home").mkdir()
     start = (datetime.now(UTC) - timedelta(seconds=HISTORY_S)).replace(microsecond=0)
     history, live = tmp / "history.csv", tmp / "live.csv"

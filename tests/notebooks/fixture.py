@@ -79,7 +79,9 @@ def fixture_stack(servers: Servers, tmp: Path, kernel_env: dict[str, str], real_
     (tmp / "home").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **kernel_env, "REDIS_URL": servers.redis_url, "DATABASE_URL": servers.database(name),
            "TELEMETRY_STREAM": stream, "TELEMETRY_NB_HOME": str(tmp / "home"), "TELEMETRY_API_URL": api_url,
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1",
+           # a fixed 2025 dataset: the maintainer's retention (counted back from now) would drop it a minute in
+           "TELEMETRY_RETENTION_RAW": "0", "TELEMETRY_RETENTION_1M": "0", "TELEMETRY_RETENTION_1H": "0"}
     env.pop("REDIS_PASSWORD", None)
     s = FixtureStack(api_url, env)
     client = redis.Redis.from_url(servers.redis_url)
