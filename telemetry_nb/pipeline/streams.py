@@ -13,7 +13,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -21,6 +21,9 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from telemetry_nb.backoff import Backoff, retry
 from telemetry_nb.model import Rejected
+
+if TYPE_CHECKING:
+    from telemetry_nb.config import Settings
 
 T = TypeVar("T")
 
@@ -65,14 +68,17 @@ def is_cluster(client: object) -> bool:
 def redis_probe(url: str, timeout_s: float = 2.0, stream: str = "telemetry", partitions: int = 1
                 ) -> Callable[[], object]:
     """A cheap readiness probe with short timeouts; raises when Redis is down. On a cluster it asks the
-    node of every partition key (EXISTS), so a master that holds a partition and is down fails it."""
-    client = connect(url, timeout_s=timeout_s)
-    if not is_cluster(client):
-        return client.ping
+    node of every partition key (EXISTS), so a down master that holds a partition fails it; the cluster
+    client is made on the first call, so a process starts while the cluster is down."""
+    if not is_cluster_url(url):
+        return connect(url, timeout_s=timeout_s).ping
     keys = partition_keys(stream, partitions, cluster=True)
+    made: list[redis.Redis | RedisCluster] = []
 
     def probe() -> int:
-        return sum(int(client.exists(k)) for k in keys)
+        if not made:
+            made.append(connect(url, timeout_s=timeout_s))
+        return sum(int(made[0].exists(k)) for k in keys)
     return probe
 
 
@@ -532,6 +538,27 @@ def _int(text: str | None) -> int:
         return int(text or 0)
     except ValueError:
         return 0
+
+def open_partitions(settings: Settings, client: redis.Redis | RedisCluster | None = None, *,
+                    timeout_s: float = 10.0, wait: bool = True) -> Partitions:
+    """The configured stream's partitions (`TELEMETRY_STREAM_PARTITIONS`) over `client` or a new one;
+    `wait`: a cluster client waits (with backoff) until some node answers discovery."""
+    if client is None:
+        if is_cluster_url(settings.redis_url) and wait:  # discovery needs a node: wait for one, as for any outage
+            client = retry(lambda: connect(settings.redis_url, timeout_s=timeout_s), what="Redis Cluster",
+                           errors=REDIS_ERRORS, log=logging.getLogger(__name__),
+                           backoff=Backoff(settings.retry_max_s), on_retry=lambda _e: None,
+                           should_stop=lambda: False)
+        else:
+            client = connect(settings.redis_url, timeout_s=timeout_s)
+    return Partitions.open(client, settings.stream, settings.group, settings.consumer,
+                           count=settings.stream_partitions, side_maxlen=settings.side_maxlen)
+
+
+def partitions_probe(settings: Settings, timeout_s: float = 2.0) -> Callable[[], object]:
+    """`redis_probe` for the configured stream and partitions."""
+    return redis_probe(settings.redis_url, timeout_s, settings.stream, settings.stream_partitions)
+
 
 def _str(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
