@@ -250,11 +250,11 @@ class Queue:
         entries: list[Entry] = []
         holes = False
         for item in raw_entries:
-            if item is None or item[1] is None:
+            if item is None or not item[1]:  # a live entry has fields; a cluster client parses a hole to {}
                 holes = True
                 continue
-            flat = item[1]
-            entries.append((item[0], dict(zip(flat[::2], flat[1::2], strict=True))))
+            flat = item[1]  # raw [k, v, …]; a cluster client's nodes parse replies themselves: {k: v}
+            entries.append((item[0], flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2], strict=True))))
         if holes:
             deleted.extend(self._deleted_among_ours(cursor, next_cursor, {eid for eid, _ in entries}))
         if deleted:
