@@ -103,7 +103,8 @@ def test_each_gpu_goes_to_its_own_partition_and_collectors_store_every_row(redis
     assert more.published == 16 * 30 and totals["stored"] == expected
     assert _rows(database_url) == (expected, expected)
     assert parts.backlogs() == dict.fromkeys(range(N), 0) and parts.dead_count() == 0
-    assert parts.safe_trim() >= 0 and all(redis_client.xlen(q.stream) == 0 for q in parts)  # all acked: trimmed
+    parts.safe_trim()
+    assert all(redis_client.xlen(q.stream) == 0 for q in parts)  # all acknowledged: every partition trimmed
 
 
 def test_claims_and_dead_letters_stay_in_their_partition(redis_client, stream, parts, database_url):
@@ -120,7 +121,7 @@ def test_claims_and_dead_letters_stay_in_their_partition(redis_client, stream, p
     [dead] = parts.read_dead()
     assert "unsupported batch encoding version" in dead["error"]
     assert all(redis_client.xpending(q.stream, "g")["pending"] == 0 for q in parts)
-    assert parts.prune_consumers(0) == ["crashed", "producer"] or set(parts.prune_consumers(0)) <= {"crashed"}
+    assert "heir" in {c["name"].decode() for c in redis_client.xinfo_consumers(parts[3].stream, "g")}
 
 
 def test_backpressure_waits_only_for_the_partition_it_publishes_to(redis_client, stream, parts, caplog):

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from telemetry_nb.backoff import Backoff, retry
 from telemetry_nb.model import Rejected
@@ -58,7 +60,8 @@ def connect(url: str, *, timeout_s: float = 10.0) -> redis.Redis | RedisCluster:
         host, _, port = node.rpartition(":")
         startup.append(ClusterNode(host or node, int(port) if host else 6379))
     # a few quick attempts per call: while a master is down the caller's own backoff retries, and logs it
-    return RedisCluster.from_url(plain, startup_nodes=startup, cluster_error_retry_attempts=2, **options)
+    return RedisCluster.from_url(plain, startup_nodes=startup, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+                                 **options)
 
 
 def is_cluster(client: object) -> bool:
