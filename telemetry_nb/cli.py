@@ -337,6 +337,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _with_servers(_settings(args))
     workers = args.workers or 1
+    # /ready asks the node of every stream partition on a cluster: the app (and each worker) reads these
+    os.environ["TELEMETRY_STREAM"] = settings.stream
+    os.environ["TELEMETRY_STREAM_PARTITIONS"] = str(settings.stream_partitions)
     log.info("API on http://%s:%d (docs at /docs, %d worker process%s) over %s", args.host, args.port, workers,
              "" if workers == 1 else "es", redact(settings.database_url))
     if workers == 1:
