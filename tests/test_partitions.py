@@ -158,9 +158,26 @@ def test_checks_and_check_command_report_per_partition_and_in_total(redis_client
     assert f"partition {parts[3].stream} backlog=1 pending=0" in out
 
 
-def test_canary_has_one_gpu_per_partition():
+def test_canary_sends_one_gpu_per_partition_and_reports_each(redis_client, stream, parts, cli_env, api_server):
     uuids = canary.canary_uuids(6)
     assert [partition_of(u, 6) for u in uuids] == list(range(6)) and len(set(uuids)) == 6
+    settings = _settings(stream, group="collectors", redis_url=cli_env["REDIS_URL"])
+    collector = Collector(Partitions.open(redis_client, stream, "collectors", "c", count=N), cli_env["DATABASE_URL"],
+                          settings)
+    running = threading.Thread(target=collector.run)
+    running.start()
+    try:
+        report = canary.run_canary(api_url=api_server, redis_url=cli_env["REDIS_URL"], stream=stream, rows=10,
+                                   spacing_s=0.01, timeout_s=30, database_url=cli_env["DATABASE_URL"], partitions=N)
+    finally:
+        collector.stop()
+        running.join(30)
+    assert report.ok, report.summary()
+    assert report.expected == report.seen == 4 * 10
+    per = report.summary()["partitions"]
+    assert [(p["partition"], p["expected"], p["ok"]) for p in per] == [(i, 10, 10) for i in range(N)]
+    assert [partition_of(p["uuid"], N) for p in per] == list(range(N))
+    assert report.cleanup.count("removed GPU") == N
 
 
 # -- a real Redis Cluster ------------------------------------------------------------------------
