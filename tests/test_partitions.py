@@ -19,7 +19,15 @@ from telemetry_nb.model import Sample
 from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.collector import Collector
 from telemetry_nb.pipeline.streamer import Streamer
-from telemetry_nb.pipeline.streams import Partitions, connect, open_partitions, partition_keys, partition_of
+from telemetry_nb.pipeline.streams import (
+    REDIS_ERRORS,
+    Partitions,
+    connect,
+    open_partitions,
+    partition_keys,
+    partition_of,
+    redis_probe,
+)
 from telemetry_nb.sources.dcgm_csv import read_samples
 from telemetry_nb.sources.generate import generate_rows, row_count, write_csv
 from tests.clocks import age_pending
@@ -197,10 +205,15 @@ def test_pipeline_across_a_redis_cluster_survives_a_killed_master(tmp_path, data
                    threading.Thread(target=collector.run)]
         for t in threads:
             t.start()
+        ready = redis_probe(cluster.url, 2, "telemetry", 6)  # what /ready and /metrics probes ask
+        ready()
         _wait(lambda: streamer.summary.published >= expected // 4)
         cluster.kill(1)  # a master holding a third of the slots crashes mid-stream…
+        with pytest.raises(REDIS_ERRORS):
+            ready()  # …its partitions' node does not answer: not ready
         time.sleep(3)  # …past the node timeout: the cluster is down, both sides retry
         cluster.restart(1)  # …and comes back from its own AOF and nodes.conf
+        ready()
         threads[0].join(60)
         assert streamer.summary.published == expected
         _wait(lambda: _rows(database_url)[0] >= expected, 40)
