@@ -101,14 +101,18 @@ def test_each_gpu_goes_to_its_own_partition_and_collectors_store_every_row(redis
     summary = Streamer(parts, settings).run_parallel(str(real_csv), workers=2)  # the worker-process path
     gpus = [f"GPU-{i}" for i in range(16)]
     more = Streamer(parts, settings).run(lambda: iter(_samples(gpus, 30)))  # the one-process path
+    series = [codec.Series(s) for s in _samples([f"GPU-live-{i}" for i in range(8)], 1)]
+    scraped = Streamer(parts, settings).publish_series(  # the scraper's path
+        (se, "DCGM_FI_DEV_POWER_USAGE", (T0 + timedelta(hours=1, seconds=t)).isoformat(), 1.0 * t)
+        for se in series for t in range(10))
     for i, q in enumerate(parts):
         entries = redis_client.xrange(q.stream)
         assert entries, f"partition {i} got nothing"
         uuids = {s.uuid for _, f in entries for s in codec.decode_samples(codec.decode(f))}
         assert {partition_of(u, N) for u in uuids} == {i}
     totals = Collector(open_partitions(settings, redis_client), database_url, settings).run(drain=True)
-    expected = summary.published + more.published
-    assert more.published == 16 * 30 and totals["stored"] == expected
+    expected = summary.published + more.published + scraped
+    assert more.published == 16 * 30 and scraped == 8 * 10 and totals["stored"] == expected
     assert _rows(database_url) == (expected, expected)
     assert parts.backlogs() == dict.fromkeys(range(N), 0) and parts.dead_count() == 0
     parts.safe_trim()
