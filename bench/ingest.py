@@ -1,6 +1,7 @@
 """End-to-end ingest benchmark: streamer → Redis → collector → PostgreSQL, against a raw COPY of the same rows.
 
     python bench/ingest.py --rows 1000000
+    python bench/ingest.py --rows 300000 --partitions 6   # also across a local 3-master Redis Cluster
 
 Uses $REDIS_URL/$DATABASE_URL or starts embedded servers in a temporary folder. Prints both rates,
 their ratio, and the streamer's peak RSS.
@@ -93,14 +94,14 @@ def raw_copy_rates(admin_url: str, csv_path: Path, rows: int) -> dict[str, float
 
 
 def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collectors: int,
-               workers: str = "auto") -> tuple[float, int]:
+               workers: str = "auto", extra_env: dict[str, str] | None = None) -> tuple[float, int]:
     """Stream the file and collect it until drained; returns (rows/s, streamer peak RSS in KiB)."""
     name = f"bench_e2e_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     stream = f"bench-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": _db(admin_url, name),
-           "TELEMETRY_STREAM": stream, "TELEMETRY_LOG_LEVEL": "WARNING"}
+           "TELEMETRY_STREAM": stream, "TELEMETRY_LOG_LEVEL": "WARNING", **(extra_env or {})}
     try:
         subprocess.run([sys.executable, "-c", "from telemetry_nb import store; import os; "
                         "store.migrate(store.connect(os.environ['DATABASE_URL']))"], env=env, check=True)
@@ -157,12 +158,25 @@ def collector_alone(redis_url: str, admin_url: str, csv_path: Path, rows: int) -
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def across_cluster(folder: Path, admin_url: str, csv_path: Path, rows: int, collectors: int, workers: str,
+                   partitions: int) -> float:
+    """`end_to_end` across a local 3-master Redis Cluster (`telemetry_nb.cluster`) with `partitions` stream keys."""
+    from telemetry_nb.cluster import LocalCluster
+
+    with LocalCluster(folder / "redis-cluster", masters=3) as cluster:
+        rate, _ = end_to_end(cluster.url, admin_url, csv_path, rows, collectors, workers,
+                             {"TELEMETRY_STREAM_PARTITIONS": str(partitions)})
+    return rate
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to ingest (default 1,000,000)")
     parser.add_argument("--collectors", type=int, default=1, help="collector processes (default 1)")
     parser.add_argument("--csv", help="reuse this generated CSV instead of generating one")
     parser.add_argument("--workers", default="auto", help="streamer parser processes (default auto)")
+    parser.add_argument("--partitions", type=int, default=0, metavar="N",
+                        help="also run end to end across a local 3-master Redis Cluster with N stream partitions")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="tnb-bench-") as tmp:
@@ -195,6 +209,11 @@ def main() -> int:
                   f"{e2e:,.0f} rows/s")
             print(f"ratio end-to-end / raw COPY: {e2e / raw:.2f}x (target >= 0.5x)")
             print(f"streamer peak RSS: {peak_kib / 1024:.0f} MB (limit 200 MB)")
+            if args.partitions:
+                part = across_cluster(Path(tmp), admin, csv_path, rows, args.collectors, args.workers, args.partitions)
+                print(f"end to end across a local 3-master Redis Cluster, {args.partitions} stream partitions, "
+                      f"{args.collectors} collector(s): {part:,.0f} rows/s ({part / raw:.2f}x raw COPY, "
+                      f"{part / e2e:.2f}x the single stream)")
         finally:
             if emb is not None:
                 emb.stop()

@@ -33,6 +33,7 @@ def _settings(args: argparse.Namespace, **extra) -> Settings:
     overrides = {
         "redis_url": getattr(args, "redis_url", None), "database_url": getattr(args, "database_url", None),
         "stream": getattr(args, "stream", None), "group": getattr(args, "group", None),
+        "stream_partitions": getattr(args, "partitions", None),
         "home": Path(args.home) if getattr(args, "home", None) else None,
         "metrics_port": getattr(args, "metrics_port", None), "batch_size": getattr(args, "batch_size", None),
     }
@@ -109,7 +110,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     from telemetry_nb.observability import PipelineMetrics
     from telemetry_nb.pipeline.streamer import Streamer, parse_shard
-    from telemetry_nb.pipeline.streams import Queue, connect, redis_probe
+    from telemetry_nb.pipeline.streams import open_partitions, partitions_probe
     from telemetry_nb.sources.dcgm_csv import HeaderError, read_samples
     from telemetry_nb.sources.limits import RowLimits
 
@@ -128,20 +129,21 @@ def cmd_stream(args: argparse.Namespace) -> int:
     except HeaderError as err:
         raise CliError(f"{path}: {err}") from None
     settings = _with_servers(settings, need_db=False)
-    log.info("Streaming %s to %s stream %r (shard %d/%d, batch %d rows)", path, redact(settings.redis_url),
-             settings.stream, settings.shard_index, settings.shard_count, settings.batch_size)
+    log.info("Streaming %s to %s stream %r (%d partition%s, shard %d/%d, batch %d rows)", path,
+             redact(settings.redis_url), settings.stream, settings.stream_partitions,
+             "" if settings.stream_partitions == 1 else "s", settings.shard_index, settings.shard_count,
+             settings.batch_size)
     try:
         limits = RowLimits.from_settings(settings)
     except ValueError as err:
         raise CliError(f"TELEMETRY_MIN_TIMESTAMP: {err}") from None
-    client = connect(settings.redis_url)
-    queue = Queue(client, settings.stream, settings.group, settings.consumer, side_maxlen=settings.side_maxlen)
+    queue = open_partitions(settings)
     metrics = PipelineMetrics()
     with tqdm(unit="rows", unit_scale=True, disable=None, desc="stream") as bar:
         streamer = Streamer(queue, settings, metrics=metrics, progress=bar.update)
         streamer.source_name = str(path)
         _on_signals(streamer.stop)
-        _start_metrics(settings, metrics, {"redis": redis_probe(settings.redis_url)})
+        _start_metrics(settings, metrics, {"redis": partitions_probe(settings)})
         workers = _stream_workers(args, path)
         if workers > 1:
             log.info("Parsing with %d worker processes (one pass, source timestamps)", workers)
@@ -157,7 +159,7 @@ def cmd_scrape(args: argparse.Namespace) -> int:
     from telemetry_nb.observability import PipelineMetrics, ScrapeMetrics
     from telemetry_nb.pipeline.scraper import Scraper
     from telemetry_nb.pipeline.streamer import Streamer, parse_shard
-    from telemetry_nb.pipeline.streams import Queue, connect, redis_probe
+    from telemetry_nb.pipeline.streams import open_partitions, partitions_probe
     from telemetry_nb.timeparse import parse_duration
 
     targets = _scrape_targets(args)
@@ -177,18 +179,14 @@ def cmd_scrape(args: argparse.Namespace) -> int:
     log.info("Scraping %s every %gs (timeout %gs, %d at a time) into %s stream %r (shard %d/%d)",
              _describe_targets(args), interval, timeout, args.concurrency, redact(settings.redis_url),
              settings.stream, settings.shard_index, settings.shard_count)
-    client = connect(settings.redis_url)
-    queue = Queue(client, settings.stream, settings.group, settings.consumer, side_maxlen=settings.side_maxlen)
     metrics = PipelineMetrics()
-    streamer = Streamer(queue, settings, metrics=metrics)
+    streamer = Streamer(open_partitions(settings), settings, metrics=metrics)
     streamer.source_name = "scrape"
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
 
     def make_worker() -> Scraper:  # runs in a forked worker process: its own Redis connection
-        worker_queue = Queue(connect(settings.redis_url), settings.stream, settings.group, settings.consumer,
-                             side_maxlen=settings.side_maxlen)
-        worker_streamer = Streamer(worker_queue, settings)
+        worker_streamer = Streamer(open_partitions(settings), settings)
         worker_streamer.source_name = "scrape"
         return Scraper(worker_streamer, targets, ScrapeMetrics(PipelineMetrics().registry), interval_s=interval,
                        timeout_s=timeout, concurrency=args.concurrency)
@@ -196,7 +194,7 @@ def cmd_scrape(args: argparse.Namespace) -> int:
     scraper = Scraper(streamer, targets, ScrapeMetrics(metrics.registry), interval_s=interval, timeout_s=timeout,
                       concurrency=args.concurrency, workers=args.workers, make_worker=make_worker)
     _on_signals(scraper.stop)
-    _start_metrics(settings, metrics, {"redis": redis_probe(settings.redis_url)})
+    _start_metrics(settings, metrics, {"redis": partitions_probe(settings)})
     try:
         cycles = scraper.run(cycles=args.cycles)
     finally:
@@ -275,7 +273,7 @@ def _stream_workers(args: argparse.Namespace, path: Path) -> int:
 def cmd_collect(args: argparse.Namespace) -> int:
     from telemetry_nb.observability import PipelineMetrics
     from telemetry_nb.pipeline.collector import Collector
-    from telemetry_nb.pipeline.streams import Queue, connect, redis_probe
+    from telemetry_nb.pipeline.streams import open_partitions, partitions_probe
     from telemetry_nb.store import postgres_probe
 
     extra = {"visibility_timeout_s": args.visibility_timeout, "max_deliveries": args.max_deliveries,
@@ -283,14 +281,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if args.consumer:
         extra["consumer"] = args.consumer
     settings = _with_servers(_settings(args, **extra))
-    log.info("Collecting %s stream %r (group %r, consumer %r) into %s", redact(settings.redis_url),
-             settings.stream, settings.group, settings.consumer, redact(settings.database_url))
-    client = connect(settings.redis_url)
-    queue = Queue(client, settings.stream, settings.group, settings.consumer, side_maxlen=settings.side_maxlen)
+    log.info("Collecting %s stream %r (%d partition%s, group %r, consumer %r) into %s", redact(settings.redis_url),
+             settings.stream, settings.stream_partitions, "" if settings.stream_partitions == 1 else "s",
+             settings.group, settings.consumer, redact(settings.database_url))
+    queue = open_partitions(settings)
     metrics = PipelineMetrics()
     collector = Collector(queue, settings.database_url, settings, metrics=metrics)
     _on_signals(collector.stop)
-    _start_metrics(settings, metrics, {"redis": redis_probe(settings.redis_url),
+    _start_metrics(settings, metrics, {"redis": partitions_probe(settings),
                                        "postgresql": postgres_probe(settings.database_url)})
     totals = collector.run(drain=args.drain)
     print(" ".join(f"{k}={v}" for k, v in totals.items()))
@@ -339,6 +337,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _with_servers(_settings(args))
     workers = args.workers or 1
+    # /ready asks the node of every stream partition on a cluster: the app (and each worker) reads these
+    os.environ["TELEMETRY_STREAM"] = settings.stream
+    os.environ["TELEMETRY_STREAM_PARTITIONS"] = str(settings.stream_partitions)
     log.info("API on http://%s:%d (docs at /docs, %d worker process%s) over %s", args.host, args.port, workers,
              "" if workers == 1 else "es", redact(settings.database_url))
     if workers == 1:
@@ -383,29 +384,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from telemetry_nb.pipeline.streams import Queue, connect
+    from telemetry_nb.pipeline.streams import open_partitions
     from telemetry_nb.store import Reader
     from telemetry_nb.store import connect as db_connect
 
     settings = _with_servers(_settings(args))
     ok = True
     try:  # read-only: nothing here writes to Redis
-        q = Queue(connect(settings.redis_url, timeout_s=5), settings.stream, settings.group)
-        q.r.ping()
-        print(f"redis      ok   {redact(settings.redis_url)} backlog={q.backlog()} dead={q.dead_count()} "
-              f"rejected={q.rejected_count()}")
+        parts = open_partitions(settings, timeout_s=5, wait=False)
+        parts.r.ping()
+        backlogs = parts.backlogs()
+        n = len(parts)
+        print(f"redis      ok   {redact(settings.redis_url)} backlog={sum(backlogs.values())} "
+              f"dead={parts.dead_count()} rejected={parts.rejected_count()}" + (f" partitions={n}" if n > 1 else ""))
+        if n > 1:
+            for i, q in enumerate(parts):
+                print(f"  partition {q.stream} backlog={backlogs[i]} pending={q.pending_count()} "
+                      f"dead={q.dead_count()} rejected={q.rejected_count()}")
         stale_after = args.stale_group_after if args.stale_group_after is not None else settings.group_stale_s
-        for g in q.group_uses():
+        for key, g in parts.group_uses():
             if g.stale(stale_after):
                 print(f"  group    {g.name!r} STALE: no consumer for > {stale_after:g}s, holds entries back from "
                       f"trimming for {g.holding_s:.0f}s (pending={g.pending}); if it is abandoned, remove it: "
-                      f"XGROUP DESTROY {settings.stream} {g.name}")
-        for d in q.read_dead(args.dead) if args.dead else []:
+                      f"XGROUP DESTROY {key} {g.name}")
+        for d in parts.read_dead(args.dead) if args.dead else []:
             rows = f" rows={d['rows']}" if "rows" in d else ""
             print(f"  dead     {d.get('entry_id')} deliveries={d.get('deliveries')}{rows} {d.get('error')}")
             if d.get("row"):
                 print(f"           {d['row'][:400]}")
-        for r in q.read_rejected(args.rejected) if args.rejected else []:
+        for r in parts.read_rejected(args.rejected) if args.rejected else []:
             print(f"  rejected {r.get('source')}:{r.get('line')} {r.get('reason')}")
     except Exception as err:  # noqa: BLE001
         ok = False
@@ -447,9 +454,12 @@ def parse_duration_arg(text: str) -> float:
 
 def _common(p: argparse.ArgumentParser, *, db: bool = True, redis: bool = True) -> None:
     if redis:
-        p.add_argument("--redis-url", help="Redis URL (redis://, rediss://, unix://); default $REDIS_URL "
-                                           "or the embedded server")
+        p.add_argument("--redis-url", help="Redis URL (redis://, rediss://, unix://, or redis+cluster://host:port "
+                                           "for a Redis Cluster); default $REDIS_URL or the embedded server")
         p.add_argument("--stream", help="stream name (default $TELEMETRY_STREAM or 'telemetry')")
+        p.add_argument("--partitions", type=int, metavar="N",
+                       help="stream partitions (default $TELEMETRY_STREAM_PARTITIONS or 1); every streamer, "
+                            "collector and API of a stream must use the same N")
     if db:
         p.add_argument("--database-url", help="PostgreSQL URL; default $DATABASE_URL or the embedded server")
     p.add_argument("--home", help="data folder of the embedded servers (default $TELEMETRY_NB_HOME "

@@ -79,6 +79,7 @@ class Settings:
     redis_url: str = ""
     database_url: str = ""
     stream: str = "telemetry"
+    stream_partitions: int = 1  # stream keys `stream:{0}`…; 1 on a plain Redis = the one key `stream`
     group: str = "collectors"
     consumer: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
     batch_size: int = 1000
@@ -126,6 +127,7 @@ class Settings:
             redis_url=with_password(env.get("REDIS_URL", ""), env.get("REDIS_PASSWORD")),
             database_url=env.get("DATABASE_URL", ""),
             stream=env.get("TELEMETRY_STREAM") or "telemetry",
+            stream_partitions=_env_int(env, "TELEMETRY_STREAM_PARTITIONS", 1),
             group=env.get("TELEMETRY_GROUP") or "collectors",
             batch_size=_env_int(env, "TELEMETRY_BATCH_SIZE", 1000),
             read_count=_env_int(env, "TELEMETRY_READ_COUNT", 50),
@@ -154,6 +156,9 @@ class Settings:
         if settings.partition_s < 3600 or settings.partition_s % 3600:
             raise ValueError("environment variable TELEMETRY_PARTITION must be a whole number of hours (1h, 1d, "
                              f"7d…), got {env.get('TELEMETRY_PARTITION')!r}")
+        if settings.stream_partitions < 1:
+            raise ValueError("environment variable TELEMETRY_STREAM_PARTITIONS must be at least 1, got "
+                             f"{env.get('TELEMETRY_STREAM_PARTITIONS')!r}")
         if env.get("TELEMETRY_CONSUMER"):
             settings = replace(settings, consumer=env["TELEMETRY_CONSUMER"])
         known = {f.name for f in fields(cls)}

@@ -4,11 +4,14 @@ A GPU uuid unique to the run gets `rows` samples with known values, stamped "now
 export; they go through `Streamer.run` (the streamer's own code path) into Redis, the running
 collectors store them, and the API is polled until every row is visible with its exact value, or a
 timeout passes. Latency of a row = the moment a poll first saw it − its sample timestamp.
+With stream partitions (`partitions`, default $TELEMETRY_STREAM_PARTITIONS) there is one canary GPU per
+partition, each with `rows` samples, and the report counts per partition as well as in total.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import threading
 import time
@@ -28,6 +31,17 @@ CANARY_MODEL = "telemetry-nb canary"
 def canary_uuid() -> str:
     """A uuid no real GPU has and no earlier run used."""
     return f"GPU-canary-{uuidlib.uuid4()}"
+
+
+def canary_uuids(partitions: int) -> list[str]:
+    """One fresh canary uuid per stream partition, the one for partition i at index i."""
+    from telemetry_nb.pipeline.streams import partition_of
+
+    found: dict[int, str] = {}
+    while len(found) < partitions:
+        u = canary_uuid()
+        found.setdefault(partition_of(u, partitions), u)
+    return [found[i] for i in range(partitions)]
 
 
 def make_samples(uuid: str, rows: int, *, spacing_s: float = 0.1, start: datetime | None = None,
@@ -64,6 +78,16 @@ class CanaryReport:
     cleanup: str = "not requested"
     rows: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    uuids: list[str] = field(default_factory=list)  # one per partition (index = partition); [uuid] for one
+
+    def per_partition(self) -> list[dict]:
+        """Rows expected, seen, missing, wrong and late for each partition's canary GPU."""
+        out = []
+        for i, u in enumerate(self.uuids or [self.uuid]):
+            mine = [r for r in self.rows if r.get("uuid", self.uuid) == u]
+            out.append({"partition": i, "uuid": u, "expected": len(mine),
+                        **{k: sum(r["status"] == k for r in mine) for k in ("ok", "missing", "wrong", "late")}})
+        return out
 
     @property
     def latencies(self) -> list[float]:
@@ -99,7 +123,8 @@ class CanaryReport:
                 "seen": self.seen, "missing": self.missing, "wrong": self.wrong, "unexpected": self.unexpected,
                 "late": self.late, "timed_out": self.timed_out, "max_latency_s": self.max_latency_s,
                 **self.latency_stats(), "publish_s": round(self.publish_s, 3), "elapsed_s": round(self.elapsed_s, 3),
-                "polls": self.polls, "cleanup": self.cleanup, "failures": self.failures()}
+                "polls": self.polls, "cleanup": self.cleanup, "failures": self.failures(),
+                **({"partitions": self.per_partition()} if len(self.uuids) > 1 else {})}
 
     def frame(self):
         import pandas as pd
@@ -119,22 +144,21 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def publish(samples: list[Sample], *, redis_url: str, stream: str, group: str = "collectors",
-            batch_size: int = 1000, live: bool = True) -> int:
+            batch_size: int = 1000, live: bool = True, partitions: int = 1) -> int:
     """Publish `samples` with the streamer's code path; `live` re-stamps to now and paces them in real time.
 
     The streamer re-stamps the `Sample` objects in place, so afterwards they carry the published timestamps.
     """
     from telemetry_nb.config import Settings
     from telemetry_nb.pipeline.streamer import Streamer
-    from telemetry_nb.pipeline.streams import Queue, connect
+    from telemetry_nb.pipeline.streams import connect, open_partitions
 
     # one shard: a streamer pod's TELEMETRY_SHARD_* must not filter the canary's GPU out
     settings = Settings.from_env(redis_url=redis_url, stream=stream, group=group, batch_size=batch_size,
-                                 consumer="canary", shard_index=0, shard_count=1)
+                                 consumer="canary", shard_index=0, shard_count=1, stream_partitions=partitions)
     client = connect(settings.redis_url)
     try:
-        queue = Queue(client, settings.stream, settings.group, settings.consumer)
-        streamer = Streamer(queue, settings)
+        streamer = Streamer(open_partitions(settings, client), settings)
         streamer.source_name = "canary"
         summary = streamer.run(lambda: iter(samples), timestamps="now" if live else "source")
         return summary.published
@@ -150,14 +174,22 @@ def run_canary(*, api_url: str, redis_url: str, stream: str, group: str = "colle
                spacing_s: float = 0.1, batch_size: int = 1000, timeout_s: float = 60.0, poll_s: float = 0.25,
                max_latency_s: float | None = 30.0, database_url: str | None = None, cleanup: bool = True,
                uuid: str | None = None, clock: Callable[[], float] = time.time,
-               api_token: str | None = None) -> CanaryReport:
-    """Publish a canary; poll the API until all rows are visible or `timeout_s` after publishing; clean up."""
-    uuid = uuid or canary_uuid()
-    samples = make_samples(uuid, rows, spacing_s=spacing_s)
-    report = CanaryReport(uuid=uuid, expected=rows, max_latency_s=max_latency_s)
+               api_token: str | None = None, partitions: int | None = None) -> CanaryReport:
+    """Publish a canary; poll the API until all rows are visible or `timeout_s` after publishing; clean up.
+
+    `rows` samples per partition's canary GPU (one GPU, `uuid` if given, without partitions).
+    """
+    n = partitions if partitions is not None else int(os.environ.get("TELEMETRY_STREAM_PARTITIONS") or 1)
+    uuids = [uuid or canary_uuid()] if n <= 1 else canary_uuids(n)
+    uuid = uuids[0]
+    start = datetime.now(UTC)
+    samples = sorted((s for u in uuids for s in make_samples(u, rows, spacing_s=spacing_s, start=start)),
+                     key=lambda s: s.ts)  # ticks interleaved, so pacing holds for every GPU
+    rows = len(samples)
+    report = CanaryReport(uuid=uuid, expected=rows, max_latency_s=max_latency_s, uuids=uuids)
     started = time.monotonic()
-    first_seen: dict[tuple[str, str], float] = {}
-    got: dict[tuple[str, str], float] = {}
+    first_seen: dict[tuple[str, str, str], float] = {}
+    got: dict[tuple[str, str, str], float] = {}
     published: dict[str, object] = {}
     api_errors: list[str] = []
 
@@ -165,7 +197,7 @@ def run_canary(*, api_url: str, redis_url: str, stream: str, group: str = "colle
         t0 = time.monotonic()
         try:
             published["rows"] = publish(samples, redis_url=redis_url, stream=stream, group=group,
-                                        batch_size=batch_size, live=True)
+                                        batch_size=batch_size, live=True, partitions=max(n, 1))
         except Exception as err:  # noqa: BLE001 (reported as a failure of the canary)
             published["error"] = f"publish failed: {type(err).__name__}: {err}"
         published["seconds"] = time.monotonic() - t0
@@ -178,16 +210,17 @@ def run_canary(*, api_url: str, redis_url: str, stream: str, group: str = "colle
         while True:
             if deadline is None and not thread.is_alive():
                 deadline = time.monotonic() + timeout_s
-            try:
-                items = [t for page in api.telemetry_pages(uuid, start_time=not_before) for t in page["items"]]
-            except APIError as err:
-                if err.status != 404 and not api_errors:  # 404: the canary GPU is not stored yet
-                    api_errors.append(f"API: {err}")
-                items = []
+            items = []
+            for u in uuids:
+                try:
+                    items += [(u, t) for page in api.telemetry_pages(u, start_time=not_before) for t in page["items"]]
+                except APIError as err:
+                    if err.status != 404 and not api_errors:  # 404: the canary GPU is not stored yet
+                        api_errors.append(f"API: {err}")
             now = clock()
             report.polls += 1
-            for t in items:
-                key = (t["metric"], _ts_key(parse_ts(t["timestamp"])))
+            for u, t in items:
+                key = (u, t["metric"], _ts_key(parse_ts(t["timestamp"])))
                 if key not in first_seen:
                     first_seen[key] = now
                     got[key] = t["value"]
@@ -205,7 +238,7 @@ def run_canary(*, api_url: str, redis_url: str, stream: str, group: str = "colle
 
     expected_keys = set()
     for s in samples:
-        key = (s.metric, _ts_key(s.ts))
+        key = (s.uuid, s.metric, _ts_key(s.ts))
         expected_keys.add(key)
         seen_at = first_seen.get(key)
         latency = None if seen_at is None else seen_at - s.ts.timestamp()
@@ -218,7 +251,8 @@ def run_canary(*, api_url: str, redis_url: str, stream: str, group: str = "colle
         else:
             status = "ok"
         report.rows.append({"metric": s.metric, "timestamp": s.ts, "expected": s.value, "got": got.get(key),
-                            "latency_s": latency, "status": status})
+                            "latency_s": latency, "status": status,
+                            **({"uuid": s.uuid, "partition": uuids.index(s.uuid)} if n > 1 else {})})
     report.seen = sum(r["status"] != "missing" for r in report.rows)
     report.missing = sum(r["status"] == "missing" for r in report.rows)
     report.wrong = sum(r["status"] == "wrong" for r in report.rows)
@@ -226,7 +260,8 @@ def run_canary(*, api_url: str, redis_url: str, stream: str, group: str = "colle
     report.unexpected = len(set(first_seen) - expected_keys)
     report.timed_out = report.missing > 0
     if cleanup:
-        report.cleanup = clean_up(uuid, database_url)
+        done = [clean_up(u, database_url) for u in uuids]
+        report.cleanup = done[0] if len(done) == 1 else "; ".join(done)
     return report
 
 

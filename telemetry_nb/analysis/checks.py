@@ -8,6 +8,7 @@ so the failed list names the root cause, not its echoes.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -87,37 +88,100 @@ def check_api(api_url: str | None, *, token: str | None = None, timeout: float =
 def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *, max_lag: int | None = 1000,
                 max_pending: int | None = None, max_dead: int | None = None, min_consumers: int = 1,
                 consumer_idle_s: float = 60.0, stale_group_s: float = 86400.0,
-                timeout: float = 5.0) -> list[CheckResult]:
+                timeout: float = 5.0, partitions: int | None = None) -> list[CheckResult]:
     """Reachable; stream and group exist; active consumers; backlog and pending ≤ limits; no abandoned
     group; dead letters. Read-only: nothing here writes to Redis.
 
     Lag and pending count stream *entries* (each a batch of up to `batch_size` rows). `max_pending`
     defaults to `max_lag`. A consumer is active when it talked to Redis in the last `consumer_idle_s`.
     A group is abandoned when no consumer of it talked to Redis for `stale_group_s` while it holds
-    entries back from trimming (for longer than that, too).
+    entries back from trimming (for longer than that, too). `partitions` defaults to
+    $TELEMETRY_STREAM_PARTITIONS (or 1), as the pipeline's own processes read it. With more than one,
+    every check holds for each partition (limits apply per partition); each result gives the totals and
+    names failing partitions, and one `redis.partition.I` result per partition sums it up.
     """
     if not redis_url:
         return [CheckResult("redis", SKIP, "not requested (redis_url not set)")]
     import redis
 
-    from telemetry_nb.pipeline.streams import Queue, connect
+    from telemetry_nb.pipeline.streams import REDIS_ERRORS, Queue, connect, is_cluster, partition_keys
 
-    names = ["redis.stream", "redis.group", "redis.consumers", "redis.lag", "redis.pending", "redis.groups",
-             "redis.dead_letter"]
     try:
         client = connect(redis_url, timeout_s=timeout)
         info = client.info("server")
-    except (redis.RedisError, OSError, ValueError) as err:  # ValueError: not a redis:// URL
+        if is_cluster(client):  # one answer per node: {node: info}
+            info = next(iter(info.values()), {}) if info and "redis_version" not in info else info
+    except (redis.RedisError, *REDIS_ERRORS, ValueError) as err:  # ValueError: not a redis:// URL
         return [CheckResult("redis.reachable", FAIL, f"{redact(redis_url)}: {_err(err)}"),
-                *(CheckResult(n, SKIP, "skipped: Redis unreachable") for n in names)]
+                *(CheckResult(n, SKIP, "skipped: Redis unreachable") for n in _REDIS_NAMES)]
     out = [CheckResult("redis.reachable", PASS, f"{redact(redis_url)} (Redis {info.get('redis_version', '?')})")]
-    q = Queue(client, stream, group)
+    limits = dict(max_lag=max_lag, max_pending=max_pending, max_dead=max_dead, min_consumers=min_consumers,
+                  consumer_idle_s=consumer_idle_s, stale_group_s=stale_group_s)
+    if partitions is None:
+        partitions = int(os.environ.get("TELEMETRY_STREAM_PARTITIONS") or 1)
+    try:
+        keys = partition_keys(stream, partitions, cluster=is_cluster(client))
+        per = [_check_stream(client, Queue(client, key, group), key, group, **limits) for key in keys]
+    finally:
+        client.close()
+    if len(per) == 1:
+        return out + per[0][0]
+    return out + _combine(keys, per) + [_partition_summary(i, key, results, numbers)
+                                        for i, (key, (results, numbers)) in enumerate(zip(keys, per, strict=True))]
+
+
+_REDIS_NAMES = ["redis.stream", "redis.group", "redis.consumers", "redis.lag", "redis.pending", "redis.groups",
+                "redis.dead_letter"]
+_TOTALS = {"redis.stream": ("entries", "entries"), "redis.lag": ("backlog", "backlog entries"),
+           "redis.pending": ("pending", "pending entries"), "redis.dead_letter": ("dead", "dead letters")}
+
+
+def _combine(keys: list[str], per: list[tuple[list[CheckResult], dict[str, int]]]) -> list[CheckResult]:
+    """One result per check over all partitions: the worst status, totals, and the partitions that fail."""
+    out = []
+    for name in _REDIS_NAMES:
+        found = [(key, r) for key, (results, _) in zip(keys, per, strict=True) for r in results if r.name == name]
+        statuses = {r.status for _, r in found}
+        status = FAIL if FAIL in statuses else PASS if PASS in statuses else SKIP
+        detail = f"{sum(r.status == PASS for _, r in found)}/{len(keys)} partitions pass"
+        if name in _TOTALS:
+            field, label = _TOTALS[name]
+            detail += f"; {sum(n.get(field, 0) for _, n in per)} {label} in all"
+        if name == "redis.consumers":
+            detail += f"; active consumers per partition: {[n.get('active', 0) for _, n in per]}"
+        worst = [f"{key}: {r.detail}" for key, r in found if r.status == status and status != PASS]
+        if worst:
+            detail += "; " + "; ".join(worst[:6]) + (f"; … {len(worst) - 6} more" if len(worst) > 6 else "")
+        out.append(CheckResult(name, status, detail))
+    return out
+
+
+def _partition_summary(i: int, key: str, results: list[CheckResult], numbers: dict[str, int]) -> CheckResult:
+    failing = [r.name for r in results if r.status == FAIL]
+    detail = (f"{key}: {numbers.get('entries', 0)} entries, backlog {numbers.get('backlog', 0)}, pending "
+              f"{numbers.get('pending', 0)}, {numbers.get('active', 0)} active consumers, dead "
+              f"{numbers.get('dead', 0)}" + (f"; failing: {', '.join(failing)}" if failing else ""))
+    return CheckResult(f"redis.partition.{i}", FAIL if failing else PASS, detail)
+
+
+def _check_stream(client, q, stream: str, group: str, *, max_lag: int | None, max_pending: int | None,
+                  max_dead: int | None, min_consumers: int, consumer_idle_s: float, stale_group_s: float
+                  ) -> tuple[list[CheckResult], dict[str, int]]:
+    """The checks of one stream key (one partition), and its numbers for the totals."""
+    import redis
+
+    from telemetry_nb.pipeline.streams import REDIS_ERRORS
+
+    names = _REDIS_NAMES
+    out: list[CheckResult] = []
+    numbers: dict[str, int] = {}
     try:
         if not client.exists(stream) or client.type(stream) not in (b"stream", "stream"):
             out.append(CheckResult("redis.stream", FAIL, f"stream {stream!r} does not exist"))
             out += [CheckResult(n, SKIP, f"skipped: no stream {stream!r}") for n in names[1:-1]]
         else:
-            out.append(CheckResult("redis.stream", PASS, f"stream {stream!r}: {client.xlen(stream)} entries"))
+            numbers["entries"] = int(client.xlen(stream))
+            out.append(CheckResult("redis.stream", PASS, f"stream {stream!r}: {numbers['entries']} entries"))
             groups = {_s(g["name"]): g for g in q.groups()}
             if group not in groups:
                 out.append(CheckResult("redis.group", FAIL, f"consumer group {group!r} not on stream {stream!r} "
@@ -127,11 +191,13 @@ def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *
                 out.append(CheckResult("redis.group", PASS, f"group {group!r} exists"))
                 consumers = client.xinfo_consumers(stream, group)
                 active = [c for c in consumers if int(c.get("idle", 0)) <= consumer_idle_s * 1000]
+                numbers["active"] = len(active)
                 detail = (f"{len(active)} active of {len(consumers)} consumers "
                           f"(active = seen in the last {consumer_idle_s:g}s; need >= {min_consumers})")
                 out.append(CheckResult("redis.consumers", PASS if len(active) >= min_consumers else FAIL, detail))
                 pending = int(groups[group]["pending"])
                 backlog = _undelivered(client, q, stream, groups[group]) + pending
+                numbers["pending"], numbers["backlog"] = pending, backlog
                 out.append(_bound("redis.lag", backlog, max_lag, "backlog entries"))
                 out.append(_bound("redis.pending", pending, max_lag if max_pending is None else max_pending,
                                   "pending entries"))
@@ -145,6 +211,7 @@ def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *
                 out.append(CheckResult("redis.groups", PASS, f"no group unused for > {stale_group_s:g}s holds "
                                                               "entries back"))
         dead = q.dead_count()
+        numbers["dead"] = dead
         detail = f"{dead} dead letters ever written to {q.dead_stream}"
         if dead:
             last = q.read_dead(1)[0]
@@ -153,12 +220,10 @@ def check_redis(redis_url: str | None, stream: str, group: str = "collectors", *
         if max_dead is not None:
             detail += f" ({'<=' if status == PASS else '>'} max_dead {max_dead})"
         out.append(CheckResult("redis.dead_letter", status, detail))
-    except (redis.RedisError, OSError) as err:
+    except (redis.RedisError, *REDIS_ERRORS) as err:
         done = {r.name for r in out}
         out += [CheckResult(n, FAIL, f"Redis error: {_err(err)}") for n in names if n not in done]
-    finally:
-        client.close()
-    return out
+    return out, numbers
 
 
 def _undelivered(client, q, stream: str, group_info: dict) -> int:
@@ -330,7 +395,8 @@ def run_all(*, api_url: str | None = None, redis_url: str | None = None, databas
             max_pending: int | None = None, max_dead: int | None = None, min_consumers: int = 1,
             max_staleness_s: float | None = 300.0, release: str | None = None,
             components: Sequence[str] | str | None = None, timeout_s: float = 0,
-            stale_group_s: float = 86400.0, api_token: str | None = None) -> list[CheckResult]:
+            stale_group_s: float = 86400.0, api_token: str | None = None,
+            partitions: int | None = None) -> list[CheckResult]:
     """Every section, in order API → Redis → PostgreSQL → Kubernetes, retried until `timeout_s` (in all) passed."""
     deadline = time.monotonic() + max(float(timeout_s or 0), 0.0)
 
@@ -340,7 +406,7 @@ def run_all(*, api_url: str | None = None, redis_url: str | None = None, databas
     return [*retry(lambda: check_api(api_url, token=api_token), left()),
             *retry(lambda: check_redis(redis_url, stream, group, max_lag=max_lag, max_pending=max_pending,
                                        max_dead=max_dead, min_consumers=min_consumers,
-                                       stale_group_s=stale_group_s), left()),
+                                       stale_group_s=stale_group_s, partitions=partitions), left()),
             *retry(lambda: check_postgres(database_url, max_staleness_s=max_staleness_s), left()),
             *retry(lambda: check_kubernetes(kube_context, namespace, expected, release=release,
                                             components=components), left())]

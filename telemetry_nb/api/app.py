@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from telemetry_nb.api import models
 from telemetry_nb.api.auth import Tokens, bearer_auth
 from telemetry_nb.api.params import ParamError
 from telemetry_nb.api.routes import Store, build_v1_router
-from telemetry_nb.pipeline.streams import connect as redis_connect
+from telemetry_nb.pipeline.streams import REDIS_ERRORS, redis_probe
 from telemetry_nb.store import Reader
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,10 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
         tokens = Tokens.from_env(env)
     pool = psycopg_pool.ConnectionPool(database_url, min_size=1, max_size=pool_size, open=False,
                                        kwargs={"autocommit": True, "connect_timeout": 5}, name="api")
-    redis_client = redis_connect(redis_url, timeout_s=3) if redis_url else None
+    # on a Redis Cluster the probe asks the node of every stream partition (TELEMETRY_STREAM_PARTITIONS)
+    stream_env = os.environ if env is None else env
+    redis_ready = redis_probe(redis_url, 3, stream_env.get("TELEMETRY_STREAM") or "telemetry",
+                              int(stream_env.get("TELEMETRY_STREAM_PARTITIONS") or 1)) if redis_url else None
     store = Store(pool)
     registry = CollectorRegistry()
     requests_total = Counter("api_requests", "HTTP requests", ["route", "status"], registry=registry)
@@ -123,11 +127,11 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
         except Exception as err:  # noqa: BLE001 (any failure means not ready)
             failed.append("postgresql")
             detail["postgresql"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
-        if redis_client is not None:
+        if redis_ready is not None:
             try:
-                redis_client.ping()
+                redis_ready()
                 detail["redis"] = "ok"
-            except redis.RedisError as err:
+            except (redis.RedisError, *REDIS_ERRORS) as err:
                 failed.append("redis")
                 detail["redis"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
         body = models.Ready(status="ready" if not failed else "not ready", failed=failed, checks=detail)

@@ -7,6 +7,10 @@ idle past the visibility timeout; an entry that cannot be decoded, or that was d
 `max_deliveries` times, moves to `<stream>:dead` with its error. Errors are told apart by SQLSTATE:
 an outage is retried, a refusal of the data is isolated to the refused rows, which alone are
 dead-lettered (every other row of the entry is stored).
+
+With stream partitions a collector is a member of the group on every partition: one reader thread per
+partition (Redis spreads each partition's entries among the collectors), one writer; acks, claims,
+dead letters, trimming and consumer clean-up go to the partition an entry came from.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from telemetry_nb.observability import PipelineMetrics
 from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.codec import CodecError, decode
 from telemetry_nb.pipeline.maintainer import Maintainer
-from telemetry_nb.pipeline.streams import REDIS_ERRORS, Entry, Queue, T, retry_redis
+from telemetry_nb.pipeline.streams import REDIS_ERRORS, Entry, Partitions, Queue, T, as_partitions, retry_redis
 from telemetry_nb.store import RowBatch
 from telemetry_nb.store.isolate import isolate, refused_by_data
 
@@ -59,9 +63,10 @@ class _Window:
 class Collector:
     """Consume `queue` into the database at `database_url`; `run()` until stopped or drained."""
 
-    def __init__(self, queue: Queue, database_url: str, settings: Settings, *,
+    def __init__(self, queue: Queue | Partitions, database_url: str, settings: Settings, *,
                  metrics: PipelineMetrics | None = None, clock: Callable[[], float] = time.monotonic):
-        self.queue = queue
+        self.partitions = as_partitions(queue)
+        self.queue = self.partitions[0]  # the partition `process` acks to when it is not told which
         self.database_url = database_url
         self.settings = settings
         self.metrics = metrics or PipelineMetrics()
@@ -70,8 +75,9 @@ class Collector:
         self._conn: psycopg.Connection | None = None
         self._writer: store.Writer | None = None
         self.totals = {"consumed": 0, "stored": 0, "dead": 0, "lost": 0, "expired": 0}
-        self._leftover: list[Entry] = []
-        self._decoded: dict[bytes, RowBatch | CodecError] = {}  # entries the reader thread decoded ahead
+        self._leftover: list[tuple[Queue, list[Entry]]] = []
+        # entries the reader threads decoded ahead, by (partition key, entry id): ids repeat across partitions
+        self._decoded: dict[tuple[str, bytes], RowBatch | CodecError] = {}
         self._window = _Window(clock())
 
     # -- dependencies, with retry ----------------------------------------------------------------
@@ -108,25 +114,29 @@ class Collector:
         self._drop_db()
 
     # -- processing ------------------------------------------------------------------------------
-    def process(self, entries: list[Entry]) -> int:
-        """Decode, write in one transaction, then ack; returns rows stored. Retries the DB until it works."""
+    def process(self, entries: list[Entry], queue: Queue | None = None) -> int:
+        """Decode, write in one transaction, then ack to `queue` (the entries' partition); returns rows stored.
+
+        Retries the DB until it works.
+        """
         if not entries:
             return 0
+        q = queue or self.queue
         good: list[tuple[bytes, RowBatch]] = []
         for eid, fields in entries:
-            batch = self._decoded.pop(eid, None)
+            batch = self._decoded.pop((q.stream, eid), None)
             if batch is None:
                 batch = _decode(fields)
             if isinstance(batch, CodecError):
-                self._dead(eid, fields, str(batch))
+                self._dead(q, eid, fields, str(batch))
             else:
                 good.append((eid, batch))
         if not good:
             return 0
-        stored = self._write(good, {eid: fields for eid, fields in entries})
+        stored = self._write(q, good, {eid: fields for eid, fields in entries})
         return stored
 
-    def _write(self, good: list[tuple[bytes, RowBatch]], raw: dict[bytes, dict]) -> int:
+    def _write(self, q: Queue, good: list[tuple[bytes, RowBatch]], raw: dict[bytes, dict]) -> int:
         """Write entries in one transaction, then ack them; a refused group is split until each refusal is isolated."""
         started = self.clock()
         try:
@@ -138,11 +148,11 @@ class Collector:
                 log.warning("PostgreSQL refused a transaction of %d entries (%s); splitting it to isolate the "
                             "refused rows", len(good), store.reason(err))
                 mid = len(good) // 2
-                return self._write(good[:mid], raw) + self._write(good[mid:], raw)
-            return self._isolate(good[0][0], good[0][1], raw[good[0][0]], err)
+                return self._write(q, good[:mid], raw) + self._write(q, good[mid:], raw)
+            return self._isolate(q, good[0][0], good[0][1], raw[good[0][0]], err)
         elapsed = self.clock() - started
         ids = [eid for eid, _ in good]
-        self._redis(lambda: self.queue.ack(ids), what="Redis (ack after commit)")
+        self._redis(lambda: q.ack(ids), what="Redis (ack after commit)")
         self._count(result.consumed, result.stored, len(ids), elapsed, expired=result.expired)
         return result.stored
 
@@ -165,7 +175,7 @@ class Collector:
                             store.reason(err), len(batches), delay)
                 backoff.sleep(delay)
 
-    def _isolate(self, eid: bytes, batch: RowBatch, fields: dict, err: BaseException) -> int:
+    def _isolate(self, q: Queue, eid: bytes, batch: RowBatch, fields: dict, err: BaseException) -> int:
         """Store every row of a refused entry the database accepts; dead-letter the others with its reason, ack."""
         log.warning("PostgreSQL refused entry %s (%s); isolating the refused rows among its %d", eid.decode(),
                     store.reason(err), batch.n)
@@ -176,9 +186,9 @@ class Collector:
                  for part, why in done.refused]
         for part, why in done.refused:
             log.error("Dead-lettering %d of %d rows of entry %s to %s: %s (%s)", part.n, batch.n, eid.decode(),
-                      self.queue.dead_stream, why, part.describe(1))
-        deliveries = self._redis(lambda: self.queue.deliveries([eid])).get(eid, 1) if parts else 0
-        self._redis(lambda: self.queue.dead_letter_parts(eid, parts, deliveries), what="Redis (dead letters and ack)")
+                      q.dead_stream, why, part.describe(1))
+        deliveries = self._redis(lambda: q.deliveries([eid])).get(eid, 1) if parts else 0
+        self._redis(lambda: q.dead_letter_parts(eid, parts, deliveries), what="Redis (dead letters and ack)")
         self.metrics.dead.inc(len(parts))
         self.metrics.dead_rows.inc(done.refused_rows)
         self.totals["dead"] += len(parts)
@@ -214,77 +224,82 @@ class Collector:
                      f", {w.refused} dead-lettered" if w.refused else "", w.transactions, w.seconds * 1000)
         self._window = _Window(self.clock())
 
-    def _dead(self, eid: bytes, fields: dict, error: str, deliveries: int = 0) -> None:
-        log.error("Dead-lettering entry %s to %s: %s", eid.decode(), self.queue.dead_stream, error)
-        self._redis(lambda: self.queue.dead_letter(eid, fields, error, deliveries))
+    def _dead(self, q: Queue, eid: bytes, fields: dict, error: str, deliveries: int = 0) -> None:
+        log.error("Dead-lettering entry %s to %s: %s", eid.decode(), q.dead_stream, error)
+        self._redis(lambda: q.dead_letter(eid, fields, error, deliveries))
         self.metrics.dead.inc()
         self.totals["dead"] += 1
 
     # -- recovery --------------------------------------------------------------------------------
     def recover_own(self) -> None:
-        """Re-process entries this consumer name read before a restart but never acked."""
-        while not self.stop_event.is_set():
-            entries = self._redis(lambda: self.queue.read(self.settings.read_count, pending=True))
-            if not entries:
-                return
-            log.info("Recovering %d pending entries of consumer %s", len(entries), self.queue.consumer)
-            self.process(self._screen(entries))
+        """Re-process entries this consumer name read before a restart but never acked (every partition)."""
+        for q in self.partitions:
+            while not self.stop_event.is_set():
+                entries = self._redis(lambda q=q: q.read(self.settings.read_count, pending=True))
+                if not entries:
+                    break
+                log.info("Recovering %d pending entries of consumer %s in %s", len(entries), q.consumer, q.stream)
+                self.process(self._screen(q, entries), q)
 
     def claim_stale(self) -> int:
-        """Claim and process entries idle past the visibility timeout; returns how many were claimed."""
+        """Claim and process entries idle past the visibility timeout on every partition; returns how many."""
+        return sum(self._claim_stale(q) for q in self.partitions)
+
+    def _claim_stale(self, q: Queue) -> int:
         total = 0
         cursor: bytes | str = b"0-0"
         while not self.stop_event.is_set():
-            claimed = self._redis(lambda c=cursor: self.queue.claim_stale(
+            claimed = self._redis(lambda c=cursor: q.claim_stale(
                 int(self.settings.visibility_timeout_s * 1000), self.settings.read_count, c))
             if claimed.deleted:
                 self.metrics.lost.inc(len(claimed.deleted))
                 self.totals["lost"] += len(claimed.deleted)
                 log.error("DATA LOSS: %d pending entries were deleted from %s before being acknowledged: %s",
-                          len(claimed.deleted), self.queue.stream,
+                          len(claimed.deleted), q.stream,
                           ", ".join(d.decode() if isinstance(d, bytes) else str(d) for d in claimed.deleted[:10]))
             if claimed.entries:
-                log.info("Claimed %d entries idle for more than %.0fs from other consumers",
-                         len(claimed.entries), self.settings.visibility_timeout_s)
+                log.info("Claimed %d entries of %s idle for more than %.0fs from other consumers",
+                         len(claimed.entries), q.stream, self.settings.visibility_timeout_s)
                 self.metrics.claimed.inc(len(claimed.entries))
                 total += len(claimed.entries)
-                self.process(self._screen(claimed.entries))
+                self.process(self._screen(q, claimed.entries), q)
             cursor = claimed.cursor
             if cursor in (b"0-0", "0-0"):
                 break
         return total
 
-    def _screen(self, entries: list[Entry]) -> list[Entry]:
+    def _screen(self, q: Queue, entries: list[Entry]) -> list[Entry]:
         """Dead-letter redelivered entries that have already failed `max_deliveries` times."""
-        counts = self._redis(lambda: self.queue.deliveries([eid for eid, _ in entries]))
+        counts = self._redis(lambda: q.deliveries([eid for eid, _ in entries]))
         keep = []
         for eid, fields in entries:
             n = counts.get(eid, 1)
             if n > self.settings.max_deliveries:
-                self._dead(eid, fields, f"delivered {n} times without being acknowledged "
+                self._dead(q, eid, fields, f"delivered {n} times without being acknowledged "
                            f"(limit {self.settings.max_deliveries}): a collector failed on it each time", n)
             else:
                 keep.append((eid, fields))
         return keep
 
     # -- main loop -------------------------------------------------------------------------------
-    def _reader(self, out: queue.Queue, block_ms: int) -> None:
+    def _reader(self, q: Queue, out: queue.Queue, block_ms: int) -> None:
+        """Read one partition into `out` as (partition queue, entries) until stopped."""
         while not self.stop_event.is_set():
             try:
-                entries = self._redis(lambda: self.queue.read(self.settings.read_count, block_ms))
+                entries = self._redis(lambda: q.read(self.settings.read_count, block_ms), what=f"Redis ({q.stream})")
             except REDIS_ERRORS:
                 break
             for eid, fields in entries:  # decoding here overlaps the write of the previous read
-                self._decoded[eid] = _decode(fields)
+                self._decoded[(q.stream, eid)] = _decode(fields)
             while not self.stop_event.is_set():
                 try:
-                    out.put(entries, timeout=0.5)
+                    out.put((q, entries), timeout=0.5)
                     break
                 except queue.Full:
                     continue
             else:
                 if entries:
-                    self._leftover.extend(entries)
+                    self._leftover.append((q, entries))
         try:
             out.put_nowait(None)
         except queue.Full:
@@ -292,46 +307,54 @@ class Collector:
 
     def run(self, *, drain: bool = False) -> dict[str, int]:
         """Consume until `stop()`; with `drain`, until no undelivered or pending entries remain."""
-        self._redis(self.queue.ensure_group)
+        self._redis(self.partitions.ensure_group)
         self._db_writer()
         maintainer = self._start_maintainer()
         self.recover_own()
         prefetched: queue.Queue = queue.Queue(maxsize=2)
         block_ms = min(self.settings.block_ms, 200) if drain else self.settings.block_ms
-        reader = threading.Thread(target=self._reader, args=(prefetched, block_ms), daemon=True,
-                                  name="stream-reader")
-        reader.start()
+        readers = [threading.Thread(target=self._reader, args=(q, prefetched, block_ms), daemon=True,
+                                    name=f"stream-reader-{i}") for i, q in enumerate(self.partitions)]
+        for reader in readers:
+            reader.start()
         next_sweep = self.clock()
         sweep_every = max(1.0, self.settings.visibility_timeout_s / 2)
+        idle_reads = 0  # empty reads since the last sweep: one per partition makes an idle sweep
         try:
             while not self.stop_event.is_set():
                 try:
-                    entries = prefetched.get(timeout=self.settings.block_ms / 1000 + 1)
+                    item = prefetched.get(timeout=self.settings.block_ms / 1000 + 1)
                 except queue.Empty:
-                    entries = []
-                if entries is None:
+                    item = (self.queue, [])
+                if item is None:
                     break
+                source, entries = item
                 if entries:
-                    self.process(entries)
+                    self.process(entries, source)
                 now = self.clock()
-                if not entries or now >= next_sweep:
-                    next_sweep = now + sweep_every
+                idle_reads = 0 if entries else idle_reads + 1
+                if idle_reads >= len(self.partitions) or now >= next_sweep:
+                    next_sweep, idle_reads = now + sweep_every, 0
                     self.claim_stale()
                     self._housekeeping()
                     if not entries and drain and self._drained():
-                        log.info("Drained: no undelivered or pending entries remain in %s", self.queue.stream)
+                        log.info("Drained: no undelivered or pending entries remain in %s", self._where())
                         break
         finally:
             self.stop_event.set()
             if maintainer is not None:
                 maintainer[0].stop()
-            reader.join(timeout=self.settings.block_ms / 1000 + 5)
+            for reader in readers:
+                reader.join(timeout=self.settings.block_ms / 1000 + 5)
             while not prefetched.empty():
-                self._leftover.extend(prefetched.get_nowait() or [])
+                item = prefetched.get_nowait()
+                if item is not None and item[1]:
+                    self._leftover.append(item)
             if self._leftover:
-                log.info("Writing %d entries read before the stop", len(self._leftover))
+                log.info("Writing %d entries read before the stop", sum(len(e) for _, e in self._leftover))
                 try:
-                    self.process(self._leftover)
+                    for source, entries in self._leftover:
+                        self.process(entries, source)
                 except Exception as err:  # noqa: BLE001 (they stay pending and will be claimed)
                     log.warning("Could not write them (%s); they stay pending for another collector", err)
             self.close()
@@ -344,14 +367,14 @@ class Collector:
 
     def _housekeeping(self) -> None:
         """Trim what every group acknowledged, drop consumers left by restarts, refresh the gauges."""
-        self._redis(self.queue.safe_trim)
-        removed = self._redis(lambda: self.queue.prune_consumers(self.settings.consumer_idle_limit_s))
+        self._redis(self.partitions.safe_trim)
+        removed = self._redis(lambda: self.partitions.prune_consumers(self.settings.consumer_idle_limit_s))
         if removed:
             log.info("Removed %d consumers idle for more than %.0fs with nothing pending: %s", len(removed),
                      self.settings.consumer_idle_limit_s, ", ".join(removed[:10]))
-        self.metrics.lag.set(self._redis(self.queue.backlog))
-        self.metrics.side_totals.labels("dead").set(self._redis(self.queue.dead_count))
-        self.metrics.side_totals.labels("rejected").set(self._redis(self.queue.rejected_count))
+        self.metrics.lag.set(self._redis(self.partitions.backlog))
+        self.metrics.side_totals.labels("dead").set(self._redis(self.partitions.dead_count))
+        self.metrics.side_totals.labels("rejected").set(self._redis(self.partitions.rejected_count))
 
     def _start_maintainer(self) -> tuple[Maintainer, threading.Thread] | None:
         """The background maintenance leader candidate (one per collector; only the lock holder works)."""
@@ -362,8 +385,12 @@ class Collector:
         t.start()
         return m, t
 
+    def _where(self) -> str:
+        n = len(self.partitions)
+        return self.queue.stream if n == 1 else f"{self.partitions.stream} ({n} partitions)"
+
     def _drained(self) -> bool:
-        backlog = self._redis(self.queue.backlog)
+        backlog = self._redis(self.partitions.backlog)
         if backlog:
             log.info("Draining: %d entries still undelivered or pending (claimable after %.0fs idle)",
                      backlog, self.settings.visibility_timeout_s)

@@ -1,5 +1,8 @@
 """Source → Redis stream: batch samples into stream entries, with pacing, re-stamping, sharding, backpressure.
 
+With stream partitions each GPU's samples go to its own partition (`streams.partition_of`), batched per
+partition, and backpressure watches the partitions about to be published to.
+
 Publishing never skips a row: a Redis outage is retried with backoff (a retried pipeline may add an
 entry twice, which the idempotent database write absorbs). Rejected rows go to `<stream>:rejected`.
 """
@@ -12,7 +15,6 @@ import logging
 import multiprocessing
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,7 +23,7 @@ from telemetry_nb.config import Settings
 from telemetry_nb.model import Rejected, Sample
 from telemetry_nb.observability import PipelineMetrics
 from telemetry_nb.pipeline import codec
-from telemetry_nb.pipeline.streams import Queue, T, retry_redis
+from telemetry_nb.pipeline.streams import Partitions, Queue, T, as_partitions, partition_of, retry_redis
 
 log = logging.getLogger(__name__)
 MAX_LOGGED_REJECTS = 100
@@ -30,7 +32,7 @@ LOG_EVERY_S = 5.0
 
 def shard_of(uuid: str, count: int) -> int:
     """Stable shard of a GPU: the same uuid always lands on the same one of `count` streamers."""
-    return zlib.crc32(uuid.encode()) % count if count > 1 else 0
+    return partition_of(uuid, count)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -59,10 +61,10 @@ class Streamer:
     pass a fake clock instead of waiting; with the default `time.sleep`, `stop()` interrupts a wait.
     """
 
-    def __init__(self, queue: Queue, settings: Settings, *, metrics: PipelineMetrics | None = None,
+    def __init__(self, queue: Queue | Partitions, settings: Settings, *, metrics: PipelineMetrics | None = None,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
                  pipeline_depth: int = 10, progress: Callable[[int], None] | None = None):
-        self.queue = queue
+        self.queue = as_partitions(queue)
         self.settings = settings
         self.metrics = metrics or PipelineMetrics()
         self.clock = clock
@@ -71,7 +73,7 @@ class Streamer:
         self.progress = progress
         self.stop_event = threading.Event()
         self.summary = Summary()
-        self._pending: list[dict[bytes, bytes]] = []
+        self._pending: list[tuple[int, dict[bytes, bytes]]] = []  # (partition, entry fields)
         self._pending_rows = 0
         self._rejects: list[Rejected] = []
         self._repeat_rejects = 0
@@ -116,23 +118,30 @@ class Streamer:
             self._redis(self.queue.ensure_group)
             self._group_ready = True
         shard_i, shard_n = self.settings.shard_index, self.settings.shard_count
+        parts = len(self.queue)
         size = self.settings.batch_size
-        batch: list[tuple[codec.Series, str, str, float]] = []
+        batches: dict[int, list[tuple[codec.Series, str, str, float]]] = {}
         kept = 0
         for row in rows:
             if type(row) is Rejected:
                 self._reject(row)
                 continue
-            if shard_n > 1 and row[0].shard(shard_n, shard_of) != shard_i:
+            series = row[0]
+            if shard_n > 1 and series.shard(shard_n, shard_of) != shard_i:
                 continue
+            p = partition_of(series.uuid, parts) if parts > 1 else 0
+            batch = batches.get(p)
+            if batch is None:
+                batch = batches[p] = []
             batch.append(row)
             if len(batch) >= size:
                 kept += len(batch)
-                self._take(([(codec.encode_series(batch), len(batch))], []))
-                batch = []
-        if batch:
-            kept += len(batch)
-            self._take(([(codec.encode_series(batch), len(batch))], []))
+                self._take(([(codec.encode_series(batch), len(batch), p)], []))
+                batches[p] = []
+        for p, batch in batches.items():
+            if batch:
+                kept += len(batch)
+                self._take(([(codec.encode_series(batch), len(batch), p)], []))
         self.flush()
         return kept
 
@@ -140,7 +149,7 @@ class Streamer:
         if self.summary.published > self._logged_rows:
             log.info("Published %d rows in %d entries since the last report (%d in all) to %s",
                      self.summary.published - self._logged_rows, self.summary.entries - self._logged_entries,
-                     self.summary.published, self.queue.stream)
+                     self.summary.published, self._where())
         log.info("Streamer done: published=%d rejected=%d entries=%d passes=%d", self.summary.published,
                  self.summary.rejected, self.summary.entries, self.summary.passes)
 
@@ -156,6 +165,7 @@ class Streamer:
         self._redis(self.queue.ensure_group)
         self._started = self.clock()
         shard = (self.settings.shard_index, self.settings.shard_count)
+        parts = len(self.queue)
         inflight: collections.deque[concurrent.futures.Future] = collections.deque()
         ctx = multiprocessing.get_context("fork")
         try:
@@ -163,7 +173,8 @@ class Streamer:
                 for chunk in split_records(path):
                     if self.stop_event.is_set():
                         break
-                    inflight.append(pool.submit(encode_chunk, chunk, self.settings.batch_size, shard, limits))
+                    inflight.append(pool.submit(encode_chunk, chunk, self.settings.batch_size, shard, limits,
+                                                 parts))
                     if len(inflight) >= 2 * workers:
                         self._take(inflight.popleft().result())
                 while inflight:
@@ -174,12 +185,13 @@ class Streamer:
         self._done_log()
         return self.summary
 
-    def _take(self, result: tuple[list[tuple[dict, int]], list[Rejected]]) -> None:
+    def _take(self, result: tuple[list[tuple[dict, int, int]], list[Rejected]]) -> None:
+        """Buffer encoded (fields, rows, partition) entries and count rejected rows."""
         entries, rejected = result
         for row in rejected:
             self._reject(row)
-        for fields, n in entries:
-            self._pending.append(fields)
+        for fields, n, p in entries:
+            self._pending.append((p, fields))
             self._pending_rows += n
             if len(self._pending) >= self.pipeline_depth:
                 self.flush()
@@ -187,7 +199,8 @@ class Streamer:
     def _one_pass(self, rows: Iterable[Sample | Rejected], timestamps: str, rate: float | None,
                   not_before: datetime | None) -> datetime | None:
         shard_i, shard_n = self.settings.shard_index, self.settings.shard_count
-        batch: list[Sample] = []
+        parts = len(self.queue)
+        batches: dict[int, list[Sample]] = {}
         size = self.settings.batch_size
         offset: timedelta | None = None
         last: datetime | None = None
@@ -206,27 +219,31 @@ class Streamer:
                 row.ts = row.ts + offset
                 wait = row.ts.timestamp() - self.clock()
                 if wait > 0:
-                    self._emit(batch)
-                    batch = []
+                    for p in list(batches):
+                        self._emit(batches.pop(p), p)
                     self.flush()
                     self._sleep(wait)
                     if self.stop_event.is_set():
                         break
             if last is None or row.ts > last:
                 last = row.ts
+            p = partition_of(row.uuid, parts) if parts > 1 else 0
+            batch = batches.get(p)
+            if batch is None:
+                batch = batches[p] = []
             batch.append(row)
             if len(batch) >= size:
-                self._emit(batch)
-                batch = []
+                self._emit(batches.pop(p), p)
                 if rate:
                     self._pace(rate)
-        self._emit(batch)
+        for p in list(batches):
+            self._emit(batches.pop(p), p)
         return last
 
-    def _emit(self, batch: list[Sample]) -> None:
+    def _emit(self, batch: list[Sample], partition: int = 0) -> None:
         if not batch:
             return
-        self._pending.append(codec.encode(batch))
+        self._pending.append((partition, codec.encode(batch)))
         self._pending_rows += len(batch)
         if len(self._pending) >= self.pipeline_depth:
             self.flush()
@@ -238,10 +255,10 @@ class Streamer:
             self._redis(lambda: self.queue.reject(rejects, self.source_name))
         if self._repeat_rejects:
             repeats, self._repeat_rejects = self._repeat_rejects, 0
-            self._redis(lambda: self.queue.count_rejected(repeats))
+            self._redis(lambda: self.queue.count_rejected(repeats, self.source_name))
         if not self._pending:
             return
-        self._wait_for_consumers()
+        self._wait_for_consumers({p for p, _ in self._pending})
         entries, rows = self._pending, self._pending_rows
         self._pending, self._pending_rows = [], 0
         self._redis(lambda: self.queue.publish(entries))
@@ -254,7 +271,7 @@ class Streamer:
         if now - self._last_log >= LOG_EVERY_S:
             log.info("Published %d rows in %d entries since the last report (%d in all) to %s",
                      self.summary.published - self._logged_rows, self.summary.entries - self._logged_entries,
-                     self.summary.published, self.queue.stream)
+                     self.summary.published, self._where())
             self._last_log, self._logged_rows, self._logged_entries = now, self.summary.published, self.summary.entries
 
     def _reject(self, row: Rejected) -> None:
@@ -272,7 +289,12 @@ class Streamer:
         if len(self._rejects) >= 1000:
             self.flush()
 
-    def _wait_for_consumers(self) -> None:
+    def _where(self) -> str:
+        n = len(self.queue)
+        return self.queue.stream if n == 1 else f"{self.queue.stream} ({n} partitions)"
+
+    def _wait_for_consumers(self, partitions: set[int]) -> None:
+        """Wait while a partition about to be published to has more than high-water entries unacknowledged."""
         high = self.settings.high_water
         if high <= 0:
             return
@@ -280,25 +302,25 @@ class Streamer:
         if self.summary.entries - self._entries_at_check < max(1, high // 4):
             return
         self._entries_at_check = self.summary.entries
-        backlog = self._redis(self.queue.backlog)
-        if backlog <= high:
+        backlogs = self._redis(lambda: self.queue.backlogs(partitions))
+        if max(backlogs.values(), default=0) <= high:
             return
-        self._redis(self.queue.safe_trim)
         waited = False
         while not self.stop_event.is_set():
-            self._redis(self.queue.safe_trim)  # backlog is read-only: trim what was acked since
-            backlog = self._redis(self.queue.backlog)
-            self.metrics.lag.set(backlog)
-            if backlog <= high * 0.8:
+            self._redis(lambda: self.queue.safe_trim(partitions))  # backlog is read-only: trim what was acked since
+            backlogs = self._redis(lambda: self.queue.backlogs(partitions))
+            worst = max(backlogs, key=backlogs.__getitem__)
+            self.metrics.lag.set(sum(backlogs.values()))
+            if backlogs[worst] <= high * 0.8:
                 break
             if not waited:
-                log.info("Backpressure: %d entries unacknowledged by group %r (high-water %d); waiting",
-                         backlog, self.queue.group, high)
+                log.info("Backpressure: %d entries unacknowledged by group %r in %s (high-water %d); waiting",
+                         backlogs[worst], self.queue.group, self.queue[worst].stream, high)
                 self.metrics.backpressure.inc()
                 waited = True
             self._sleep(0.2)
         if waited:
-            log.info("Backpressure released: %d entries unacknowledged", backlog)
+            log.info("Backpressure released: %d entries unacknowledged", sum(backlogs.values()))
 
     def _pace(self, rate: float) -> None:
         due = self._started + (self.summary.published + self._pending_rows) / rate
@@ -314,25 +336,31 @@ class Streamer:
         self.stop_event.set()
 
 
-def encode_chunk(chunk, batch_size: int, shard: tuple[int, int], limits=None
-                 ) -> tuple[list[tuple[dict, int]], list[Rejected]]:
-    """Parse one chunk of a CSV file and encode its samples in batches (runs in a worker process)."""
+def encode_chunk(chunk, batch_size: int, shard: tuple[int, int], limits=None, partitions: int = 1
+                 ) -> tuple[list[tuple[dict, int, int]], list[Rejected]]:
+    """Parse one chunk of a CSV file and encode its samples in batches per partition (runs in a worker process).
+
+    Returns (fields, rows, partition) entries and the rejected rows.
+    """
     from telemetry_nb.sources.dcgm_csv import read_chunk
 
     shard_i, shard_n = shard
-    entries: list[tuple[dict, int]] = []
+    entries: list[tuple[dict, int, int]] = []
     rejected: list[Rejected] = []
-    batch: list[Sample] = []
+    batches: dict[int, list[Sample]] = {}
     for row in read_chunk(chunk, with_labels=True, limits=limits):
         if isinstance(row, Rejected):
             rejected.append(row)
         elif shard_n <= 1 or shard_of(row.uuid, shard_n) == shard_i:
+            p = partition_of(row.uuid, partitions) if partitions > 1 else 0
+            batch = batches.setdefault(p, [])
             batch.append(row)
             if len(batch) >= batch_size:
-                entries.append((codec.encode(batch), len(batch)))
-                batch = []
-    if batch:
-        entries.append((codec.encode(batch), len(batch)))
+                entries.append((codec.encode(batch), len(batch), p))
+                batches[p] = []
+    for p, batch in batches.items():
+        if batch:
+            entries.append((codec.encode(batch), len(batch), p))
     return entries, rejected
 
 

@@ -7,34 +7,98 @@ entry is ever removed.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from telemetry_nb.backoff import Backoff, retry
 from telemetry_nb.model import Rejected
 
+if TYPE_CHECKING:
+    from telemetry_nb.config import Settings
+
 T = TypeVar("T")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+# a Redis Cluster node that is down or failing over answers CLUSTERDOWN/MASTERDOWN, or leaves a slot uncovered
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
-                redis.exceptions.TryAgainError, ConnectionError, OSError)
+                redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError,
+                redis.exceptions.RedisClusterException, ConnectionError, OSError)
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
-def connect(url: str, *, timeout_s: float = 10.0) -> redis.Redis:
-    """A client for `redis://`, `rediss://` (TLS) or `unix://` URLs, with sane socket timeouts."""
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                health_check_interval=30)
+def is_cluster_url(url: str) -> bool:
+    """`redis+cluster://` or `rediss+cluster://` (TLS): a Redis Cluster, reached through any of its nodes."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
 
 
-def redis_probe(url: str, timeout_s: float = 2.0) -> Callable[[], object]:
-    """A cheap readiness probe: PING over a client of its own with short timeouts; raises when Redis is down."""
-    client = connect(url, timeout_s=timeout_s)
-    return client.ping
+def connect(url: str, *, timeout_s: float = 10.0) -> redis.Redis | RedisCluster:
+    """A client for `redis://`, `rediss://` (TLS) or `unix://` URLs, or a cluster client for
+    `redis+cluster://host:port[,host:port…]` (the nodes listed are only where discovery starts)."""
+    options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "health_check_interval": 30}
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url, **options)
+    parts = urlsplit(url)
+    auth, _, hosts = parts.netloc.rpartition("@")
+    nodes = [h.strip() for h in hosts.split(",") if h.strip()]
+    if not nodes:
+        raise ValueError(f"no node in Redis Cluster URL {parts.scheme}://…: use redis+cluster://host:port")
+    first = f"{auth}@{nodes[0]}" if auth else nodes[0]
+    plain = urlunsplit((CLUSTER_SCHEMES[parts.scheme], first, parts.path, parts.query, parts.fragment))
+    startup = []
+    for node in nodes[1:]:
+        host, _, port = node.rpartition(":")
+        startup.append(ClusterNode(host or node, int(port) if host else 6379))
+    # a few quick attempts per call: while a master is down the caller's own backoff retries, and logs it
+    return RedisCluster.from_url(plain, startup_nodes=startup, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+                                 **options)
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def redis_probe(url: str, timeout_s: float = 2.0, stream: str = "telemetry", partitions: int = 1
+                ) -> Callable[[], object]:
+    """A cheap readiness probe with short timeouts; raises when Redis is down. On a cluster it asks the
+    node of every partition key (EXISTS), so a down master that holds a partition fails it; the cluster
+    client is made on the first call, so a process starts while the cluster is down."""
+    if not is_cluster_url(url):
+        return connect(url, timeout_s=timeout_s).ping
+    keys = partition_keys(stream, partitions, cluster=True)
+    made: list[redis.Redis | RedisCluster] = []
+
+    def probe() -> int:
+        if not made:
+            made.append(connect(url, timeout_s=timeout_s))
+        return sum(int(made[0].exists(k)) for k in keys)
+    return probe
+
+
+def partition_keys(stream: str, count: int = 1, *, cluster: bool = False) -> list[str]:
+    """The stream keys of `count` partitions: `stream` itself for one partition on a plain Redis (the
+    names deployments always had), else `stream:{0}` … `stream:{N-1}`. The hash tag puts a partition's
+    side keys (`…:dead`, `…:rejected`, their totals) in its slot, so MULTI and Lua over them work on a cluster."""
+    if count < 1:
+        raise ValueError(f"stream partitions must be at least 1, got {count}")
+    if count == 1 and not cluster:
+        return [stream]
+    return [f"{stream}:{{{i}}}" for i in range(count)]
+
+
+def partition_of(uuid: str, count: int) -> int:
+    """Stable partition of a GPU: the same uuid always goes to the same one of `count` (crc32, like shards)."""
+    return zlib.crc32(uuid.encode()) % count if count > 1 else 0
 
 
 def retry_redis(fn: Callable[[], T], *, log: logging.Logger, retry_max_s: float, on_retry: Callable[[], None],
@@ -189,11 +253,11 @@ class Queue:
         entries: list[Entry] = []
         holes = False
         for item in raw_entries:
-            if item is None or item[1] is None:
+            if item is None or not item[1]:  # a live entry has fields; a cluster client parses a hole to {}
                 holes = True
                 continue
-            flat = item[1]
-            entries.append((item[0], dict(zip(flat[::2], flat[1::2], strict=True))))
+            flat = item[1]  # raw [k, v, …]; a cluster client's nodes parse replies themselves: {k: v}
+            entries.append((item[0], flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2], strict=True))))
         if holes:
             deleted.extend(self._deleted_among_ours(cursor, next_cursor, {eid for eid, _ in entries}))
         if deleted:
@@ -347,6 +411,156 @@ class Queue:
     def read_rejected(self, count: int = 100) -> list[dict[str, str]]:
         """The oldest rejected rows (line, reason, raw, source)."""
         return [_decode(fields) for _, fields in self.r.xrange(self.rejected_stream, count=count)]
+
+
+
+class Partitions:
+    """The partition queues of one stream: where a GPU's entries go, and totals over all partitions.
+
+    Every partition is a `Queue` of its own (stream, consumer group, dead-letter and rejected streams);
+    one partition on a plain Redis is exactly the single stream of old.
+    """
+
+    def __init__(self, queues: list[Queue], stream: str | None = None):
+        if not queues:
+            raise ValueError("at least one partition queue is needed")
+        self.queues = queues
+        self.r = queues[0].r
+        self.stream = stream or queues[0].stream  # the configured name, for log lines
+        self.group = queues[0].group
+        self.consumer = queues[0].consumer
+
+    @classmethod
+    def open(cls, client: redis.Redis | RedisCluster, stream: str, group: str = "collectors", consumer: str = "c1",
+             *, count: int = 1, side_maxlen: int = 100_000) -> Partitions:
+        """The `count` partitions of `stream` (names from `partition_keys`; hash-tagged on a cluster)."""
+        keys = partition_keys(stream, count, cluster=is_cluster(client))
+        return cls([Queue(client, k, group, consumer, side_maxlen=side_maxlen) for k in keys], stream)
+
+    @property
+    def rejected_stream(self) -> str:
+        return self.queues[0].rejected_stream if len(self) == 1 else f"{self.stream}:{{0..{len(self) - 1}}}:rejected"
+
+    @property
+    def dead_stream(self) -> str:
+        return self.queues[0].dead_stream if len(self) == 1 else f"{self.stream}:{{0..{len(self) - 1}}}:dead"
+
+    def __len__(self) -> int:
+        return len(self.queues)
+
+    def __iter__(self) -> Iterator[Queue]:
+        return iter(self.queues)
+
+    def __getitem__(self, i: int) -> Queue:
+        return self.queues[i]
+
+    def index(self, uuid: str) -> int:
+        """The partition of a GPU."""
+        return partition_of(uuid, len(self.queues))
+
+    # -- producer side -------------------------------------------------------------------------
+    def ensure_group(self) -> None:
+        for q in self.queues:
+            q.ensure_group()
+
+    def publish(self, entries: Iterable[tuple[int, dict[bytes, bytes]]]) -> list[bytes]:
+        """XADD (partition, fields) entries in one pipeline (on a cluster, one round trip per node)."""
+        pipe = self.r.pipeline(transaction=False)
+        for p, fields in entries:
+            pipe.xadd(self.queues[p].stream, fields)
+        return pipe.execute()
+
+    def _source_queue(self, source: str) -> Queue:
+        # a source's rejected rows stay in one partition, in line order, for whoever reads them
+        return self.queues[partition_of(source, len(self.queues))]
+
+    def reject(self, rows: Iterable[Rejected], source: str = "") -> int:
+        rows = list(rows)
+        by_queue: dict[int, list[Rejected]] = {}
+        for row in rows:
+            by_queue.setdefault(partition_of(row.source or source, len(self.queues)), []).append(row)
+        return sum(self.queues[p].reject(part, source) for p, part in by_queue.items())
+
+    def count_rejected(self, n: int, source: str = "") -> None:
+        self._source_queue(source).count_rejected(n)
+
+    # -- consumer side and health, per partition and in total ------------------------------------
+    def backlogs(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
+        """Unacknowledged entries of our group per partition (all of them, or those named)."""
+        chosen = range(len(self.queues)) if partitions is None else sorted(set(partitions))
+        return {p: self.queues[p].backlog() for p in chosen}
+
+    def backlog(self) -> int:
+        return sum(self.backlogs().values())
+
+    def pending_count(self) -> int:
+        return sum(q.pending_count() for q in self.queues)
+
+    def safe_trim(self, partitions: Iterable[int] | None = None) -> int:
+        chosen = range(len(self.queues)) if partitions is None else sorted(set(partitions))
+        return sum(self.queues[p].safe_trim() for p in chosen)
+
+    def prune_consumers(self, idle_s: float) -> list[str]:
+        out: list[str] = []
+        for q in self.queues:
+            out.extend(n for n in q.prune_consumers(idle_s) if n not in out)
+        return out
+
+    def dead_count(self) -> int:
+        return sum(q.dead_count() for q in self.queues)
+
+    def rejected_count(self) -> int:
+        return sum(q.rejected_count() for q in self.queues)
+
+    def group_uses(self) -> list[tuple[str, GroupUse]]:
+        """(partition key, group use) for every group on every partition."""
+        return [(q.stream, g) for q in self.queues for g in q.group_uses()]
+
+    def read_dead(self, count: int = 100) -> list[dict[str, str]]:
+        """The newest dead-letter entries over all partitions (newest first, by when they were dead-lettered)."""
+        if len(self.queues) == 1:
+            return self.queues[0].read_dead(count)
+        every = [d for q in self.queues for d in q.read_dead(count)]
+        return heapq.nlargest(count, every, key=lambda d: float(d.get("at") or 0))
+
+    def read_rejected(self, count: int = 100) -> list[dict[str, str]]:
+        """The oldest rejected rows of each partition, a source's rows in line order."""
+        if len(self.queues) == 1:
+            return self.queues[0].read_rejected(count)
+        every = [r for q in self.queues for r in q.read_rejected(count)]
+        return sorted(every, key=lambda r: (r.get("source", ""), _int(r.get("line"))))[:count]
+
+
+def as_partitions(queue: Queue | Partitions) -> Partitions:
+    """A `Partitions` for either: one plain `Queue` is the one partition."""
+    return queue if isinstance(queue, Partitions) else Partitions([queue])
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+def open_partitions(settings: Settings, client: redis.Redis | RedisCluster | None = None, *,
+                    timeout_s: float = 10.0, wait: bool = True) -> Partitions:
+    """The configured stream's partitions (`TELEMETRY_STREAM_PARTITIONS`) over `client` or a new one;
+    `wait`: a cluster client waits (with backoff) until some node answers discovery."""
+    if client is None:
+        if is_cluster_url(settings.redis_url) and wait:  # discovery needs a node: wait for one, as for any outage
+            client = retry(lambda: connect(settings.redis_url, timeout_s=timeout_s), what="Redis Cluster",
+                           errors=REDIS_ERRORS, log=logging.getLogger(__name__),
+                           backoff=Backoff(settings.retry_max_s), on_retry=lambda _e: None,
+                           should_stop=lambda: False)
+        else:
+            client = connect(settings.redis_url, timeout_s=timeout_s)
+    return Partitions.open(client, settings.stream, settings.group, settings.consumer,
+                           count=settings.stream_partitions, side_maxlen=settings.side_maxlen)
+
+
+def partitions_probe(settings: Settings, timeout_s: float = 2.0) -> Callable[[], object]:
+    """`redis_probe` for the configured stream and partitions."""
+    return redis_probe(settings.redis_url, timeout_s, settings.stream, settings.stream_partitions)
 
 
 def _str(v: bytes | str) -> str:

@@ -348,6 +348,31 @@ def test_config_values_reach_the_configmap(render):
     assert cm["TELEMETRY_HIGH_WATER"] == "5000"
 
 
+def test_stream_partitions_reach_streamer_scraper_collector_api_and_helm_test(render):
+    assert render("same-cluster").env_configmap()["TELEMETRY_STREAM_PARTITIONS"] == "1"  # the single key
+    for values in ({"streamPartitions": 6}, {"streamPartitions": 6, "streamer": {"source": "scrape"}}):
+        rendered = render(values)
+        assert rendered.env_configmap()["TELEMETRY_STREAM_PARTITIONS"] == "6"
+        for component in ("streamer", "collector", "api-gateway", "deployment-check"):
+            envs = main_container(rendered.one(component))["envFrom"]
+            assert {"configMapRef": {"name": f"{PREFIX}-env"}} in envs, component
+
+
+def test_external_redis_cluster_url(render):
+    from telemetry_nb.pipeline.streams import is_cluster_url
+
+    base = {"redis": {"enabled": False}, "streamPartitions": 6,
+            "externalRedis": {"host": "redis-0.example.com", "port": 7000, "cluster": True, "password": "pw-123456"}}
+    url = render(base).env_configmap()["REDIS_URL"]
+    assert url == "redis+cluster://redis-0.example.com:7000" and is_cluster_url(url)
+    seeds = deep_merge(base, {"externalRedis": {"clusterNodes": ["redis-1.example.com:7000", "10.0.0.3:7001"],
+                                                "tls": {"enabled": True, "caSecret": "ca"}}})
+    url = render(seeds).env_configmap()["REDIS_URL"]
+    assert url == ("rediss+cluster://redis-0.example.com:7000,redis-1.example.com:7000,10.0.0.3:7001"
+                   "?ssl_ca_certs=/etc/telemetry/redis-ca/ca.crt")
+    assert "pw-123456" not in url
+
+
 # -------------------------------------------------------------- redis + database ---------
 
 
@@ -513,6 +538,8 @@ BAD_VALUES = [
     ({"securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser"),
     ({"networkPolicy": {"enabled": 1}}, "/networkPolicy/enabled"),
     ({"config": {"batchSize": 0}}, "/config/batchSize"),
+    ({"streamPartitions": 0}, "/streamPartitions"),
+    ({"externalRedis": {"clusterNodes": ["a:1,b:2"]}}, "/externalRedis/clusterNodes/0"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"notebookImage": {"pullPolicy": "Sometimes"}}, "/notebookImage/pullPolicy"),
     ({"redis": {"replicas": 3}}, "/redis/replicas"),
@@ -565,8 +592,12 @@ def test_schema_covers_every_values_key(chart):
     ({"streamer": {"input": {"type": "url"}}}, "streamer.input.url.url"),
     ({"streamer": {"input": {"configMap": {"data": ""}}}}, "streamer.input.configMap.name"),
     ({"apiGateway": {"enabled": False}}, "dashboard.apiUrl is required"),
+    ({"externalRedis": {"cluster": True}}, "externalRedis.cluster=true needs redis.enabled=false"),
+    ({"redis": {"enabled": False}, "externalRedis": {"host": "r", "cluster": True, "db": 2}},
+     "externalRedis.cluster=true needs externalRedis.db=0"),
 ], ids=["edge-no-redis-host", "central-no-redis-host", "hybrid-no-db-host", "redis-twice", "db-twice",
-        "pvc-no-claim", "url-no-url", "configmap-no-data", "dashboard-no-api"])
+        "pvc-no-claim", "url-no-url", "configmap-no-data", "dashboard-no-api", "cluster-builtin-redis",
+        "cluster-db"])
 def test_incomplete_values_fail_with_a_clear_message(helm, chart, values, message):
     with pytest.raises(helm.HelmError, match=re.escape(message)):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)

@@ -104,11 +104,16 @@ helm.sh/chart: {{ include "tp.chart" . }}
 
 {{- define "tp.redis.caPath" -}}/etc/telemetry/redis-ca/{{ .Values.externalRedis.tls.caKey }}{{- end -}}
 
-{{/* REDIS_URL: scheme://host:port/db, never with a password (REDIS_PASSWORD carries it). */}}
+{{/* REDIS_URL: scheme://host:port/db, never with a password (REDIS_PASSWORD carries it);
+     for an external Redis Cluster redis+cluster://host:port[,node…] (rediss+cluster with TLS). */}}
 {{- define "tp.redis.url" -}}
 {{- $scheme := ternary "rediss" "redis" (eq (include "tp.redis.tls" .) "true") -}}
 {{- $db := ternary 0 .Values.externalRedis.db .Values.redis.enabled -}}
 {{- $url := printf "%s://%s:%v/%v" $scheme (include "tp.redis.host" .) (include "tp.redis.port" .) $db -}}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.cluster -}}
+{{- $nodes := prepend (.Values.externalRedis.clusterNodes | default list) (printf "%s:%v" (include "tp.redis.host" .) (include "tp.redis.port" .)) -}}
+{{- $url = printf "%s+cluster://%s" $scheme (join "," $nodes) -}}
+{{- end -}}
 {{- $query := list -}}
 {{- if eq (include "tp.redis.tls" .) "true" -}}
 {{- if .Values.externalRedis.tls.caSecret -}}
@@ -186,6 +191,12 @@ db-password
 {{- $v := .Values -}}
 {{- if and $v.redis.enabled $v.externalRedis.host -}}
 {{- fail "redis.enabled=true and externalRedis.host are both set: set redis.enabled=false to use an external Redis" -}}
+{{- end -}}
+{{- if and $v.externalRedis.cluster $v.redis.enabled -}}
+{{- fail "externalRedis.cluster=true needs redis.enabled=false and externalRedis.host (the built-in Redis is one node)" -}}
+{{- end -}}
+{{- if and $v.externalRedis.cluster (ne (int $v.externalRedis.db) 0) -}}
+{{- fail "externalRedis.cluster=true needs externalRedis.db=0 (a Redis Cluster has only database 0)" -}}
 {{- end -}}
 {{- if and $v.postgresql.enabled $v.externalDatabase.host -}}
 {{- fail "postgresql.enabled=true and externalDatabase.host are both set: set postgresql.enabled=false to use an external database" -}}
