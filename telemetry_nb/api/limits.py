@@ -33,6 +33,12 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def serve_workers(flag: int | None, env: Mapping[str, str] | None = None) -> int:
+    """`serve --workers`: the flag, else $TELEMETRY_API_WORKERS, else `default_workers()`."""
+    env = os.environ if env is None else env
+    return flag if flag is not None else _int(env, "TELEMETRY_API_WORKERS", default_workers(), 1)
+
+
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     raw = env.get(name) or ""
     try:

@@ -56,8 +56,9 @@ _OUTAGE_CLASSES = ("08", "53", "57", "58")  # connection, resources, operator in
 class Store:
     """Readers over a connection pool; an unreachable or overloaded database is a 503, never a 500."""
 
-    def __init__(self, pool: psycopg_pool.ConnectionPool, *, timeout_s: float = 5.0):
+    def __init__(self, pool: psycopg_pool.ConnectionPool, *, timeout_s: float = 5.0, retry_after_s: int = 1):
         self.pool, self.timeout_s = pool, timeout_s
+        self.retry = {"Retry-After": str(retry_after_s)}
 
     @contextmanager
     def reader(self) -> Iterator[Reader]:
@@ -65,12 +66,12 @@ class Store:
             with self.pool.connection(timeout=self.timeout_s) as conn:
                 yield Reader(conn, missing_schema_is_empty=True)
         except psycopg_pool.PoolTimeout as err:
-            raise HTTPException(503, f"database unavailable: {err}") from None
+            raise HTTPException(503, f"database unavailable: {err}", headers=self.retry) from None
         except psycopg.Error as err:
             state = err.sqlstate or ""
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             if not state or state[:2] in _OUTAGE_CLASSES:
-                raise HTTPException(503, f"database unavailable: {first_line}") from None
+                raise HTTPException(503, f"database unavailable: {first_line}", headers=self.retry) from None
             if state.startswith("22"):  # a value PostgreSQL cannot use: the request's fault
                 raise ParamError(f"request: the database refused a value: {first_line}") from None
             raise
