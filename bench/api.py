@@ -167,10 +167,10 @@ async def _load(spec: dict) -> dict:
         stop_at = time.perf_counter() + spec["warmup"] + spec["duration"]
         tasks = [asyncio.create_task(client(i)) for i in range(spec["clients"])]
         await asyncio.sleep(spec["warmup"])
-        counting, started = True, time.perf_counter()
+        counting, started, cpu = True, time.perf_counter(), time.process_time()
         await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
-    return {"ok": lat, "503": lat_503, "errors": errors, "elapsed": elapsed}
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"ok": lat, "503": lat_503, "errors": errors, "elapsed": elapsed, "client_cpu_s": cpu}
 
 
 def run_load(spec: dict) -> dict:
