@@ -21,13 +21,13 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from telemetry_nb import __version__
 from telemetry_nb.api import models
 from telemetry_nb.api.auth import Tokens, bearer_auth
-from telemetry_nb.api.limits import ApiLimits, Gate
+from telemetry_nb.api.limits import ApiLimits, Gate, GateState
 from telemetry_nb.api.params import ParamError
 from telemetry_nb.api.routes import Store, build_v1_router
 from telemetry_nb.pipeline.streams import connect as redis_connect
@@ -72,6 +72,11 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
     registry = CollectorRegistry()
     requests_total = Counter("api_requests", "HTTP requests", ["route", "status"], registry=registry)
     latency = Histogram("api_request_seconds", "HTTP request latency", ["route"], registry=registry)
+    gate = GateState()
+    Gauge("api_requests_running", "/api/v1 requests holding a database slot", registry=registry
+          ).set_function(lambda: gate.running)
+    Gauge("api_requests_waiting", "/api/v1 requests waiting for a database slot", registry=registry
+          ).set_function(lambda: gate.waiting)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -111,7 +116,7 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
             else:
                 await inner(scope, receive, send_status)
         finally:
-            path = getattr(scope.get("route"), "path", "unmatched")
+            path = getattr(scope.get("route"), "path", "overloaded" if scope.get("overloaded") else "unmatched")
             requests_total.labels(path, str(status[0])).inc()
             latency.labels(path).observe(time.perf_counter() - started)
 
@@ -167,7 +172,7 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(build_v1_router(store, bearer_auth(tokens), auth_enabled=tokens is not None))
-    app.add_middleware(Gate, limits=limits)
+    app.add_middleware(Gate, limits=limits, state=gate)
     app.add_middleware(Wrap, around=count_requests)  # outermost: a gated 503 is counted too
     return app
 

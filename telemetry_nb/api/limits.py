@@ -75,41 +75,55 @@ class ApiLimits:
                    max_waiting=_int(env, "TELEMETRY_API_MAX_WAITING", 64, 0))
 
 
+@dataclass
+class GateState:
+    """What the gate is doing now (for /metrics): requests running, waiting, and rejected so far."""
+
+    running: int = 0
+    waiting: int = 0
+    rejected: int = 0
+
+
 class Gate:
     """Pure ASGI middleware: at most `limits.pool_size` requests under `prefix` at once, a bounded line
     for the next ones, and an immediate `503` + `Retry-After` for the rest."""
 
-    def __init__(self, app: Any, limits: ApiLimits, *, prefix: str = "/api/v1"):
+    def __init__(self, app: Any, limits: ApiLimits, *, state: GateState | None = None, prefix: str = "/api/v1"):
         self.app, self.limits, self.prefix = app, limits, prefix
         self.slots = asyncio.Semaphore(limits.pool_size)
-        self.waiting = 0
-        self.rejected = 0
+        self.state = state if state is not None else GateState()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
             await self.app(scope, receive, send)
             return
+        state = self.state
         if self.slots.locked():
-            if self.waiting >= self.limits.max_waiting:
-                await self._reject(send, f"{self.waiting} requests already waiting")
+            if state.waiting >= self.limits.max_waiting:
+                await self._reject(scope, send, f"{state.waiting} requests already waiting for a database "
+                                                "connection")
                 return
-            self.waiting += 1
+            state.waiting += 1
             try:
                 await asyncio.wait_for(self.slots.acquire(), self.limits.queue_timeout_s)
             except TimeoutError:
-                await self._reject(send, f"no database connection free within {self.limits.queue_timeout_s:g}s")
+                await self._reject(scope, send,
+                                   f"no database connection free within {self.limits.queue_timeout_s:g}s")
                 return
             finally:
-                self.waiting -= 1
+                state.waiting -= 1
         else:
             await self.slots.acquire()
+        state.running += 1
         try:
             await self.app(scope, receive, send)
         finally:
+            state.running -= 1
             self.slots.release()
 
-    async def _reject(self, send: Any, why: str) -> None:
-        self.rejected += 1
+    async def _reject(self, scope: dict, send: Any, why: str) -> None:
+        self.state.rejected += 1
+        scope["overloaded"] = True  # for the request metrics: no route was matched
         body = json.dumps({"detail": f"overloaded: {why}; retry later"}).encode()
         await send({"type": "http.response.start", "status": 503,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
