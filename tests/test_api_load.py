@@ -55,10 +55,10 @@ def _serve(cli_env: dict[str, str], log_path, **limits: str) -> Iterator[str]:
 
 
 @contextmanager
-def _gpus_locked(database_url: str) -> Iterator[psycopg.Connection]:
-    """The inventory table locked by another session: a request reading it holds its connection until release."""
+def _locked(database_url: str, table: str = "gpus") -> Iterator[psycopg.Connection]:
+    """`table` locked by another session: a request reading it holds its connection until release."""
     with psycopg.connect(database_url) as conn:
-        conn.execute("LOCK TABLE gpus IN ACCESS EXCLUSIVE MODE")
+        conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
         yield conn
         conn.rollback()
 
@@ -90,7 +90,7 @@ def migrated(database_url) -> str:
 
 def test_a_worker_with_its_connection_busy_answers_503_with_retry_after_at_once(migrated, cli_env, tmp_path):
     with _serve(cli_env, tmp_path / "api.log", TELEMETRY_API_DB_CONNECTIONS="1", TELEMETRY_API_MAX_WAITING="0",
-                TELEMETRY_API_QUEUE_TIMEOUT="60s") as base, _gpus_locked(migrated) as lock:
+                TELEMETRY_API_QUEUE_TIMEOUT="60s") as base, _locked(migrated) as lock:
         first, out = _in_thread(lambda: httpx.get(f"{base}/api/v1/gpus", timeout=60))
         _wait_for_blocked_api_query(migrated)
         metrics = httpx.get(f"{base}/metrics").text
@@ -119,7 +119,7 @@ def test_a_worker_with_its_connection_busy_answers_503_with_retry_after_at_once(
 def test_a_request_waits_for_a_connection_at_most_the_queue_timeout(migrated, cli_env, tmp_path):
     with _serve(cli_env, tmp_path / "api.log", TELEMETRY_API_DB_CONNECTIONS="1", TELEMETRY_API_MAX_WAITING="1",
                 TELEMETRY_API_QUEUE_TIMEOUT="100ms") as base:
-        with _gpus_locked(migrated):
+        with _locked(migrated):
             first, out = _in_thread(lambda: httpx.get(f"{base}/api/v1/gpus", timeout=60))
             _wait_for_blocked_api_query(migrated)
             r = httpx.get(f"{base}/api/v1/gpus", timeout=60)
@@ -130,3 +130,19 @@ def test_a_request_waits_for_a_connection_at_most_the_queue_timeout(migrated, cl
             assert err.value.status == 503
         first.join(60)
         assert out["result"].status_code == 200
+
+
+def test_heavy_routes_hold_at_most_half_of_the_connections(migrated, cli_env, tmp_path):
+    """A fleet view in flight takes the one heavy slot of two connections: the next fleet view is refused,
+    a cheap request still runs."""
+    with _serve(cli_env, tmp_path / "api.log", TELEMETRY_API_DB_CONNECTIONS="2", TELEMETRY_API_MAX_WAITING="0",
+                TELEMETRY_API_QUEUE_TIMEOUT="60s") as base:
+        fleet = f"{base}/api/v1/fleet/aggregate?metric=DCGM_FI_DEV_GPU_UTIL"
+        with _locked(migrated, "metrics"):
+            first, out = _in_thread(lambda: httpx.get(fleet, timeout=60))
+            _wait_for_blocked_api_query(migrated)
+            r = httpx.get(fleet)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert httpx.get(f"{base}/api/v1/gpus/GPU-0").status_code == 404  # a light request gets through
+        first.join(60)
+        assert out["result"].status_code == 422  # no such metric stored: the request ran to its answer

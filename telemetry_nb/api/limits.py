@@ -23,6 +23,9 @@ from typing import Any
 from telemetry_nb.timeparse import parse_duration
 
 CONNECTIONS_PER_WORKER = 4  # a worker is one Python thread of CPU: more connections only queue inside PostgreSQL
+# routes whose one request costs ~100 ms of CPU or more (thousands of rows to aggregate and serialize): more of
+# them at once in one worker only share its one core, each slower, and starve the cheap requests
+HEAVY_PREFIXES = ("/api/v1/fleet/", "/api/v1/usage", "/api/v1/workloads")
 
 
 def default_workers() -> int:
@@ -59,6 +62,11 @@ class ApiLimits:
     max_waiting: int = 64
     retry_after_s: int = 1
 
+    @property
+    def heavy_slots(self) -> int:
+        """How many of the connections the heavy routes (`HEAVY_PREFIXES`) may hold at once: half."""
+        return max(1, self.pool_size // 2)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, workers: int = 1) -> ApiLimits:
         """TELEMETRY_API_DB_CONNECTIONS (all `workers` together; default 4 per worker) split evenly,
@@ -85,12 +93,14 @@ class GateState:
 
 
 class Gate:
-    """Pure ASGI middleware: at most `limits.pool_size` requests under `prefix` at once, a bounded line
-    for the next ones, and an immediate `503` + `Retry-After` for the rest."""
+    """Pure ASGI middleware: at most `limits.pool_size` requests under `prefix` at once (of them at most
+    `limits.heavy_slots` of the heavy routes), a bounded line for the next ones, and an immediate `503` +
+    `Retry-After` for the rest."""
 
     def __init__(self, app: Any, limits: ApiLimits, *, state: GateState | None = None, prefix: str = "/api/v1"):
         self.app, self.limits, self.prefix = app, limits, prefix
         self.slots = asyncio.Semaphore(limits.pool_size)
+        self.heavy = asyncio.Semaphore(limits.heavy_slots)
         self.state = state if state is not None else GateState()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -98,28 +108,38 @@ class Gate:
             await self.app(scope, receive, send)
             return
         state = self.state
-        if self.slots.locked():
-            if state.waiting >= self.limits.max_waiting:
-                await self._reject(scope, send, f"{state.waiting} requests already waiting for a database "
-                                                "connection")
-                return
-            state.waiting += 1
-            try:
-                await asyncio.wait_for(self.slots.acquire(), self.limits.queue_timeout_s)
-            except TimeoutError:
-                await self._reject(scope, send,
-                                   f"no database connection free within {self.limits.queue_timeout_s:g}s")
-                return
-            finally:
-                state.waiting -= 1
-        else:
-            await self.slots.acquire()
-        state.running += 1
+        lanes = (self.heavy, self.slots) if scope["path"].startswith(HEAVY_PREFIXES) else (self.slots,)
+        held: list[asyncio.Semaphore] = []
         try:
-            await self.app(scope, receive, send)
+            if any(lane.locked() for lane in lanes):
+                if state.waiting >= self.limits.max_waiting:
+                    await self._reject(scope, send, f"{state.waiting} requests already waiting for a database "
+                                                    "connection")
+                    return
+                state.waiting += 1
+                try:
+                    async with asyncio.timeout(self.limits.queue_timeout_s):
+                        for lane in lanes:
+                            await lane.acquire()
+                            held.append(lane)
+                except TimeoutError:
+                    await self._reject(scope, send,
+                                       f"no database connection free within {self.limits.queue_timeout_s:g}s")
+                    return
+                finally:
+                    state.waiting -= 1
+            else:
+                for lane in lanes:
+                    await lane.acquire()
+                    held.append(lane)
+            state.running += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                state.running -= 1
         finally:
-            state.running -= 1
-            self.slots.release()
+            for lane in held:
+                lane.release()
 
     async def _reject(self, scope: dict, send: Any, why: str) -> None:
         self.state.rejected += 1
