@@ -42,6 +42,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fleet  # noqa: E402  (bench/fleet.py: the loader this bench shares; it puts the repo on sys.path)
 
+from telemetry_nb.api.limits import default_workers  # noqa: E402
 from telemetry_nb.embedded import Embedded, free_port  # noqa: E402
 from telemetry_nb.pipeline.maintainer import Maintainer  # noqa: E402
 from telemetry_nb.sources.generate import METRICS  # noqa: E402
@@ -206,7 +207,7 @@ def main() -> int:
                                                             "and keep it")
     parser.add_argument("--gpus", type=int, default=1024, help="GPUs of the fleet (default 1024)")
     parser.add_argument("--interval", type=int, default=30, help="seconds between samples (default 30)")
-    parser.add_argument("--workers", default=str(os.cpu_count() or 1),
+    parser.add_argument("--workers", default=str(default_workers()),
                         help="serve --workers; a comma list compares several (default: the CPU count)")
     parser.add_argument("--concurrency", default="8,32,128", help="concurrent clients (default 8,32,128)")
     parser.add_argument("--kinds", default="gpu,fleet", help="request kinds: gpu, fleet (default both)")
@@ -252,10 +253,11 @@ def main() -> int:
                 finally:
                     stop(proc)
             print(f"\n{'workers':>7} {'kind':<6} {'clients':>7} {'req/s':>8} {'200/s':>8} {'p50 ms':>8} "
-                  f"{'p99 ms':>8} {'max ms':>8} {'503s':>6} {'errors':>6}")
+                  f"{'p99 ms':>8} {'max ms':>8} {'503s':>6} {'503 max':>8} {'errors':>6}")
             for w, kind, c, s in table:
                 print(f"{w:>7} {kind:<6} {c:>7} {s['req/s']:>8.0f} {s['ok/s']:>8.0f} {s['p50'] * 1000:>8.1f} "
-                      f"{s['p99'] * 1000:>8.1f} {s['max'] * 1000:>8.0f} {s['503']:>6} {s['errors']:>6}")
+                      f"{s['p99'] * 1000:>8.1f} {s['max'] * 1000:>8.0f} {s['503']:>6} {s['503 max'] * 1000:>8.0f} "
+                      f"{s['errors']:>6}")
             for w, kind, c, s in table:
                 if kind == "gpu" and c == 32:
                     print(f"workers={w}: gpu at 32 clients {s['req/s']:.0f} req/s = {s['req/s'] / 238:.2f}x the "
