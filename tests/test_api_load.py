@@ -146,3 +146,11 @@ def test_heavy_routes_hold_at_most_half_of_the_connections(migrated, cli_env, tm
             assert httpx.get(f"{base}/api/v1/gpus/GPU-0").status_code == 404  # a light request gets through
         first.join(60)
         assert out["result"].status_code == 422  # no such metric stored: the request ran to its answer
+
+
+def test_an_unreachable_database_is_a_503_with_retry_after(cli_env, tmp_path):
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/none"  # nothing listens there
+    with _serve({**cli_env, "DATABASE_URL": nowhere}, tmp_path / "api.log") as base:
+        r = httpx.get(f"{base}/api/v1/gpus", timeout=60)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["detail"].startswith("database unavailable: ")
