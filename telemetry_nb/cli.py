@@ -334,20 +334,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from telemetry_nb.api import create_app
+    from telemetry_nb.api.limits import ApiLimits, serve_workers
 
     settings = _with_servers(_settings(args))
-    workers = args.workers or 1
+    try:
+        workers = serve_workers(args.workers)
+        if workers < 1:
+            raise ValueError("--workers must be at least 1")
+        limits = ApiLimits.from_env(workers=workers)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    log.info("API on http://%s:%d (docs at /docs, %d worker process%s, %d database connections each, 503 after "
+             "%gs waiting or %d waiting) over %s", args.host, args.port, workers, "" if workers == 1 else "es",
+             limits.pool_size, limits.queue_timeout_s, limits.max_waiting, redact(settings.database_url))
     # /ready asks the node of every stream partition on a cluster: the app (and each worker) reads these
     os.environ["TELEMETRY_STREAM"] = settings.stream
     os.environ["TELEMETRY_STREAM_PARTITIONS"] = str(settings.stream_partitions)
-    log.info("API on http://%s:%d (docs at /docs, %d worker process%s) over %s", args.host, args.port, workers,
-             "" if workers == 1 else "es", redact(settings.database_url))
     if workers == 1:
-        uvicorn.run(create_app(settings.database_url, settings.redis_url), host=args.host, port=args.port,
-                    log_level="warning")
+        uvicorn.run(create_app(settings.database_url, settings.redis_url, limits=limits), host=args.host,
+                    port=args.port, log_level="warning")
         return 0
     # worker processes import the app by name: they get the resolved URLs (embedded servers included) by env
     os.environ["DATABASE_URL"] = settings.database_url
+    os.environ["TELEMETRY_API_WORKERS"] = str(workers)
     if settings.redis_url:
         os.environ["REDIS_URL"] = settings.redis_url
     uvicorn.run("telemetry_nb.api.app:app_from_env", factory=True, workers=workers, host=args.host, port=args.port,
@@ -613,8 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve the GPU inventory and telemetry over REST (OpenAPI at /openapi.json).")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--workers", type=int, default=int(os.environ.get("TELEMETRY_API_WORKERS") or 1),
-                   help="worker processes sharing the port ($TELEMETRY_API_WORKERS, default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes sharing the port (default $TELEMETRY_API_WORKERS, else the CPUs "
+                        "this process may use)")
     _common(p)
     p.set_defaults(func=cmd_serve)
 

@@ -23,6 +23,9 @@ from telemetry_nb.embedded import Embedded, free_port
 REPO = Path(__file__).resolve().parent.parent
 REAL_CSV = REPO.parent / "shared" / "data" / "dcgm_metrics_20250718_134233.csv"
 IN_CI = os.environ.get("CI") == "true"
+# API servers the tests start run one worker process unless a test asks for more (`serve` defaults to one
+# per CPU: N interpreters per test server would only slow the suite; tests/test_api_load.py covers the default)
+os.environ.setdefault("TELEMETRY_API_WORKERS", "1")
 
 
 def require(condition: bool, reason: str) -> None:

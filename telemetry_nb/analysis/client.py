@@ -7,7 +7,8 @@ the status and the API's own `detail` text, so a notebook shows *why* a request 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +28,14 @@ class APIError(RuntimeError):
         self.method, self.url, self.status, self.detail, self.body = method, url, status, detail, body
         where = f"{method} {url}"
         super().__init__(f"{where} -> HTTP {status}: {detail}" if status else f"{where} failed: {detail}")
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    """The seconds of a `Retry-After: <seconds>` header (capped at 10), None without one."""
+    try:
+        return min(max(float(resp.headers["retry-after"]), 0.0), 10.0)
+    except (KeyError, ValueError):
+        return None
 
 
 def parse_ts(text: str | None) -> datetime | None:
@@ -185,7 +194,11 @@ class TelemetryClient:
     """
 
     def __init__(self, base_url: str | None = None, *, token: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, retries: int = 2,
+                 sleep: Callable[[float], None] = time.sleep):
+        """`retries`: how often a `503` that carries `Retry-After` (an overloaded or briefly unreachable
+        database) is asked again, after the wait it names (at most 10 s each), through `sleep`."""
+        self.retries, self._sleep = retries, sleep
         self.base_url = (base_url or os.environ.get("TELEMETRY_API_URL") or DEFAULT_API_URL).rstrip("/")
         token = token or os.environ.get("TELEMETRY_API_TOKEN") or None
         headers = {"Authorization": f"Bearer {token.strip()}"} if token else None
@@ -208,10 +221,15 @@ class TelemetryClient:
     def _get(self, path: str, params: dict | list | None = None, *, ok: Sequence[int] = ()) -> tuple[int, Any]:
         if isinstance(params, dict):
             params = [(k, v) for k, v in params.items() if v is not None]
-        try:
-            resp = self._http.get(path, params=params)
-        except httpx.HTTPError as err:
-            raise APIError("GET", f"{self.base_url}{path}", 0, f"{type(err).__name__}: {err}") from None
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._http.get(path, params=params)
+            except httpx.HTTPError as err:
+                raise APIError("GET", f"{self.base_url}{path}", 0, f"{type(err).__name__}: {err}") from None
+            wait = _retry_after(resp) if resp.status_code == 503 and attempt < self.retries else None
+            if wait is None:
+                break
+            self._sleep(wait)
         try:
             body = resp.json()
         except ValueError:

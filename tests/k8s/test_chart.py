@@ -523,6 +523,8 @@ BAD_VALUES = [
     ({"streamer": {"replicas": "two"}}, "/streamer/replicas"),
     ({"collector": {"replicas": 1.5}}, "/collector/replicas"),
     ({"apiGateway": {"replicas": -1}}, "/apiGateway/replicas"),
+    ({"apiGateway": {"dbConnections": 0}}, "/apiGateway/dbConnections"),
+    ({"apiGateway": {"queueTimeout": "soon"}}, "/apiGateway/queueTimeout"),
     ({"collector": {"autoscaling": {"enabled": "yes"}}}, "/collector/autoscaling/enabled"),
     ({"collector": {"autoscaling": {"maxReplicas": "10"}}}, "/collector/autoscaling/maxReplicas"),
     ({"apiGateway": {"service": {"port": 70000}}}, "/apiGateway/service/port"),
@@ -829,6 +831,22 @@ def test_api_gateway(render):
     pdb = rendered.one("api-gateway", "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
     assert not rendered.of_kind("Ingress")
+
+
+def test_api_gateway_workers_and_connections(render):
+    """Workers follow the container's CPU limit (downward API) unless set; the connection budget and the
+    overload bounds reach the process as the env variables `serve` reads."""
+    env = env_of(main_container(render("same-cluster").one("api-gateway")))
+    assert env["TELEMETRY_API_WORKERS"]["valueFrom"] == {"resourceFieldRef": {
+        "containerName": "api-gateway", "resource": "limits.cpu", "divisor": "1"}}
+    assert (env["TELEMETRY_API_DB_CONNECTIONS"]["value"], env["TELEMETRY_API_QUEUE_TIMEOUT"]["value"],
+            env["TELEMETRY_API_MAX_WAITING"]["value"]) == ("8", "500ms", "64")
+    env = env_of(main_container(render({"apiGateway": {"workers": 3, "dbConnections": 12, "queueTimeout": "1s",
+                                                       "maxWaiting": 0}}).one("api-gateway")))
+    assert {k: env[k]["value"] for k in env if k.startswith("TELEMETRY_API_") and "value" in env[k]
+            and k != "TELEMETRY_API_TOKENS_FILE"} == {
+        "TELEMETRY_API_WORKERS": "3", "TELEMETRY_API_DB_CONNECTIONS": "12", "TELEMETRY_API_QUEUE_TIMEOUT": "1s",
+        "TELEMETRY_API_MAX_WAITING": "0"}
 
 
 def test_ingress(render):
