@@ -1,0 +1,157 @@
+"""`codec.encode` for columnar samples (`dcgm_fast.Columns`): the same stream entries, byte for byte.
+
+The COPY rows are joined by pyarrow; the side fields are built once per distinct GPU, metric and
+workload of a batch, so no Python runs per row (only per XID reading, which becomes an event).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from telemetry_nb.model import XID_METRIC
+from telemetry_nb.pipeline.codec import VERSION, _informative, gpu_key, metric_key, workload_key
+from telemetry_nb.sources.dcgm_fast import Columns
+
+_SEP = (",", ":")
+
+
+def encode_columns(cols: Columns, batch_size: int, shard: tuple[int, int] = (0, 1),
+                   shard_of: Callable[[str, int], int] | None = None) -> list[tuple[dict[bytes, bytes], int]]:
+    """Entries of `batch_size` rows (after keeping only shard `shard` = (I, N) by `shard_of(uuid, N)`)."""
+    series = cols.series
+    uuid = cols.uuid_of[series] if len(series) else np.empty(0, np.int64)
+    shard_i, shard_n = shard
+    rows_idx = None
+    if shard_n > 1 and len(series):
+        mine = np.fromiter((shard_of(u, shard_n) == shard_i for u in cols.uuids), bool, len(cols.uuids))
+        keep = mine[uuid]
+        if not keep.all():
+            rows_idx = np.flatnonzero(keep)
+    if rows_idx is not None:
+        series, uuid = series[rows_idx], uuid[rows_idx]
+        gpu, metric, workload, ts = (c[rows_idx] for c in (cols.gpu, cols.metric, cols.workload, cols.ts))
+        value = cols.value.take(pa.array(rows_idx))
+    else:
+        gpu, metric, workload, ts, value = cols.gpu, cols.metric, cols.workload, cols.ts, cols.value
+    n = len(series)
+    if n == 0:
+        return []
+    gids = [gpu_key(u) for u in cols.uuids]
+    gid_text = pa.array([str(g) for g in gids], pa.string())
+    mids = [metric_key(m) for m in cols.metrics]
+    wids = [workload_key(*w) for w in cols.workloads]
+    w_text = pa.array([f"{w}\n" for w in wids] + ["\\N\n"], pa.string())
+    rows = pc.binary_join_element_wise(
+        gid_text.take(pa.array(uuid)), pa.array(cols.ts_text, pa.string()).take(pa.array(ts)),
+        pa.array([str(m) for m in mids], pa.string()).take(pa.array(metric)), value,
+        w_text.take(pa.array(np.where(workload < 0, len(wids), workload))), pa.scalar("\t"))
+    offsets = np.frombuffer(rows.buffers()[1], np.int32, n + 1, rows.offset * 4)
+    data = rows.buffers()[2]
+    xid = cols.metrics.index(XID_METRIC) if XID_METRIC in cols.metrics else -1
+    entries = []
+    for a in range(0, n, batch_size):
+        b = min(a + batch_size, n)
+        fields = {
+            b"v": VERSION,
+            b"n": str(b - a).encode(),
+        }
+        gpus, inventory = _gpus(cols, gids, uuid[a:b], gpu[a:b], series[a:b])
+        fields[b"gpus"] = gpus
+        fields[b"metrics"] = _metrics(cols, mids, metric[a:b])
+        fields[b"workloads"] = _workloads(cols, wids, workload[a:b])
+        fields[b"inventory"] = inventory
+        fields[b"events"] = _events(cols, gids, xid, uuid[a:b], metric[a:b], ts[a:b], series[a:b], value, a)
+        fields[b"rows"] = data[int(offsets[a]):int(offsets[b])].to_pybytes()
+        entries.append((fields, b - a))
+    return entries
+
+
+def _first(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct codes in order of first appearance, and each one's first position."""
+    uniq, first = np.unique(codes, return_index=True)
+    order = np.argsort(first, kind="stable")
+    return uniq[order], first[order]
+
+
+def _gpus(cols: Columns, gids: list[int], uuid: np.ndarray, gpu: np.ndarray, series: np.ndarray
+          ) -> tuple[bytes, bytes]:
+    """The `gpus` and `inventory` fields: per GPU its first row's attributes, static labels merged in row order."""
+    us, first = _first(uuid)
+    static = cols.static_of[series]
+    pairs = np.unique(uuid * (len(cols.statics) + 1) + static)
+    merged: dict[int, dict] = {}
+    if len(pairs) != len(us):  # some GPU has rows with different static labels: merge like dict.update in order
+        key = uuid * (len(cols.statics) + 1) + static
+        uk, f_idx = np.unique(key, return_index=True)
+        _, l_rev = np.unique(key[::-1], return_index=True)
+        l_idx = len(key) - 1 - l_rev
+        by_u: dict[int, list[tuple[int, int, int]]] = {}
+        for k, f, last in zip(uk.tolist(), f_idx.tolist(), l_idx.tolist(), strict=True):
+            u, s = divmod(k, len(cols.statics) + 1)
+            by_u.setdefault(u, []).append((f, last, s))
+        for u, items in by_u.items():
+            if len(items) > 1:
+                d: dict[str, str] = {}
+                for _, _, s in sorted(items):
+                    for k in cols.statics[s]:
+                        d.setdefault(k, "")
+                for _, _, s in sorted(items, key=lambda t: t[1]):
+                    d.update(cols.statics[s])
+                merged[u] = d
+    cache = cols.cache
+    gpu_rows, inv_rows = [], []
+    for u, r in zip(us.tolist(), first.tolist(), strict=True):
+        g, sc = int(gpu[r]), int(series[r])
+        text = cache.get((u, g))
+        if text is None:
+            host, index, device, model = cols.gpus[g]
+            text = cache[(u, g)] = json.dumps([gids[u], cols.uuids[u], host, index, device, model], separators=_SEP)
+        gpu_rows.append(text)
+        if u in merged:
+            text = _inventory(gids[u], cols.idents[sc], merged[u])
+        else:
+            key = ("i", u, sc)
+            text = cache.get(key)
+            if text is None:
+                text = cache[key] = _inventory(gids[u], cols.idents[sc], cols.statics[cols.static_of[sc]])
+        if text:
+            inv_rows.append(text)
+    return f"[{','.join(gpu_rows)}]".encode(), f"[{','.join(inv_rows)}]".encode()
+
+
+def _inventory(gid: int, ident: tuple, static: dict[str, str]) -> str:
+    """One inventory row as JSON, or '' when it carries nothing beyond the defaults."""
+    inv = [gid, *ident[:2], static, *ident[2:]]
+    return json.dumps(inv, separators=_SEP) if _informative(inv) else ""
+
+
+def _metrics(cols: Columns, mids: list[int], metric: np.ndarray) -> bytes:
+    uniq, first = np.unique(metric, return_index=True)
+    counts = np.bincount(metric, minlength=len(cols.metrics))
+    order = np.argsort(first, kind="stable")
+    return json.dumps([[mids[m], cols.metrics[m], int(counts[m])] for m in uniq[order].tolist()],
+                      separators=_SEP).encode()
+
+
+def _workloads(cols: Columns, wids: list[int], workload: np.ndarray) -> bytes:
+    ws, _ = _first(workload[workload >= 0])
+    return json.dumps([[wids[w], *cols.workloads[w]] for w in ws.tolist()], separators=_SEP).encode()
+
+
+def _events(cols: Columns, gids: list[int], xid: int, uuid: np.ndarray, metric: np.ndarray, ts: np.ndarray,
+            series: np.ndarray, value: pa.Array, offset: int) -> bytes:
+    """Every integer XID reading of the batch (the rows of metric `XID_METRIC`)."""
+    if xid < 0:
+        return b"[]"
+    rows = np.flatnonzero(metric == xid)
+    events = []
+    for r, text in zip(rows.tolist(), value.take(pa.array(rows + offset)).to_pylist(), strict=True):
+        v = float(text)
+        if v.is_integer():
+            events.append([gids[uuid[r]], cols.ts_text[ts[r]], "xid", int(v), cols.err_msg[series[r]]])
+    return json.dumps(events, separators=_SEP).encode()
