@@ -86,7 +86,7 @@ def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collec
         subprocess.run([sys.executable, "-c", "from telemetry_nb import store; import os; "
                         "store.migrate(store.connect(os.environ['DATABASE_URL']))"], env=env, check=True)
         started = time.perf_counter()
-        streamer = _cli("stream", "--csv", str(csv_path), "--workers", workers, env=env)
+        streamer = _cli("stream", "--csv", str(csv_path), "--workers", workers, "--parser", "fast", env=env)
         # not --drain: a collector that starts before the streamer's first entry would find nothing to drain
         workers = [_cli("collect", "--consumer", f"bench-{i}", env=env) for i in range(collectors)]
         peak_kib = 0
@@ -136,6 +136,32 @@ def collector_alone(redis_url: str, admin_url: str, csv_path: Path, rows: int) -
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def parser_rates(csv_path: Path, tmp: Path) -> dict[str, float]:
+    """rows/s of the exact and the fast CSV parser (parse + validate + encode, one process), clean and dirty.
+
+    The dirty copy has 1 % bad rows (an unparseable timestamp, a short row, in turn).
+    """
+    from telemetry_nb.pipeline.streamer import encode_chunk
+    from telemetry_nb.sources.dcgm_csv import split_records
+
+    dirty = tmp / "dirty.csv"
+    with open(csv_path, "rb") as src, open(dirty, "wb") as dst:
+        for i, line in enumerate(src):
+            if i and i % 100 == 0:
+                line = line.replace(b'"', b'"x', 1) if i % 200 else line.split(b",", 3)[0] + b"\r\n"
+            dst.write(line)
+    rates = {}
+    for name, path in (("clean", csv_path), ("dirty", dirty)):
+        for parser in ("exact", "fast"):
+            started, rows = time.perf_counter(), 0
+            for chunk in split_records(path):
+                entries, rejected, _ = encode_chunk(chunk, 1000, (0, 1), None, parser)
+                rows += sum(n for _, n in entries) + len(rejected)
+            rates[f"{parser} {name}"] = rows / (time.perf_counter() - started)
+    dirty.unlink()
+    return rates
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to ingest (default 1,000,000)")
@@ -162,6 +188,12 @@ def main() -> int:
                 write_csv(csv_path, generate_rows(100, 8, ticks, 1.0, seed=1))
                 print(f"generated {rows:,} rows ({csv_path.stat().st_size / 1e6:.0f} MB) "
                       f"in {time.perf_counter() - t:.1f}s")
+            rates = parser_rates(csv_path, Path(tmp))
+            for kind in ("clean", "dirty"):
+                exact, fast = rates[f"exact {kind}"], rates[f"fast {kind}"]
+                print(f"CSV parser, one process, parse + validate + encode, {kind}"
+                      f"{' (1 % bad rows)' if kind == 'dirty' else ''}: exact {exact:,.0f} rows/s, "
+                      f"fast {fast:,.0f} rows/s ({fast / exact:.1f}x)")
             e2e, peak_kib = end_to_end(redis_url, admin, csv_path, rows, args.collectors, args.workers)
             col = collector_alone(redis_url, admin, csv_path, rows)
             raw = raw_copy_rate(admin, csv_path, rows)

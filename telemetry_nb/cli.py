@@ -268,7 +268,7 @@ def _fast_parser(args: argparse.Namespace, path: Path) -> bool:
     if args.loop or args.timestamps != "source" or args.rate:
         log.debug("The fast CSV parser reads one-pass loads with source timestamps; this run reads row by row")
         return False
-    from telemetry_nb.sources.dcgm_fast import chunkable
+    from telemetry_nb.sources.dcgm_csv import chunkable
 
     if not chunkable(path):
         log.info("%s does not start with a plain header line; reading it row by row", path)

@@ -28,7 +28,9 @@ def encode_columns(cols: Columns, batch_size: int, shard: tuple[int, int] = (0, 
     shard_i, shard_n = shard
     rows_idx = None
     if shard_n > 1 and len(series):
-        mine = np.fromiter((shard_of(u, shard_n) == shard_i for u in cols.uuids), bool, len(cols.uuids))
+        used = np.unique(uuid)
+        mine = np.zeros(len(cols.uuids), bool)
+        mine[used] = [shard_of(cols.uuids[u], shard_n) == shard_i for u in used.tolist()]
         keep = mine[uuid]
         if not keep.all():
             rows_idx = np.flatnonzero(keep)
@@ -41,15 +43,20 @@ def encode_columns(cols: Columns, batch_size: int, shard: tuple[int, int] = (0, 
     n = len(series)
     if n == 0:
         return []
-    gids = [gpu_key(u) for u in cols.uuids]
-    gid_text = pa.array([str(g) for g in gids], pa.string())
-    mids = [metric_key(m) for m in cols.metrics]
-    wids = [workload_key(*w) for w in cols.workloads]
-    w_text = pa.array([f"{w}\n" for w in wids] + ["\\N\n"], pa.string())
+    # ids and texts only of the GPUs, metrics, workloads and timestamps these rows use (the tables are larger)
+    u_used, u_row = np.unique(uuid, return_inverse=True)
+    gids = {u: gpu_key(cols.uuids[u]) for u in u_used.tolist()}
+    m_used, m_row = np.unique(metric, return_inverse=True)
+    mids = {m: metric_key(cols.metrics[m]) for m in m_used.tolist()}
+    w_used, w_row = np.unique(workload, return_inverse=True)
+    wids = {w: workload_key(*cols.workloads[w]) for w in w_used.tolist() if w >= 0}
+    t_used, t_row = np.unique(ts, return_inverse=True)
     rows = pc.binary_join_element_wise(
-        gid_text.take(pa.array(uuid)), pa.array(cols.ts_text, pa.string()).take(pa.array(ts)),
-        pa.array([str(m) for m in mids], pa.string()).take(pa.array(metric)), value,
-        w_text.take(pa.array(np.where(workload < 0, len(wids), workload))), pa.scalar("\t"))
+        pa.array([str(gids[u]) for u in u_used.tolist()], pa.string()).take(pa.array(u_row.reshape(-1))),
+        pa.array([cols.ts_text[t] for t in t_used.tolist()], pa.string()).take(pa.array(t_row.reshape(-1))),
+        pa.array([str(mids[m]) for m in m_used.tolist()], pa.string()).take(pa.array(m_row.reshape(-1))), value,
+        pa.array([f"{wids[w]}\n" if w >= 0 else "\\N\n" for w in w_used.tolist()], pa.string()).take(
+            pa.array(w_row.reshape(-1))), pa.scalar("\t"))
     offsets = np.frombuffer(rows.buffers()[1], np.int32, n + 1, rows.offset * 4)
     data = rows.buffers()[2]
     xid = cols.metrics.index(XID_METRIC) if XID_METRIC in cols.metrics else -1
@@ -78,7 +85,7 @@ def _first(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq[order], first[order]
 
 
-def _gpus(cols: Columns, gids: list[int], uuid: np.ndarray, gpu: np.ndarray, series: np.ndarray
+def _gpus(cols: Columns, gids: dict[int, int], uuid: np.ndarray, gpu: np.ndarray, series: np.ndarray
           ) -> tuple[bytes, bytes]:
     """The `gpus` and `inventory` fields: per GPU its first row's attributes, static labels merged in row order."""
     us, first = _first(uuid)
@@ -130,20 +137,19 @@ def _inventory(gid: int, ident: tuple, static: dict[str, str]) -> str:
     return json.dumps(inv, separators=_SEP) if _informative(inv) else ""
 
 
-def _metrics(cols: Columns, mids: list[int], metric: np.ndarray) -> bytes:
-    uniq, first = np.unique(metric, return_index=True)
-    counts = np.bincount(metric, minlength=len(cols.metrics))
+def _metrics(cols: Columns, mids: dict[int, int], metric: np.ndarray) -> bytes:
+    uniq, first, counts = np.unique(metric, return_index=True, return_counts=True)
     order = np.argsort(first, kind="stable")
-    return json.dumps([[mids[m], cols.metrics[m], int(counts[m])] for m in uniq[order].tolist()],
-                      separators=_SEP).encode()
+    return json.dumps([[mids[m], cols.metrics[m], c] for m, c in zip(uniq[order].tolist(), counts[order].tolist(),
+                                                                       strict=True)], separators=_SEP).encode()
 
 
-def _workloads(cols: Columns, wids: list[int], workload: np.ndarray) -> bytes:
+def _workloads(cols: Columns, wids: dict[int, int], workload: np.ndarray) -> bytes:
     ws, _ = _first(workload[workload >= 0])
     return json.dumps([[wids[w], *cols.workloads[w]] for w in ws.tolist()], separators=_SEP).encode()
 
 
-def _events(cols: Columns, gids: list[int], xid: int, uuid: np.ndarray, metric: np.ndarray, ts: np.ndarray,
+def _events(cols: Columns, gids: dict[int, int], xid: int, uuid: np.ndarray, metric: np.ndarray, ts: np.ndarray,
             series: np.ndarray, value: pa.Array, offset: int) -> bytes:
     """Every integer XID reading of the batch (the rows of metric `XID_METRIC`)."""
     if xid < 0:
@@ -153,5 +159,5 @@ def _events(cols: Columns, gids: list[int], xid: int, uuid: np.ndarray, metric: 
     for r, text in zip(rows.tolist(), value.take(pa.array(rows + offset)).to_pylist(), strict=True):
         v = float(text)
         if v.is_integer():
-            events.append([gids[uuid[r]], cols.ts_text[ts[r]], "xid", int(v), cols.err_msg[series[r]]])
+            events.append([gids[int(uuid[r])], cols.ts_text[ts[r]], "xid", int(v), cols.err_msg[series[r]]])
     return json.dumps(events, separators=_SEP).encode()

@@ -186,11 +186,14 @@ class Streamer:
         self._done_log()
         return self.summary
 
-    def _take(self, result: tuple[list[tuple[dict, int]], list[Rejected], tuple[int, int, int]]) -> None:
-        entries, rejected, (fast, exact_lines, exact_chunks) = result
-        self.summary.fast_rows += fast
-        self.summary.exact_lines += exact_lines
-        self.summary.exact_chunks += exact_chunks
+    def _take(self, result: tuple) -> None:
+        """Queue (entries, rejected rows[, fast parser counts]) from a chunk or a lot of live rows."""
+        entries, rejected, *counts = result
+        if counts:
+            fast, exact_lines, exact_chunks = counts[0]
+            self.summary.fast_rows += fast
+            self.summary.exact_lines += exact_lines
+            self.summary.exact_chunks += exact_chunks
         for row in rejected:
             self._reject(row)
         for fields, n in entries:

@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -580,15 +579,6 @@ class FastReader:
                 continue
             out.append(i)
         return out
-
-
-def chunkable(path: str | Path) -> bool:
-    """Whether the file starts with a plain one-line header, so that every chunk of it carries the header."""
-    with open(path, "rb") as fh:
-        text = fh.readline().decode("utf-8-sig", errors="replace")
-    if text.count('"') % 2 or "\r" in text.replace("\r\n", ""):
-        return False
-    return any(c.strip() for c in next(csv.reader([text]), []))
 
 
 def _combine(*codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
