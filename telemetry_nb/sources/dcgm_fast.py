@@ -36,10 +36,7 @@ from telemetry_nb.sources.dcgm_csv import (
 from telemetry_nb.sources.limits import RowLimits
 from telemetry_nb.timeparse import parse_timestamp
 
-# a value whose repr is its own text (or its text + ".0"): at most 15 significant digits, 1e-4 <= |v| < 1e15
-_INT = r"^-?(?:0|[1-9][0-9]{0,14})$"
-_DEC = r"^-?(?:[1-9][0-9]*\.(?:0|[0-9]*[1-9])|0\.(?:0|0{0,3}[1-9](?:[0-9]*[1-9])?))$"
-_DIGITS = r"^-?[0-9.]{1,16}$"
+_WIDE = 17  # the longest value text `_plain_numbers` looks at: a sign, 15 digits and a point
 _MISSING = object()
 _CACHE_MAX = 200_000  # distinct values remembered across chunks (per process), then forgotten
 _BAD_PREV = np.ones(256, bool)
@@ -515,11 +512,9 @@ class FastReader:
 
     def _value_text(self, values: pa.Array) -> tuple[pa.Array, np.ndarray]:
         """repr(float(value)) per row, vectorized for plain decimals; and which rows have a storable value."""
-        is_int = pc.match_substring_regex(values, _INT)
-        plain = pc.or_(is_int, pc.and_(pc.match_substring_regex(values, _DEC),
-                                       pc.match_substring_regex(values, _DIGITS)))
-        text = pc.if_else(is_int, pc.binary_join_element_wise(values, pa.scalar(".0"), pa.scalar("")), values)
-        plain_np = plain.to_numpy(zero_copy_only=False)
+        is_int, plain_np = _plain_numbers(values)
+        text = pc.if_else(pa.array(is_int), pc.binary_join_element_wise(values, pa.scalar(".0"), pa.scalar("")),
+                          values)
         ok = np.ones(len(values), bool)
         if not plain_np.all():
             rows = np.flatnonzero(~plain_np)
@@ -579,6 +574,38 @@ class FastReader:
                 continue
             out.append(i)
         return out
+
+
+def _plain_numbers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Which texts are plain integers, and which are plain numbers, whose `repr(float(text))` is the text itself
+    (or, for an integer, the text + ".0"): `-?` digits with no leading zero, an optional fraction without
+    trailing zeros (or exactly `.0`), at most 15 digits in all, and not below 1e-4 (`0.0000…`)."""
+    n = len(values)
+    offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4).astype(np.int64)
+    raw = values.buffers()[2]
+    data = np.frombuffer(raw, np.uint8) if raw is not None and raw.size else np.zeros(1, np.uint8)
+    length = np.diff(offsets)
+    cols = np.arange(_WIDE)
+    inside = cols < length[:, None]
+    m = np.where(inside, data[np.minimum(offsets[:-1, None] + cols, len(data) - 1)], 0)
+    neg = m[:, 0] == ord("-")
+    body = np.where(neg[:, None], np.roll(m, -1, axis=1), m)  # the text without its sign, zero-padded
+    body[:, -1] = np.where(neg, 0, body[:, -1])
+    blen = length - neg
+    digit = (body >= ord("0")) & (body <= ord("9"))
+    dot = body == ord(".")
+    in_body = cols < blen[:, None]
+    dots = dot.sum(axis=1)
+    shape_ok = (length >= 1) & (length <= _WIDE) & (blen >= 1) & np.all(digit | dot | ~in_body, axis=1)
+    is_int = shape_ok & (dots == 0) & (blen <= 15) & ((body[:, 0] != ord("0")) | (blen == 1))
+    point = np.argmax(dot, axis=1)  # position of the point when there is one
+    last = body[np.arange(n), np.clip(blen - 1, 0, _WIDE - 1)]
+    zero_int = (point == 1) & (body[:, 0] == ord("0"))
+    frac_zero = (blen - point - 1 == 1) & (last == ord("0"))  # exactly ".0"
+    tiny = zero_int & np.all(body[:, 2:6] == ord("0"), axis=1) & (blen >= 6)  # 0.0000…: below 1e-4
+    is_dec = (shape_ok & (dots == 1) & (point >= 1) & (point < blen - 1) & (blen <= 16)
+              & ((body[:, 0] != ord("0")) | zero_int) & ((last != ord("0")) | frac_zero) & ~tiny)
+    return is_int, is_int | is_dec
 
 
 def _combine(*codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
