@@ -114,6 +114,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from telemetry_nb.sources.limits import RowLimits
 
     path = _check_csv(args.csv)
+    if args.parser not in ("fast", "exact"):
+        raise CliError(f"--parser / TELEMETRY_CSV_PARSER must be 'fast' or 'exact', got {args.parser!r}")
     extra = {"high_water": args.high_water}
     if args.shard:
         try:
@@ -261,8 +263,6 @@ def _describe_targets(args: argparse.Namespace) -> str:
 
 def _fast_parser(args: argparse.Namespace, path: Path) -> bool:
     """`--parser fast` (the default) reads one-pass loads with source timestamps; other runs go row by row."""
-    if args.parser not in ("fast", "exact"):
-        raise CliError(f"--parser / TELEMETRY_CSV_PARSER must be 'fast' or 'exact', got {args.parser!r}")
     if args.parser == "exact":
         return False
     if args.loop or args.timestamps != "source" or args.rate:
