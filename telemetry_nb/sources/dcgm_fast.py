@@ -38,7 +38,8 @@ from telemetry_nb.timeparse import parse_timestamp
 
 _WIDE = 17  # the longest value text `_plain_numbers` looks at: a sign, 15 digits and a point
 _MISSING = object()
-_CACHE_MAX = 200_000  # distinct values remembered across chunks (per process), then forgotten
+_CACHE_MAX = 50_000  # distinct series, labels, GPUs… remembered across chunks (per process), then forgotten
+_TS_MAX = 20_000  # distinct timestamp and value texts remembered (they can be all distinct)
 _BAD_PREV = np.ones(256, bool)
 _BAD_PREV[[ord(","), ord("\n"), ord('"')]] = False  # what may come before an opening quote (or a "" pair)
 _BAD_NEXT = np.ones(256, bool)
@@ -174,8 +175,7 @@ class _Builder:
         self.cache: dict = {}
 
     def size(self) -> int:
-        return (len(self.series_keys.values) + len(self.ts.values) + len(self.gpus.values) + len(self.workloads.values)
-                + len(self.cache))
+        return len(self.series_keys.values) + len(self.gpus.values) + len(self.workloads.values) + len(self.cache)
 
     def series(self, uuid: str, ident: tuple, static: dict[str, str], err: str) -> int:
         """Code of a series: what every sample of it shares in an entry (GPU, identity, static labels, err_msg)."""
@@ -287,8 +287,13 @@ class FastReader:
 
     def _fast(self, chunk: Chunk, data: bytes) -> Parsed:
         width, idx = self._header(chunk.header)
-        held = self._b.size() + len(self._labels.values) + len(self._ts) + len(self._values)
-        if self._idx != idx or held > _CACHE_MAX:
+        # per-value caches that no other code refers to are bounded on their own (timestamps can be all distinct)
+        for cache in (self._ts, self._values):
+            if len(cache) > _TS_MAX:
+                cache.clear()
+        if len(self._b.ts.values) > _TS_MAX:
+            self._b.ts = _Table()
+        if self._idx != idx or self._b.size() + len(self._labels.values) > _CACHE_MAX:
             self._forget()
             self._idx = idx
         a = np.frombuffer(data, np.uint8)
