@@ -106,7 +106,7 @@ def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collec
         subprocess.run([sys.executable, "-c", "from telemetry_nb import store; import os; "
                         "store.migrate(store.connect(os.environ['DATABASE_URL']))"], env=env, check=True)
         started = time.perf_counter()
-        streamer = _cli("stream", "--csv", str(csv_path), "--workers", workers, env=env)
+        streamer = _cli("stream", "--csv", str(csv_path), "--workers", workers, "--parser", "fast", env=env)
         # not --drain: a collector that starts before the streamer's first entry would find nothing to drain
         workers = [_cli("collect", "--consumer", f"bench-{i}", env=env) for i in range(collectors)]
         peak_kib = 0
@@ -169,6 +169,35 @@ def across_cluster(folder: Path, admin_url: str, csv_path: Path, rows: int, coll
     return rate
 
 
+def parser_rates(csv_path: Path, tmp: Path) -> dict[str, float]:
+    """rows/s of the exact and the fast CSV parser (parse + validate + encode, one process), clean and dirty.
+
+    The dirty copy has 1 % bad rows (an unparseable timestamp, a short row, in turn). Timed in this
+    process's CPU time (both parsers use one thread), so other load on a shared machine moves it less.
+    """
+    from telemetry_nb.pipeline.streamer import FAST_CHUNK_BYTES, encode_chunk
+    from telemetry_nb.sources.dcgm_csv import split_records
+
+    dirty = tmp / "dirty.csv"
+    with open(csv_path, "rb") as src, open(dirty, "wb") as dst:
+        for i, line in enumerate(src):
+            if i and i % 100 == 0:
+                line = line.replace(b'"', b'"x', 1) if i % 200 else line.split(b",", 3)[0] + b"\r\n"
+            dst.write(line)
+    rates = {}
+    for parser in ("exact", "fast"):  # imports and per-process caches warm, as in a long load
+        encode_chunk(next(split_records(csv_path)), 1000, (0, 1), None, parser=parser)
+    for name, path in (("clean", csv_path), ("dirty", dirty)):
+        for parser in ("exact", "fast"):
+            started, rows = time.process_time(), 0
+            for chunk in split_records(path, FAST_CHUNK_BYTES if parser == "fast" else 4 << 20):  # as `stream`
+                entries, rejected, _ = encode_chunk(chunk, 1000, (0, 1), None, parser=parser)
+                rows += sum(n for _, n, _ in entries) + len(rejected)
+            rates[f"{parser} {name}"] = rows / (time.process_time() - started)
+    dirty.unlink()
+    return rates
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to ingest (default 1,000,000)")
@@ -197,6 +226,12 @@ def main() -> int:
                 write_csv(csv_path, generate_rows(100, 8, ticks, 1.0, seed=1))
                 print(f"generated {rows:,} rows ({csv_path.stat().st_size / 1e6:.0f} MB) "
                       f"in {time.perf_counter() - t:.1f}s")
+            rates = parser_rates(csv_path, Path(tmp))
+            for kind in ("clean", "dirty"):
+                exact, fast = rates[f"exact {kind}"], rates[f"fast {kind}"]
+                print(f"CSV parser, one process, parse + validate + encode, {kind}"
+                      f"{' (1 % bad rows)' if kind == 'dirty' else ''}: exact {exact:,.0f} rows/s, "
+                      f"fast {fast:,.0f} rows/s ({fast / exact:.1f}x)")
             e2e, peak_kib = end_to_end(redis_url, admin, csv_path, rows, args.collectors, args.workers)
             col = collector_alone(redis_url, admin, csv_path, rows)
             copies = raw_copy_rates(admin, csv_path, rows)

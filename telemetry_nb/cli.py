@@ -115,6 +115,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from telemetry_nb.sources.limits import RowLimits
 
     path = _check_csv(args.csv)
+    if args.parser not in ("fast", "exact"):
+        raise CliError(f"--parser / TELEMETRY_CSV_PARSER must be 'fast' or 'exact', got {args.parser!r}")
     extra = {"high_water": args.high_water}
     if args.shard:
         try:
@@ -145,7 +147,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
         _on_signals(streamer.stop)
         _start_metrics(settings, metrics, {"redis": partitions_probe(settings)})
         workers = _stream_workers(args, path)
-        if workers > 1:
+        if _fast_parser(args, path):
+            log.info("Parsing with the fast CSV parser in %d process%s (one pass, source timestamps)", workers,
+                     "" if workers == 1 else "es")
+            summary = streamer.run_parallel(str(path), workers, limits, parser="fast")
+        elif workers > 1:
             log.info("Parsing with %d worker processes (one pass, source timestamps)", workers)
             summary = streamer.run_parallel(str(path), workers, limits)
         else:
@@ -251,6 +257,21 @@ def _describe_targets(args: argparse.Namespace) -> str:
     if args.targets_file:
         return f"the targets in {args.targets_file}"
     return f"{args.role}s {args.selector!r} in namespace {args.namespace} (port {args.port})"
+
+
+def _fast_parser(args: argparse.Namespace, path: Path) -> bool:
+    """`--parser fast` (the default) reads one-pass loads with source timestamps; other runs go row by row."""
+    if args.parser == "exact":
+        return False
+    if args.loop or args.timestamps != "source" or args.rate:
+        log.debug("The fast CSV parser reads one-pass loads with source timestamps; this run reads row by row")
+        return False
+    from telemetry_nb.sources.dcgm_csv import chunkable
+
+    if not chunkable(path):
+        log.info("%s does not start with a plain header line; reading it row by row", path)
+        return False
+    return True
 
 
 def _stream_workers(args: argparse.Namespace, path: Path) -> int:
@@ -536,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, help="maximum rows per second")
     p.add_argument("--workers", default="auto", help="parser processes for one-pass loads: a number, or auto "
                                                      "(one per core, up to 4, for files over 16 MB; default)")
+    p.add_argument("--parser", default=os.environ.get("TELEMETRY_CSV_PARSER") or "fast",
+                   help="CSV parser for one-pass loads with source timestamps: fast (vectorized, pyarrow; lines it "
+                        "cannot be sure of go row by row) or exact (row by row); the same rows either way "
+                        "(default $TELEMETRY_CSV_PARSER or fast)")
     _publish_args(p)
     p.add_argument("--metrics-port", type=int, help="serve /metrics, /health and /ready (503 while Redis is "
                                                     "unreachable) on this port (default off)")

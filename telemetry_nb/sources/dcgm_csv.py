@@ -270,6 +270,15 @@ def split_records(path: str | Path, chunk_bytes: int = 4 << 20) -> Iterator[Chun
             offset += len(data)
 
 
+def chunkable(path: str | Path) -> bool:
+    """Whether the file starts with a plain one-line header, so that every chunk of it carries the header."""
+    with open(path, "rb") as fh:
+        text = fh.readline().decode("utf-8-sig", errors="replace")
+    if text.count('"') % 2 or "\r" in text.replace("\r\n", ""):
+        return False
+    return any(c.strip() for c in next(csv.reader([text]), []))
+
+
 def _whole_record(fh: IO[bytes], data: bytes) -> bytes:
     while data.count(b'"') % 2:
         more = fh.readline()

@@ -1,0 +1,634 @@
+"""Vectorized reading of one DCGM CSV chunk (numpy + pyarrow) for bulk loads, exact by construction.
+
+Only lines that are certainly plain are read in bulk: printable ASCII, standard CSV quoting, one record
+per line, the header's field count, and values that pass every check of `dcgm_csv.read_samples` (checked
+per *distinct* value: dictionary encoding). Every other line (a bad row, odd quoting, a blank line,
+non-ASCII text…) is handed to `read_samples` itself, and a chunk whose line structure is in any doubt
+(a quoted newline, a bare CR, an odd header) is read by it whole. So a sample or a rejected line is the
+exact parser's, with its line number and reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from telemetry_nb.model import Rejected, Sample, static_labels
+from telemetry_nb.sources.dcgm_csv import (
+    OPTIONAL,
+    Chunk,
+    HeaderError,
+    _column_index,
+    _labels_and_identity,
+    _utcnow,
+    read_chunk,
+    read_samples,
+)
+from telemetry_nb.sources.limits import RowLimits
+from telemetry_nb.timeparse import parse_timestamp
+
+_WIDE = 17  # the longest value text `_plain_numbers` looks at: a sign, 15 digits and a point
+_MISSING = object()
+_CACHE_MAX = 50_000  # distinct series, labels, GPUs… remembered across chunks (per process), then forgotten
+_TS_MAX = 20_000  # distinct timestamp and value texts remembered (they can be all distinct)
+_BAD_PREV = np.ones(256, bool)
+_BAD_PREV[[ord(","), ord("\n"), ord('"')]] = False  # what may come before an opening quote (or a "" pair)
+_BAD_NEXT = np.ones(256, bool)
+_BAD_NEXT[[ord(","), ord("\n"), ord("\r"), ord('"')]] = False  # what may follow a closing quote
+
+
+@dataclass
+class Columns:
+    """A chunk's samples in file order as codes into small tables (what `codec_columns` encodes).
+
+    Per row: `series` (→ `uuid_of`, `ident`, `static_of`, `err_msg`), `gpu` (→ `gpus`: hostname,
+    gpu_index, device, model_name), `metric` (→ `metrics`), `workload` (→ `workloads`, -1 for none),
+    `ts` (→ `ts_text`) and `value`, the value's repr.
+    """
+
+    series: np.ndarray
+    gpu: np.ndarray
+    metric: np.ndarray
+    workload: np.ndarray
+    ts: np.ndarray
+    value: pa.Array
+    uuids: list[str]
+    uuid_of: np.ndarray
+    static_of: np.ndarray
+    idents: list[tuple]  # per series: (pci_bus_id, driver_version, parent_uuid, mig_profile, mig_instance)
+    err_msg: list[str]
+    statics: list[dict[str, str]]
+    gpus: list[tuple]
+    metrics: list[str]
+    workloads: list[tuple[str, str, str]]
+    ts_text: list[str]
+    cache: dict = field(default_factory=dict)  # the encoder's, kept as long as these tables
+
+    @property
+    def n(self) -> int:
+        return len(self.series)
+
+
+@dataclass
+class Parsed:
+    """One chunk read: `columns` (fast path, exact lines merged in), or `items` when the chunk was read exactly."""
+
+    columns: Columns | None
+    items: list[Sample | Rejected] | None
+    rejected: list[Rejected]
+    fast_rows: int = 0  # samples that took the vectorized path
+    exact_lines: int = 0  # lines handed to the exact parser
+
+
+@dataclass
+class FastStats:
+    """What the reader did, for logs, benchmarks and the test that the fast path is taken at all."""
+
+    chunks: int = 0
+    exact_chunks: int = 0
+    fast_rows: int = 0
+    exact_lines: int = 0
+    why: dict[str, int] = field(default_factory=dict)  # why whole chunks went to the exact parser
+
+
+class _Table:
+    """Values → dense codes (first seen, first code), for one chunk."""
+
+    __slots__ = ("codes", "values")
+
+    def __init__(self):
+        self.codes: dict = {}
+        self.values: list = []
+
+    def code(self, value) -> int:
+        c = self.codes.get(value)
+        if c is None:
+            c = self.codes[value] = len(self.values)
+            self.values.append(value)
+        return c
+
+
+class _Interner:
+    """Distinct strings → ids kept across chunks, looked up vectorized (pyarrow `index_in`): no Python per row."""
+
+    def __init__(self):
+        self.known = pa.array([], pa.string())
+        self.values: list[str] = []
+
+    def ids(self, column: pa.Array) -> np.ndarray:
+        """The id of each row's string; strings not seen before get new ids."""
+        found = pc.index_in(column, value_set=self.known)
+        if found.null_count:
+            new = pc.unique(column.filter(found.is_null()))
+            self.values.extend(new.to_pylist())
+            self.known = pa.concat_arrays([self.known, new.cast(pa.string())])
+            found = pc.index_in(column, value_set=self.known)
+        return found.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+_NOT_FOUND = -(1 << 62)
+
+
+class _KeyMap:
+    """int64 keys → int64 codes, kept sorted across chunks; looked up with one `searchsorted`."""
+
+    def __init__(self):
+        self.keys = np.empty(0, np.int64)
+        self.codes = np.empty(0, np.int64)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The code of each key, `_NOT_FOUND` for a key never added."""
+        if not len(self.keys):
+            return np.full(len(keys), _NOT_FOUND, np.int64)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[pos] == keys, self.codes[pos], _NOT_FOUND)
+
+    def add(self, keys: np.ndarray, codes: np.ndarray) -> None:
+        k, c = np.concatenate([self.keys, keys]), np.concatenate([self.codes, codes])
+        order = np.argsort(k, kind="stable")
+        self.keys, self.codes = k[order], c[order]
+
+
+class _Builder:
+    """The tables behind `Columns` codes, filled by the fast path and by the exact lines alike.
+
+    Kept across chunks (codes stay valid), and started afresh between chunks once large.
+    """
+
+    def __init__(self):
+        self.uuids, self.gpus, self.metrics, self.workloads, self.ts = (_Table() for _ in range(5))
+        self.statics = _Table()  # keyed by the items of a static-labels dict
+        self.series_keys = _Table()
+        self.series_u: list[int] = []
+        self.series_s: list[int] = []
+        self.idents: list[tuple] = []
+        self.err_msg: list[str] = []
+        self.cache: dict = {}
+
+    def size(self) -> int:
+        return len(self.series_keys.values) + len(self.gpus.values) + len(self.workloads.values) + len(self.cache)
+
+    def series(self, uuid: str, ident: tuple, static: dict[str, str], err: str) -> int:
+        """Code of a series: what every sample of it shares in an entry (GPU, identity, static labels, err_msg)."""
+        static_key = tuple(static.items())
+        key = (uuid, ident, static_key, err)
+        c = self.series_keys.codes.get(key)
+        if c is None:
+            c = self.series_keys.code(key)
+            self.series_u.append(self.uuids.code(uuid))
+            s = self.statics.codes.get(static_key)
+            if s is None:
+                s = self.statics.code(static_key)
+                self.statics.values[s] = static
+            self.series_s.append(s)
+            self.idents.append(ident)
+            self.err_msg.append(err)
+        return c
+
+    def sample_codes(self, s: Sample) -> tuple[int, int, int, int, int, str]:
+        """A `Sample` of the exact parser as codes."""
+        sc = self.series(s.uuid, (s.pci_bus_id, s.driver_version, s.parent_uuid, s.mig_profile, s.mig_instance),
+                         static_labels(s.labels), s.labels.get("err_msg", ""))
+        workload = (s.namespace, s.pod, s.container) if (s.pod or s.namespace or s.container) else None
+        return (sc, self.gpus.code((s.hostname, s.gpu_index, s.device, s.model_name)), self.metrics.code(s.metric),
+                -1 if workload is None else self.workloads.code(workload), self.ts.code(s.ts.isoformat()),
+                repr(s.value))
+
+    def columns(self, series, gpu, metric, workload, ts, value) -> Columns:
+        return Columns(series=series, gpu=gpu, metric=metric, workload=workload, ts=ts, value=value,
+                       uuids=self.uuids.values, uuid_of=np.asarray(self.series_u, np.int64),
+                       static_of=np.asarray(self.series_s, np.int64), idents=self.idents, err_msg=self.err_msg,
+                       statics=self.statics.values, gpus=self.gpus.values, metrics=self.metrics.values,
+                       workloads=self.workloads.values, ts_text=self.ts.values, cache=self.cache)
+
+
+class _Fallback(Exception):
+    """The chunk goes to the exact parser whole; the message says why (counted in `FastStats.why`)."""
+
+
+class FastReader:
+    """Reads chunks (`split_records`) the way `read_chunk` does, vectorized where that is certain.
+
+    Holds per-process caches of per-distinct-value work (timestamps, labels), bounded in size.
+    """
+
+    def __init__(self, *, with_labels: bool = True, limits: RowLimits | None = None,
+                 now: Callable[[], datetime] = _utcnow):
+        self.with_labels = with_labels
+        self.limits = limits or RowLimits()
+        self.now = now
+        self.stats = FastStats()
+        self._headers: dict[str, tuple[int, dict[str, int]] | None] = {}
+        self._ts: dict[str, datetime | None] = {}
+        self._values: dict[str, str | None] = {}
+        self._cache: dict[str, dict] = {}
+        self._pairs = _KeyMap()
+        self._uuid_ids = _Table()
+        self._labels = _Interner()
+        self._b = _Builder()
+        self._idx: dict[str, int] = {}
+
+    def read(self, chunk: Chunk) -> Parsed:
+        """The chunk's samples and rejected lines, exactly as `read_chunk(chunk, with_labels=...)` yields them."""
+        self.stats.chunks += 1
+        with open(chunk.path, "rb") as fh:
+            fh.seek(chunk.offset)
+            data = fh.read(chunk.length)
+        try:
+            parsed = self._fast(chunk, data)
+        except _Fallback as why:
+            reason = str(why)
+            self.stats.exact_chunks += 1
+            self.stats.why[reason] = self.stats.why.get(reason, 0) + 1
+            items = list(read_chunk(chunk, with_labels=self.with_labels, limits=self.limits, now=self.now))
+            rejected = [i for i in items if isinstance(i, Rejected)]
+            return Parsed(None, [i for i in items if not isinstance(i, Rejected)], rejected,
+                          exact_lines=data.count(b"\n"))
+        self.stats.fast_rows += parsed.fast_rows
+        self.stats.exact_lines += parsed.exact_lines
+        return parsed
+
+    # -- the fast path -------------------------------------------------------------------------
+
+    def _forget(self) -> None:
+        """Start the tables and caches afresh (between chunks): memory stays bounded whatever the file."""
+        self._ts.clear()
+        self._values.clear()
+        self._cache.clear()
+        self._pairs = _KeyMap()
+        self._uuid_ids = _Table()
+        self._labels = _Interner()
+        self._b = _Builder()
+
+    def _header(self, text: str) -> tuple[int, dict[str, int]]:
+        if text not in self._headers:
+            value = None
+            if "\r" not in text.replace("\r\n", "") and text.endswith("\n"):
+                rows = list(csv.reader(io.StringIO(text, newline="")))
+                if len(rows) == 1 and any(c.strip() for c in rows[0]):
+                    try:
+                        value = (len(rows[0]), _column_index(rows[0]))
+                    except HeaderError:
+                        value = None
+            self._headers[text] = value
+        value = self._headers[text]
+        if value is None:
+            raise _Fallback("header")
+        return value
+
+    def _fast(self, chunk: Chunk, data: bytes) -> Parsed:
+        width, idx = self._header(chunk.header)
+        # per-value caches that no other code refers to are bounded on their own (timestamps can be all distinct)
+        for cache in (self._ts, self._values):
+            if len(cache) > _TS_MAX:
+                cache.clear()
+        if len(self._b.ts.values) > _TS_MAX:
+            self._b.ts = _Table()
+        if self._idx != idx or self._b.size() + len(self._labels.values) > _CACHE_MAX:
+            self._forget()
+            self._idx = idx
+        a = np.frombuffer(data, np.uint8)
+        size = len(a)
+        if size == 0:
+            return Parsed(self._b.columns(*_empty()), None, [])
+        nl = np.flatnonzero(a == 10)
+        ends = nl if data.endswith(b"\n") else np.append(nl, size)  # each line's last byte + 1 (its \n)
+        starts = np.empty(len(ends), np.int64)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        crlf = a[np.maximum(nl - 1, 0)] == 13
+        crlf &= nl > 0
+        odd_bytes = np.count_nonzero((a < 32) | (a > 126)) != len(nl) + np.count_nonzero(crlf)
+        if odd_bytes and np.count_nonzero(a == 13) != np.count_nonzero(crlf):
+            raise _Fallback("bare CR")
+        quotes = np.flatnonzero(a == 34)
+        if len(quotes) % 2 or np.any(np.searchsorted(quotes, nl) & 1):
+            raise _Fallback("quoted newline or unbalanced quotes")
+        content_end = ends.copy()
+        content_end[: len(nl)] -= crlf
+        suspect = content_end == starts  # blank lines
+        # quoting: an opening quote (even index) follows a comma, a line start or a closing quote ("" pair);
+        # a closing quote (odd index) comes before a comma, the line end or an opening quote
+        if len(quotes):
+            prev = a[np.maximum(quotes[0::2] - 1, 0)]
+            bad_open = _BAD_PREV[prev] & (quotes[0::2] > 0)
+            nxt = a[np.minimum(quotes[1::2] + 1, size - 1)]
+            bad_close = _BAD_NEXT[nxt] & (quotes[1::2] < size - 1)
+            bad = np.concatenate([quotes[0::2][bad_open], quotes[1::2][bad_close]])
+            if len(bad):
+                suspect[np.searchsorted(ends, bad)] = True
+        if odd_bytes:  # control characters, DEL or non-ASCII: such lines are read exactly
+            odd = np.flatnonzero(((a < 32) & (a != 10) & (a != 13)) | (a > 126))
+            suspect[np.searchsorted(ends, odd)] = True
+        suspect_lines = list(np.flatnonzero(suspect))
+        keep = np.flatnonzero(~suspect)
+        if len(keep) == 0:
+            buf = b""
+        elif not suspect_lines:
+            buf = data
+        else:
+            lengths = np.minimum(ends + 1, size) - starts
+            buf = a[np.repeat(~suspect, lengths)].tobytes()
+        table, invalid = self._arrow(buf, width, idx, len(keep)) if buf else (None, [])
+        if invalid:
+            suspect_lines += [int(keep[i]) for i in invalid]
+            keep = np.delete(keep, invalid)
+        b = self._b
+        if table is not None and table.num_rows:
+            codes, ok, value = self._codes(table, b)
+            if not ok.all():
+                suspect_lines += [int(x) for x in keep[~ok]]
+                keep = keep[ok]
+                codes = [c[ok] for c in codes]
+                value = value.filter(pa.array(ok))
+        else:
+            codes, value = [np.empty(0, np.int64) for _ in range(5)], pa.array([], pa.string())
+        fast_rows = len(keep)
+        suspect_lines.sort()
+        rejected: list[Rejected] = []
+        if suspect_lines:
+            lines, extra = self._exact_lines(chunk, data, starts, ends, suspect_lines, b, rejected)
+            if lines:
+                order = np.argsort(np.concatenate([keep, np.asarray(lines, np.int64)]), kind="stable")
+                codes = [np.concatenate([c, np.asarray(e, np.int64)])[order] for c, e in zip(codes, extra[:5],
+                                                                                            strict=True)]
+                value = pa.concat_arrays([value, pa.array(extra[5], pa.string())]).take(pa.array(order))
+        return Parsed(b.columns(*codes, value), None, rejected, fast_rows=fast_rows, exact_lines=len(suspect_lines))
+
+    def _arrow(self, buf: bytes, width: int, idx: dict[str, int], lines: int) -> tuple[pa.Table, list[int]]:
+        """pyarrow's reading of certified lines (all text), and the 0-based lines with the wrong field count."""
+        invalid: list[int | None] = []
+
+        def wrong_count(row) -> str:
+            invalid.append(None if row.number is None else row.number - 1)
+            return "skip"
+
+        names = [f"c{i}" for i in range(width)]
+        wanted = sorted({i for i in idx.values() if i < width})
+        try:
+            table = pacsv.read_csv(
+                pa.py_buffer(buf),
+                read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(buf) + 64),
+                parse_options=pacsv.ParseOptions(newlines_in_values=False, ignore_empty_lines=False,
+                                                 invalid_row_handler=wrong_count),
+                convert_options=pacsv.ConvertOptions(include_columns=[names[i] for i in wanted],
+                                                     column_types={names[i]: pa.string() for i in wanted},
+                                                     strings_can_be_null=False, quoted_strings_can_be_null=False))
+        except (pa.ArrowException, ValueError) as err:
+            raise _Fallback(f"pyarrow: {type(err).__name__}") from None
+        if any(i is None for i in invalid):
+            raise _Fallback("pyarrow row numbers unknown")
+        if table.num_rows + len(invalid) != lines:
+            raise _Fallback("pyarrow records are not lines")
+        return table, invalid  # type: ignore[return-value]
+
+    def _col(self, table: pa.Table, name: str) -> tuple[np.ndarray, list[str]]:
+        """A column dictionary-encoded: (codes per row, distinct values); an absent column is all ''."""
+        i = self._idx.get(name)
+        if i is None or f"c{i}" not in table.column_names:
+            return np.zeros(table.num_rows, np.int64), [""]
+        enc = pc.dictionary_encode(table.column(f"c{i}").combine_chunks())
+        return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
+
+    def _distinct(self, table: pa.Table, name: str, compute: Callable[[str], object]) -> tuple[np.ndarray, list]:
+        """(codes per row, per distinct value `compute(value)`), remembered across chunks."""
+        codes, values = self._col(table, name)
+        cache = self._cache.setdefault(name, {})
+        get = cache.get
+        out = [get(v, _MISSING) for v in values]
+        for j, got in enumerate(out):
+            if got is _MISSING:
+                got = out[j] = cache[values[j]] = compute(values[j])
+        return codes, out
+
+    def _codes(self, table: pa.Table, b: _Builder):
+        """Per-row codes of the certified rows, which of them the fast path accepts, and their value text."""
+        limits = self.limits
+        text_ok = self._text_ok
+
+        t_codes, t_values = self._col(table, "timestamp")  # limits are checked against now: per chunk
+        now = self.now()
+        t_map = np.empty(len(t_values), np.int64)
+        for j, raw in enumerate(t_values):
+            ts = self._timestamp(raw)
+            t_map[j] = -1 if ts is None or limits.check_ts(raw, ts, now) is not None else b.ts.code(ts.isoformat())
+        ts = t_map[t_codes]
+        ok = ts >= 0
+        m_codes, m_map = self._distinct(table, "metric_name", lambda v: b.metrics.code(v.strip())
+                                        if 0 < len(v.strip()) <= limits.metric_bytes else -1)
+        metric = np.asarray(m_map, np.int64)[m_codes]
+        ok &= metric >= 0
+        u_codes, u_values = self._distinct(table, "uuid", lambda v: text_ok(v) or None)
+        g_codes, g_values = self._distinct(table, "gpu_id", self._gpu_id)
+        h_codes, h_values = self._distinct(table, "Hostname", text_ok)
+        d_codes, d_values = self._distinct(table, "device", text_ok)
+        mo_codes, mo_values = self._distinct(table, "modelName", text_ok)
+        for codes, values, bad in ((u_codes, u_values, None), (g_codes, g_values, False), (h_codes, h_values, None),
+                                   (d_codes, d_values, None), (mo_codes, mo_values, None)):
+            good = np.fromiter((v is not bad for v in values), bool, len(values))
+            if not good.all():
+                ok &= good[codes]
+        combo, first = _combine(g_codes, h_codes, d_codes, mo_codes)
+        gpu_map = np.fromiter((b.gpus.code((h_values[h_codes[r]], g_values[g_codes[r]], d_values[d_codes[r]],
+                                            mo_values[mo_codes[r]])) for r in first), np.int64, len(first))
+        gpu = gpu_map[combo]
+        c_codes, c_values = self._distinct(table, "container", text_ok)
+        p_codes, p_values = self._distinct(table, "pod", text_ok)
+        n_codes, n_values = self._distinct(table, "namespace", text_ok)
+        combo, first = _combine(n_codes, p_codes, c_codes)
+        w_map = np.empty(len(first), np.int64)
+        for j, r in enumerate(first):
+            w = (n_values[n_codes[r]], p_values[p_codes[r]], c_values[c_codes[r]])
+            if None in w or len(w[0]) + len(w[1]) + len(w[2]) > limits.workload_bytes:
+                w_map[j] = -2
+            else:
+                w_map[j] = b.workloads.code(w) if (w[0] or w[1] or w[2]) else -1
+        workload = w_map[combo]
+        ok &= workload >= -1
+        # series: uuid and labels_raw (identity, MIG, inventory labels), worked out once per distinct pair
+        uuid_ids = np.fromiter((self._uuid_ids.code(v) for v in u_values), np.int64, len(u_values))[u_codes]
+        i = self._idx.get("labels_raw")
+        if self.with_labels and i is not None and f"c{i}" in table.column_names:
+            label_ids = self._labels.ids(table.column(f"c{i}").combine_chunks())
+        else:
+            label_ids = np.full(table.num_rows, self._labels.ids(pa.array([""]))[0], np.int64)
+        pair_keys, combo = np.unique((uuid_ids << 32) | label_ids, return_inverse=True)
+        s_map = self._pairs.find(pair_keys)
+        new = np.flatnonzero(s_map == _NOT_FOUND)
+        if len(new):
+            got = np.fromiter((self._series(b, self._uuid_ids.values[int(k) >> 32],
+                                            self._labels.values[int(k) & 0xFFFFFFFF])
+                               for k in pair_keys[new]), np.int64, len(new))
+            self._pairs.add(pair_keys[new], got)
+            s_map[new] = got
+        series = s_map[combo.reshape(-1)]
+        ok &= series >= 0
+        value, v_ok = self._value_text(table.column(f"c{self._idx['value']}").combine_chunks())
+        ok &= v_ok
+        return [series, gpu, metric, workload, ts], ok, value
+
+    def _text_ok(self, value: str) -> str | None:
+        """The stripped name, or None when it is longer than the limit (printable ASCII: bytes = characters)."""
+        value = value.strip()
+        return value if len(value) <= self.limits.text_bytes else None
+
+    def _gpu_id(self, raw: str) -> int | None | bool:
+        """gpu_id as the exact parser reads it: an int, None for blank, False when rejected."""
+        if not raw.strip():
+            return None  # a blank gpu_id: a sample without index
+        try:
+            value = int(raw)
+        except ValueError:
+            return False
+        return value if self.limits.check_gpu_id(raw, value) is None else False
+
+    def _timestamp(self, raw: str) -> datetime | None:
+        got = self._ts.get(raw, _MISSING)
+        if got is _MISSING:
+            got = None
+            if raw.strip().lower() != "timestamp":
+                try:
+                    got = parse_timestamp(raw)
+                except ValueError:
+                    got = None
+            self._ts[raw] = got
+        return got
+
+    def _series(self, b: _Builder, uuid: str | None, raw: str) -> int:
+        """The series code of a distinct (uuid, labels_raw), or -1 when the exact parser rejects the pair."""
+        if uuid is None:
+            return -1
+        labels, ident = _labels_and_identity(uuid, raw) if raw else ({}, None)
+        if isinstance(ident, str):
+            return -1
+        if ident is None:
+            return b.series(uuid, ("", "", "", "", None), static_labels(labels), labels.get("err_msg", ""))
+        return b.series(ident.uuid, (ident.pci_bus_id, ident.driver_version, ident.parent_uuid, ident.mig_profile,
+                                     ident.mig_instance), static_labels(labels), labels.get("err_msg", ""))
+
+    def _value_text(self, values: pa.Array) -> tuple[pa.Array, np.ndarray]:
+        """repr(float(value)) per row, vectorized for plain decimals; and which rows have a storable value."""
+        is_int, plain_np = _plain_numbers(values)
+        text = pc.if_else(pa.array(is_int), pc.binary_join_element_wise(values, pa.scalar(".0"), pa.scalar("")),
+                          values)
+        ok = np.ones(len(values), bool)
+        if not plain_np.all():
+            rows = np.flatnonzero(~plain_np)
+            others = []
+            for r, raw in zip(rows, values.take(pa.array(rows)).to_pylist(), strict=True):
+                got = self._values.get(raw, "")
+                if got == "":
+                    try:
+                        v = float(raw)
+                        got = repr(v) if math.isfinite(v) else None
+                    except ValueError:
+                        got = None
+                    self._values[raw] = got
+                if got is None:
+                    ok[r] = False
+                others.append(got or "")
+            text = pc.replace_with_mask(text, pa.array(~plain_np), pa.array(others, pa.string()))
+        return text, ok
+
+    def _exact_lines(self, chunk: Chunk, data: bytes, starts: np.ndarray, ends: np.ndarray, lines: list[int],
+                     b: _Builder, rejected: list[Rejected]) -> tuple[list[int], list[list]]:
+        """Read `lines` (0-based in the chunk) with the exact parser; their samples as codes, in line order."""
+        texts = []
+        for i in lines:
+            text = data[starts[i]:ends[i] + 1].decode("utf-8", errors="replace")
+            try:  # a line that is a record by itself: strict reading raises for anything else
+                list(csv.reader([text], strict=True))
+            except csv.Error:
+                raise _Fallback("a line that is not a record by itself") from None
+            texts.append(text)
+        shift = chunk.header.count("\n")
+        out_lines: list[int] = []
+        extra: list[list] = [[] for _ in range(6)]
+        for item in read_samples(io.StringIO(chunk.header + "".join(texts), newline=""),
+                                 with_labels=self.with_labels, limits=self.limits, now=self.now):
+            if isinstance(item, Rejected):
+                item.line = chunk.first_line + lines[item.line - shift - 1]
+                rejected.append(item)
+                continue
+            out_lines.append(-1)  # the line is found below, from the lines that yielded something
+            for col, v in zip(extra, b.sample_codes(item), strict=True):
+                col.append(v)
+        if out_lines:
+            out_lines = self._sample_lines(texts, lines, rejected, chunk.first_line)
+            if len(out_lines) != len(extra[0]):
+                raise _Fallback("exact lines do not match")
+        return out_lines, extra
+
+    @staticmethod
+    def _sample_lines(texts: list[str], lines: list[int], rejected: list[Rejected], first_line: int) -> list[int]:
+        """Which of `lines` yielded a sample: not blank (the exact parser skips those) and not rejected."""
+        gone = {r.line - first_line for r in rejected}
+        out = []
+        for text, i in zip(texts, lines, strict=True):
+            row = next(csv.reader([text]), [])
+            if not row or (len(row) == 1 and not row[0].strip()) or i in gone:
+                continue
+            out.append(i)
+        return out
+
+
+def _plain_numbers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Which texts are plain integers, and which are plain numbers, whose `repr(float(text))` is the text itself
+    (or, for an integer, the text + ".0"): `-?` digits with no leading zero, an optional fraction without
+    trailing zeros (or exactly `.0`), at most 15 digits in all, and not below 1e-4 (`0.0000…`)."""
+    n = len(values)
+    offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4).astype(np.int64)
+    raw = values.buffers()[2]
+    data = np.frombuffer(raw, np.uint8) if raw is not None and raw.size else np.zeros(1, np.uint8)
+    length = np.diff(offsets)
+    cols = np.arange(_WIDE)
+    inside = cols < length[:, None]
+    m = np.where(inside, data[np.minimum(offsets[:-1, None] + cols, len(data) - 1)], 0)
+    neg = m[:, 0] == ord("-")
+    body = np.where(neg[:, None], np.roll(m, -1, axis=1), m)  # the text without its sign, zero-padded
+    body[:, -1] = np.where(neg, 0, body[:, -1])
+    blen = length - neg
+    digit = (body >= ord("0")) & (body <= ord("9"))
+    dot = body == ord(".")
+    in_body = cols < blen[:, None]
+    dots = dot.sum(axis=1)
+    shape_ok = (length >= 1) & (length <= _WIDE) & (blen >= 1) & np.all(digit | dot | ~in_body, axis=1)
+    is_int = shape_ok & (dots == 0) & (blen <= 15) & ((body[:, 0] != ord("0")) | (blen == 1))
+    point = np.argmax(dot, axis=1)  # position of the point when there is one
+    last = body[np.arange(n), np.clip(blen - 1, 0, _WIDE - 1)]
+    zero_int = (point == 1) & (body[:, 0] == ord("0"))
+    frac_zero = (blen - point - 1 == 1) & (last == ord("0"))  # exactly ".0"
+    tiny = zero_int & np.all(body[:, 2:6] == ord("0"), axis=1) & (blen >= 6)  # 0.0000…: below 1e-4
+    is_dec = (shape_ok & (dots == 1) & (point >= 1) & (point < blen - 1) & (blen <= 16)
+              & ((body[:, 0] != ord("0")) | zero_int) & ((last != ord("0")) | frac_zero) & ~tiny)
+    return is_int, is_int | is_dec
+
+
+def _combine(*codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One code per distinct combination of per-row codes: (row → combination, first row of each)."""
+    key = codes[0]
+    for c in codes[1:]:
+        radix = int(c.max(initial=0)) + 1
+        if int(key.max(initial=0)) >= (1 << 62) // radix:
+            _, key = np.unique(key, return_inverse=True)
+            key = key.reshape(-1)
+        key = key * radix + c
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return inverse.reshape(-1), first
+
+
+def _empty():
+    e = np.empty(0, np.int64)
+    return e, e, e, e, e, pa.array([], pa.string())
+
+
+__all__ = ["OPTIONAL", "Columns", "FastReader", "FastStats", "Parsed"]
