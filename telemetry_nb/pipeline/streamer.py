@@ -150,12 +150,18 @@ class Streamer:
         size = self.settings.batch_size
         batch: list[columnar.Columns] = []
         count = kept = 0
+        masks: dict[int, np.ndarray] = {}
+        lists: list = []
         for item in items:
             if type(item) is Rejected:
                 self._reject(item)
                 continue
-            if shard_n > 1:
-                mine = np.array([s.shard(shard_n, shard_of) == shard_i for s in item.series], dtype=bool)
+            if shard_n > 1:  # the series lists are shared by many items: each is looked at once
+                mine = masks.get(id(item.series))
+                if mine is None:
+                    mine = masks[id(item.series)] = np.array(
+                        [s is not None and s.shard(shard_n, shard_of) == shard_i for s in item.series], dtype=bool)
+                    lists.append(item.series)  # kept alive while its id is a key
                 item = item.select(mine[item.sidx])
             start = 0
             while start < len(item):
