@@ -25,6 +25,7 @@ from telemetry_nb.pipeline.streamer import Streamer
 from telemetry_nb.pipeline.streams import Queue
 from telemetry_nb.sources.fake_exporter import render_target
 from telemetry_nb.sources.targets import StaticTargets
+from tests.conftest import run_cli
 
 T0 = 1_767_225_600.123  # 2026-01-01, a scrape start with milliseconds
 
@@ -148,14 +149,10 @@ class _Server:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
-            wbufsize = -1  # headers and body in one send: no delayed-ACK stall per request
 
             def do_GET(self):  # noqa: N802
                 body = owner.bodies[int(self.path.rsplit("/", 1)[1])]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # one send
 
             def log_message(self, *args):
                 pass
@@ -184,7 +181,7 @@ def test_fast_path_publishes_exactly_what_the_exact_path_does(servers, stream, r
         streamer = Streamer(Queue(redis.Redis.from_url(servers.redis_url), settings.stream), settings)
         streamer.source_name = "scrape"
         scrapers[parser] = Scraper(streamer, StaticTargets([]), ScrapeMetrics(PipelineMetrics().registry),
-                                   clock=lambda: now[0], parser=parser)
+                                   clock=lambda: now[0], timeout_s=120, parser=parser)  # a slow test machine
     regular = 0
     try:
         for cycle in range(2):  # the second scrape finds every label set in the cache
@@ -232,3 +229,27 @@ def test_arrow_reads_plain_numbers_as_float_does():
         except pa.ArrowInvalid:
             continue  # the target goes to the exact parser
         assert repr(ours) == repr(float(text)), text
+
+
+def test_cli_parser_option_and_its_environment_variable(cli_env, redis_client, server):
+    """`scrape --parser exact` and the default (fast) publish the same samples; a bad $TELEMETRY_SCRAPE_PARSER is
+    refused with a clear message."""
+    bodies, _ = _bodies(seed=3, variant=0)
+    server.bodies = bodies[:4] + bodies[len(REGULAR):len(REGULAR) + 8]  # some regular texts, some not
+    targets = [a for i in range(len(server.bodies)) for a in ("--target", f"{server.base}/t/{i}")]
+    rows = {}
+    for parser in ("exact", "fast"):
+        stream = f"{cli_env['TELEMETRY_STREAM']}-{parser}"
+        env = {**cli_env, "TELEMETRY_STREAM": stream}
+        args = ["--parser", "exact"] if parser == "exact" else []
+        out = run_cli("scrape", *targets, *args, "--cycles", "1", env=env, timeout=120)
+        assert "cycles=1" in out.stdout
+        batches = [codec.decode(f) for _, f in redis_client.xrange(stream)]
+        rows[parser] = sorted((s.uuid, s.metric, s.value) for b in batches for s in codec.decode_samples(b))
+        rows[parser + " rejected"] = sorted(f[b"reason"] for _, f in redis_client.xrange(f"{stream}:rejected"))
+        redis_client.delete(stream, f"{stream}:rejected", f"{stream}:rejected:total")
+    assert rows["fast"] == rows["exact"] and len(rows["fast"]) > 300
+    assert rows["fast rejected"] == rows["exact rejected"] and rows["fast rejected"]
+    bad = run_cli("scrape", "--target", "x:1", env={**cli_env, "TELEMETRY_SCRAPE_PARSER": "quick"}, check=False,
+                  timeout=60)
+    assert bad.returncode != 0 and "must be fast or exact, not 'quick'" in bad.stderr
