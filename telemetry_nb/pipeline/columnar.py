@@ -58,65 +58,102 @@ class Columns:
 
 def encode_columns(parts: Sequence[Columns]) -> dict[bytes, bytes]:
     """Encode the rows of `parts`, in order, into one stream entry, exactly as `codec.encode_series` would."""
+    entries = encode_batches(parts, max(1, sum(len(p) for p in parts)))
+    return entries[0][0] if entries else codec.entry_fields(0, 0, b"", [], {}, {}, {}, [], [])
+
+
+def encode_batches(parts: Sequence[Columns], size: int) -> list[tuple[dict[bytes, bytes], int]]:
+    """The rows of `parts`, in order, cut into entries of `size` rows: what `codec.encode_series` makes of each
+    cut, byte for byte. Numpy works over all rows at once; Python once per (entry, distinct series / metric)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return []
     skeys, series = _keys(parts, "series", "sidx")
     mkeys, names = _keys(parts, "names", "midx")
     tkeys, stamps = _keys(parts, "stamps", "tidx")
     values = np.concatenate([p.values for p in parts]).astype(np.float64, copy=False)
-    used_s, first_s, inv_s = np.unique(skeys, return_index=True, return_inverse=True)
-    objs = [series[int(k)] for k in used_s]
-    gpus: dict[int, list] = {}
-    inventory: dict[int, list] = {}
-    workloads: dict[tuple[str, str, str], int] = {}
-    seen: set[codec.Series] = set()
-    for k in np.argsort(first_s, kind="stable").tolist():  # first appearance, as the row-by-row encoder meets them
+    n = len(values)
+    batch = np.arange(n) // size
+    used_s, sk = np.unique(skeys, return_inverse=True)
+    used_m, mk = np.unique(mkeys, return_inverse=True)
+    names_of = {}  # the same name may come from several lists: one index per name
+    name_index = np.array([names_of.setdefault(names[k], len(names_of)) for k in used_m.tolist()], dtype=np.intp)
+    used_t, tk = np.unique(tkeys, return_inverse=True)
+    sk, tk = sk.reshape(-1), tk.reshape(-1)
+    mk = name_index[mk.reshape(-1)]
+    objs = [series[k] for k in used_s.tolist()]
+    mnames = list(names_of)
+    ttexts = [stamps[k] for k in used_t.tolist()]
+    mids = [codec.metric_key(name) for name in mnames]
+
+    gid = np.array([s.gid for s in objs], dtype=np.int64)[sk]
+    has = np.array([s.wid is not None for s in objs], dtype=bool)[sk]
+    us = np.array([_micros(t) for t in ttexts], dtype=np.int64)[tk]
+    mid = np.array(mids, dtype=np.int32)[mk]
+    plain = ~has
+    plain_rows = np.empty(int(plain.sum()), dtype=binary.PLAIN)
+    _fill(plain_rows, gid[plain], us[plain], mid[plain], values[plain], -1)
+    workload_rows = np.empty(n - len(plain_rows), dtype=binary.WITH_WORKLOAD)
+    _fill(workload_rows, gid[has], us[has], mid[has], values[has], 8)
+    workload_rows["workload"] = np.array([s.wid or 0 for s in objs], dtype=np.int64)[sk[has]]
+    plain_before = np.concatenate(([0], np.cumsum(plain)))
+
+    cuts = list(range(0, n, size)) + [n]
+    count = len(cuts) - 1
+    gpus: list[dict[int, list]] = [{} for _ in range(count)]
+    inventory: list[dict[int, list]] = [{} for _ in range(count)]
+    workloads: list[dict[tuple[str, str, str], int]] = [{} for _ in range(count)]
+    seen: list[set[codec.Series]] = [set() for _ in range(count)]
+    in_batch, which, _ = _firsts(batch, sk, len(objs))
+    for b, k in zip(in_batch, which, strict=True):  # each entry's series in order of first appearance
         s = objs[k]
-        if s in seen:
+        if s in seen[b]:
             continue
-        seen.add(s)
-        inv = inventory.get(s.gid)
+        seen[b].add(s)
+        inv = inventory[b].get(s.gid)
         if inv is None:
-            gpus[s.gid] = s.gpu_row
-            inv = inventory[s.gid] = list(s.inventory_row)
+            gpus[b][s.gid] = s.gpu_row
+            inv = inventory[b][s.gid] = list(s.inventory_row)
             inv[3] = dict(s.static)
         else:
             inv[3].update(s.static)
         if s.workload is not None:
-            workloads[s.workload] = s.wid
-    used_m, first_m, inv_m, count_m = np.unique(mkeys, return_index=True, return_inverse=True, return_counts=True)
-    mnames = [names[int(k)] for k in used_m]
-    metrics: dict[str, int] = {}
-    per_metric: dict[str, int] = {}
-    for k in np.argsort(first_m, kind="stable").tolist():
-        name = mnames[k]
-        if name not in metrics:
-            metrics[name] = codec.metric_key(name)
-            per_metric[name] = 0
-        per_metric[name] += int(count_m[k])
-    used_t, inv_t = np.unique(tkeys, return_inverse=True)
-    ttexts = [stamps[int(k)] for k in used_t]
-    inv_s, inv_m, inv_t = inv_s.reshape(-1), inv_m.reshape(-1), inv_t.reshape(-1)
-
-    gid = np.array([s.gid for s in objs], dtype=np.int64)[inv_s]
-    wid_of = [s.wid for s in objs]
-    has = np.array([w is not None for w in wid_of], dtype=bool)[inv_s]
-    us = np.array([_micros(t) for t in ttexts], dtype=np.int64)[inv_t]
-    mid = np.array([metrics[n] for n in mnames], dtype=np.int32)[inv_m]
-    plain = ~has
-    rows = np.empty(int(plain.sum()), dtype=binary.PLAIN)
-    _fill(rows, gid[plain], us[plain], mid[plain], values[plain], -1)
-    with_workload = np.empty(len(values) - len(rows), dtype=binary.WITH_WORKLOAD)
-    _fill(with_workload, gid[has], us[has], mid[has], values[has], 8)
-    with_workload["workload"] = np.array([w or 0 for w in wid_of], dtype=np.int64)[inv_s[has]]
-
-    events: list[list] = []
-    xid = np.array([n == XID_METRIC for n in mnames], dtype=bool)[inv_m]
+            workloads[b][s.workload] = s.wid
+    in_batch, which, rows_of = _firsts(batch, mk, len(mnames))  # each entry's metrics in order, and their rows
+    bounds = np.searchsorted(np.array(in_batch, dtype=np.int64), np.arange(count + 1)).tolist()
+    metrics, per_metric = [], []
+    for b in range(count):
+        these = [mnames[k] for k in which[bounds[b]:bounds[b + 1]]]
+        metrics.append(dict(zip(these, [mids[k] for k in which[bounds[b]:bounds[b + 1]]], strict=True)))
+        per_metric.append(dict(zip(these, rows_of[bounds[b]:bounds[b + 1]], strict=True)))
+    events: list[list[list]] = [[] for _ in range(count)]
+    xid = np.array([name == XID_METRIC for name in mnames], dtype=bool)[mk]
     if xid.any():
         v = values[xid]
         for i in np.flatnonzero(xid)[np.isfinite(v) & (v == np.floor(v))].tolist():
-            s = objs[inv_s[i]]
-            events.append([s.gid, ttexts[inv_t[i]], "xid", int(values[i]), s.err_msg])
-    return codec.entry_fields(len(values), len(rows), rows.tobytes() + with_workload.tobytes(), gpus.values(),
-                              metrics, per_metric, workloads, inventory.values(), events)
+            s = objs[sk[i]]
+            events[i // size].append([s.gid, ttexts[tk[i]], "xid", int(values[i]), s.err_msg])
+    out = []
+    for b in range(count):
+        lo, hi = cuts[b], cuts[b + 1]
+        p_lo, p_hi = int(plain_before[lo]), int(plain_before[hi])
+        rows = plain_rows[p_lo:p_hi].tobytes() + workload_rows[lo - p_lo:hi - p_hi].tobytes()
+        out.append((codec.entry_fields(hi - lo, p_hi - p_lo, rows, gpus[b].values(), metrics[b], per_metric[b],
+                                       workloads[b], inventory[b].values(), events[b]), hi - lo))
+    return out
+
+
+def _firsts(batch: np.ndarray, key: np.ndarray, width: int) -> tuple[list[int], list[int], list[int]]:
+    """Per distinct (batch, key), in order of first appearance: the batch, the key and how many rows have it."""
+    group = batch * width + key
+    order = np.argsort(group, kind="stable")
+    ordered = group[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    sizes = np.diff(np.append(starts, len(group)))
+    first_rows = order[starts]
+    by_row = np.argsort(first_rows, kind="stable")
+    groups = ordered[starts][by_row]
+    return (groups // width).tolist(), (groups % width).tolist(), sizes[by_row].tolist()
 
 
 def _keys(parts: Sequence[Columns], table: str, index: str) -> tuple[np.ndarray, list]:

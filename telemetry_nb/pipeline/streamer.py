@@ -147,9 +147,7 @@ class Streamer:
             self._redis(self.queue.ensure_group)
             self._group_ready = True
         shard_i, shard_n = self.settings.shard_index, self.settings.shard_count
-        size = self.settings.batch_size
-        batch: list[columnar.Columns] = []
-        count = kept = 0
+        parts: list[columnar.Columns] = []
         masks: dict[int, np.ndarray] = {}
         lists: list = []
         for item in items:
@@ -163,19 +161,11 @@ class Streamer:
                         [s is not None and s.shard(shard_n, shard_of) == shard_i for s in item.series], dtype=bool)
                     lists.append(item.series)  # kept alive while its id is a key
                 item = item.select(mine[item.sidx])
-            start = 0
-            while start < len(item):
-                step = min(size - count, len(item) - start)
-                batch.append(item if step == len(item) else item.select(slice(start, start + step)))
-                start += step
-                count += step
-                if count >= size:
-                    self._take(([(columnar.encode_columns(batch), count)], []))
-                    kept += count
-                    batch, count = [], 0
-        if batch:
-            self._take(([(columnar.encode_columns(batch), count)], []))
-            kept += count
+            parts.append(item)
+        kept = 0
+        for fields, n in columnar.encode_batches(parts, self.settings.batch_size):
+            self._take(([(fields, n)], []))
+            kept += n
         self.flush()
         return kept
 
