@@ -33,7 +33,7 @@ from telemetry_nb.sources.targets import Targets
 
 log = logging.getLogger(__name__)
 PUBLISH_EVERY = 50_000  # rows parsed before they are published, within a cycle
-FAST_GROUP = 64  # targets the fast parser reads in one go (numpy and Arrow calls are made per group)
+FAST_GROUP = 16  # targets the fast parser reads in one go (numpy and Arrow calls are made per group)
 PARSERS = ("fast", "exact")
 
 

@@ -65,25 +65,10 @@ class FastParser:
     def parse_many(self, bodies: Sequence[bytes], hosts: Sequence[str]) -> Parsed:
         """Parse each body (`hosts[k]` names target k's host for label sets without one); see `Parsed`."""
         spans: list[slice | None] = [None] * len(bodies)
-        parts: list[bytes] = [_PAD]
-        sizes: list[int] = []
-        taken: list[int] = []  # which bodies are joined
-        size = 2 * len(_PAD)
-        for k, body in enumerate(bodies):
-            reason = _unfit(body)
-            if reason is None and size + len(body) + 1 > _MAX_JOINED:
-                reason = "too much text in one go"
-            if reason is not None:
-                self.fallbacks[reason] += 1
-                continue
-            taken.append(k)
-            parts.append(body)
-            if body and not body.endswith(b"\n"):
-                parts.append(b"\n")
-            sizes.append(len(body) + (bool(body) and not body.endswith(b"\n")))
-            size += sizes[-1]
-        parts.append(_PAD)
-        joined = b"".join(parts)
+        joined, taken, sizes, refused = _join(bodies, check_each=False)
+        if b"\r" in joined or not joined.isascii():  # one look at all of them; body by body only when needed
+            joined, taken, sizes, refused = _join(bodies, check_each=True)
+        self.fallbacks.update(refused)
         lines = _Lines(joined, np.array(sizes, dtype=np.int64))
         reasons = lines.check()
         out = self._rows(lines, joined, reasons, [hosts[k] for k in taken])
@@ -274,6 +259,31 @@ def _cast_each(texts: pa.StringArray, lines: _Lines, reasons: list[str | None]) 
         except pa.ArrowInvalid:
             reasons[b] = "an unparsable value"
     return values
+
+
+def _join(bodies: Sequence[bytes], check_each: bool) -> tuple[bytes, list[int], list[int], list[str]]:
+    """The bodies joined (each ending with a newline, padded around): text, which bodies, their sizes, and why
+    the others were left out."""
+    parts: list[bytes] = [_PAD]
+    sizes: list[int] = []
+    taken: list[int] = []
+    refused: list[str] = []
+    size = 2 * len(_PAD)
+    for k, body in enumerate(bodies):
+        reason = _unfit(body) if check_each else None
+        if reason is None and size + len(body) + 1 > _MAX_JOINED:
+            reason = "too much text in one go"
+        if reason is not None:
+            refused.append(reason)
+            continue
+        taken.append(k)
+        parts.append(body)
+        if body and not body.endswith(b"\n"):
+            parts.append(b"\n")
+        sizes.append(len(body) + (bool(body) and not body.endswith(b"\n")))
+        size += sizes[-1]
+    parts.append(_PAD)
+    return b"".join(parts), taken, sizes, refused
 
 
 def _unfit(body: bytes) -> str | None:
