@@ -5,7 +5,9 @@ cycles, at most `concurrency` at a time, `timeout_s` each; aiohttp's C HTTP pars
 faster than httpx here, which decides whether 1,000 targets fit in a cycle). A target that fails is logged once when
 it goes down and once when it comes back, counted, and retried next interval; the others are
 published as usual. Samples are stamped with the target's scrape start (in milliseconds, as
-Prometheus does) unless they carry their own timestamp.
+Prometheus does) unless they carry their own timestamp. By default (`parser="fast"`) the answers are
+parsed FAST_GROUP at a time by the vectorized parser (`sources.scrape_fast`; irregular texts by the
+exact one) and published as columns (`pipeline.columnar`): the same entries as `parser="exact"`.
 """
 
 from __future__ import annotations
