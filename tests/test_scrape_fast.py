@@ -12,6 +12,7 @@ import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -253,3 +254,39 @@ def test_cli_parser_option_and_its_environment_variable(cli_env, redis_client, s
     bad = run_cli("scrape", "--target", "x:1", env={**cli_env, "TELEMETRY_SCRAPE_PARSER": "quick"}, check=False,
                   timeout=60)
     assert bad.returncode != 0 and "must be fast or exact, not 'quick'" in bad.stderr
+
+
+def test_columnar_entries_equal_encode_series_over_the_same_rows():
+    """Rows spread over columns whose lists overlap (a series or name in two lists), several timestamps, XID
+    readings integer or not, cut into entries at any size: each entry is `codec.encode_series`' of its cut."""
+    from datetime import UTC, datetime
+
+    from telemetry_nb.model import XID_METRIC, Sample
+    from telemetry_nb.pipeline.columnar import Columns, encode_batches
+
+    rng = random.Random(11)
+    ts = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def series(i: int, pod: str) -> codec.Series:
+        return codec.Series(Sample(f"GPU-{i % 5}", "", ts, 0.0, "h", i % 5, f"nvidia{i % 5}", "M",
+                                   labels={"gpu": str(i % 5), "k": str(i), "err_msg": f"e{i}"}, pod=pod,
+                                   pci_bus_id=f"p{i % 5}"))
+
+    pool = [series(i, "p" if i % 3 else "") for i in range(12)]
+    names = ["DCGM_FI_DEV_GPU_UTIL", XID_METRIC, "DCGM_FI_DEV_FB_USED"]
+    stamps = [(ts.replace(second=k)).isoformat() for k in range(3)]
+    rows, parts = [], []
+    for _ in range(9):
+        mine = rng.sample(pool, 6)
+        local_names = rng.sample(names, 3)
+        k = rng.randint(1, 40)
+        sidx = [rng.randrange(6) for _ in range(k)]
+        midx = [rng.randrange(3) for _ in range(k)]
+        tidx = [rng.randrange(3) for _ in range(k)]
+        values = [rng.choice([0.0, -0.0, 13.0, 13.5, 1e20, rng.random()]) for _ in range(k)]
+        parts.append(Columns(mine, np.array(sidx), local_names, np.array(midx), stamps, np.array(tidx),
+                             np.array(values)))
+        rows += [(mine[s], local_names[m], stamps[t], v) for s, m, t, v in zip(sidx, midx, tidx, values, strict=True)]
+    for size in (1, 7, 50, 1000):
+        expected = [codec.encode_series(rows[i:i + size]) for i in range(0, len(rows), size)]
+        assert [fields for fields, _ in encode_batches(parts, size)] == expected

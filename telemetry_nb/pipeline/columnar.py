@@ -1,9 +1,9 @@
 """A live source's rows as arrays (`Columns`) and their encoding: the same stream entry as `codec.encode_series`.
 
 The scraper's fast path hands the streamer a target's samples as arrays (series, metric and stamp
-indices into small lists, float64 values) instead of one tuple per sample, and `encode_columns`
-builds the entry with numpy: the binary COPY rows as one structured array, the side fields with
-Python once per distinct series, metric and timestamp of the entry. `tests/test_scrape_fast.py`
+indices into small lists, float64 values) instead of one tuple per sample, and `encode_batches`
+builds the entries with numpy: the binary COPY rows as structured arrays over all rows at once, the
+side fields with Python once per entry and distinct series, metric and timestamp. `tests/test_scrape_fast.py`
 checks that the entries are byte for byte those of `codec.encode_series` over the same rows.
 """
 
@@ -54,12 +54,6 @@ class Columns:
             values.append(value)
         return cls(list(series), np.array(sidx, dtype=np.intp), list(names), np.array(midx, dtype=np.intp),
                    list(stamps), np.array(tidx, dtype=np.intp), np.array(values, dtype=np.float64))
-
-
-def encode_columns(parts: Sequence[Columns]) -> dict[bytes, bytes]:
-    """Encode the rows of `parts`, in order, into one stream entry, exactly as `codec.encode_series` would."""
-    entries = encode_batches(parts, max(1, sum(len(p) for p in parts)))
-    return entries[0][0] if entries else codec.entry_fields(0, 0, b"", [], {}, {}, {}, [], [])
 
 
 def encode_batches(parts: Sequence[Columns], size: int) -> list[tuple[dict[bytes, bytes], int]]:
