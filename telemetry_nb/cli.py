@@ -190,15 +190,17 @@ def cmd_scrape(args: argparse.Namespace) -> int:
     streamer.source_name = "scrape"
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
+    if args.parser not in ("fast", "exact"):
+        raise CliError(f"--parser (or $TELEMETRY_SCRAPE_PARSER) must be fast or exact, not {args.parser!r}")
 
     def make_worker() -> Scraper:  # runs in a forked worker process: its own Redis connection
         worker_streamer = Streamer(open_partitions(settings), settings)
         worker_streamer.source_name = "scrape"
         return Scraper(worker_streamer, targets, ScrapeMetrics(PipelineMetrics().registry), interval_s=interval,
-                       timeout_s=timeout, concurrency=args.concurrency)
+                       timeout_s=timeout, concurrency=args.concurrency, parser=args.parser)
 
     scraper = Scraper(streamer, targets, ScrapeMetrics(metrics.registry), interval_s=interval, timeout_s=timeout,
-                      concurrency=args.concurrency, workers=args.workers, make_worker=make_worker)
+                      concurrency=args.concurrency, workers=args.workers, make_worker=make_worker, parser=args.parser)
     _on_signals(scraper.stop)
     _start_metrics(settings, metrics, {"redis": partitions_probe(settings)})
     try:
@@ -593,6 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="processes that fetch, parse and publish a share of the targets each (default 1; "
                         "parsing is CPU-bound: more helps with hundreds of targets on several cores)")
+    p.add_argument("--parser", choices=("fast", "exact"), default=os.environ.get("TELEMETRY_SCRAPE_PARSER", "fast"),
+                   help="fast (default): vectorized for regular exporter text, the exact line parser for any other "
+                        "target; exact: the line parser for every target (same output, more CPU). "
+                        "Default $TELEMETRY_SCRAPE_PARSER or fast")
     _publish_args(p)
     p.add_argument("--metrics-port", type=int, help="serve /metrics (telemetry_scrape_up{target}…) and /health "
                                                     "on this port (default off)")

@@ -108,17 +108,25 @@ def encode(samples: Iterable[Sample]) -> dict[bytes, bytes]:
 def _binary_fields(plain: list[bytes], with_workload: list[bytes], gpus: Iterable[list], metrics: dict[str, int],
                    per_metric: dict[str, int], workloads: dict[tuple[str, str, str], int], inventory: Iterable[list],
                    events: list[list]) -> dict[bytes, bytes]:
+    return entry_fields(len(plain) + len(with_workload), len(plain), b"".join(plain) + b"".join(with_workload), gpus,
+                        metrics, per_metric, workloads, inventory, events)
+
+
+def entry_fields(n: int, plain: int, rows: bytes, gpus: Iterable[list], metrics: dict[str, int],
+                 per_metric: dict[str, int], workloads: dict[tuple[str, str, str], int], inventory: Iterable[list],
+                 events: list[list]) -> dict[bytes, bytes]:
+    """A version-2 entry of `n` binary rows (the first `plain` without a workload) and its side fields."""
     return {
         b"v": VERSION,
-        b"n": str(len(plain) + len(with_workload)).encode(),
-        b"plain": str(len(plain)).encode(),
+        b"n": str(n).encode(),
+        b"plain": str(plain).encode(),
         b"gpus": json.dumps(list(gpus), separators=(",", ":")).encode(),
         b"metrics": json.dumps([[int(i), n, per_metric[n]] for n, i in metrics.items()],
                                separators=(",", ":")).encode(),
         b"workloads": json.dumps([[int(i), *w] for w, i in workloads.items()], separators=(",", ":")).encode(),
         b"inventory": json.dumps([i for i in inventory if _informative(i)], separators=(",", ":")).encode(),
         b"events": json.dumps(events, separators=(",", ":")).encode(),
-        b"rows": b"".join(plain) + b"".join(with_workload),
+        b"rows": rows,
     }
 
 

@@ -5,7 +5,9 @@ cycles, at most `concurrency` at a time, `timeout_s` each; aiohttp's C HTTP pars
 faster than httpx here, which decides whether 1,000 targets fit in a cycle). A target that fails is logged once when
 it goes down and once when it comes back, counted, and retried next interval; the others are
 published as usual. Samples are stamped with the target's scrape start (in milliseconds, as
-Prometheus does) unless they carry their own timestamp.
+Prometheus does) unless they carry their own timestamp. By default (`parser="fast"`) the answers are
+parsed FAST_GROUP at a time by the vectorized parser (`sources.scrape_fast`; irregular texts by the
+exact one) and published as columns (`pipeline.columnar`): the same entries as `parser="exact"`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import signal
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -25,13 +27,16 @@ import aiohttp
 
 from telemetry_nb.model import Rejected, Sample
 from telemetry_nb.observability import ScrapeMetrics
-from telemetry_nb.pipeline import codec
+from telemetry_nb.pipeline import codec, columnar
 from telemetry_nb.pipeline.streamer import Streamer
 from telemetry_nb.sources.scrape import ExpositionParser, SeriesInfo
+from telemetry_nb.sources.scrape_fast import FastParser
 from telemetry_nb.sources.targets import Targets
 
 log = logging.getLogger(__name__)
 PUBLISH_EVERY = 50_000  # rows parsed before they are published, within a cycle
+FAST_GROUP = 16  # targets the fast parser reads in one go (numpy and Arrow calls are made per group)
+PARSERS = ("fast", "exact")
 
 
 @dataclass
@@ -41,7 +46,7 @@ class Fetched:
     url: str
     started: float
     seconds: float
-    body: str | None = None
+    body: bytes | None = None
     error: str = ""
 
 
@@ -64,7 +69,9 @@ class Scraper:
 
     def __init__(self, streamer: Streamer, targets: Targets, metrics: ScrapeMetrics, *, interval_s: float = 15.0,
                  timeout_s: float = 5.0, concurrency: int = 100, clock: Callable[[], float] = time.time,
-                 workers: int = 1, make_worker: Callable[[], Scraper] | None = None):
+                 workers: int = 1, make_worker: Callable[[], Scraper] | None = None, parser: str = "fast"):
+        if parser not in PARSERS:
+            raise ValueError(f"parser must be one of {', '.join(PARSERS)}, not {parser!r}")
         self.streamer = streamer
         self.targets = targets
         self.metrics = metrics
@@ -73,6 +80,8 @@ class Scraper:
         self.concurrency = concurrency
         self.clock = clock
         self.parser = ExpositionParser(series_factory=_series)
+        self.fast = FastParser(self.parser) if parser == "fast" else None  # None: every target by `parser`
+        self._fallbacks_logged: set[str] = set()
         self.stop_event = streamer.stop_event
         self._down: dict[str, str] = {}  # target → error, for targets that are down
         self._known: set[str] = set()
@@ -98,7 +107,7 @@ class Scraper:
                 body = await resp.read()
                 if resp.status != 200:
                     return Fetched(url, started, time.perf_counter() - t0, error=f"HTTP {resp.status}")
-            return Fetched(url, started, time.perf_counter() - t0, body=body.decode("utf-8", errors="replace"))
+            return Fetched(url, started, time.perf_counter() - t0, body=body)
         except TimeoutError:
             return Fetched(url, started, time.perf_counter() - t0, error=f"timed out after {self.timeout_s:g}s")
         except (aiohttp.ClientError, OSError, ValueError) as err:
@@ -154,8 +163,16 @@ class Scraper:
         fetched = self._loop.run_until_complete(self._fetch_all(urls)) if urls else []
         result.fetch_seconds = time.perf_counter() - t0
         per_target: list[tuple[str, float, int, str | None]] = []
+        if self.fast is None:
+            self._publish_exact(fetched, result, per_target)
+        else:
+            self._publish_fast(fetched, result, per_target)
+        result.seconds = time.perf_counter() - t0
+        return result, per_target
+
+    def _publish_exact(self, fetched: list[Fetched], result: CycleResult, per_target: list) -> None:
+        """Parse every answer with the exact parser and publish the rows tuple by tuple (`--parser exact`)."""
         rows: list[tuple[codec.Series, str, str, float] | Rejected] = []
-        append = rows.append
         ts_text: dict[datetime, str] = {}
         for f in fetched:
             if f.body is None:
@@ -163,34 +180,95 @@ class Scraper:
                 continue
             result.up += 1
             n = 0
-            scrape_ts = datetime.fromtimestamp(int(f.started * 1000) / 1000, UTC)
-            scrape_text = scrape_ts.isoformat()
-            for row in self.parser.rows(f.body, scrape_ts, default_host=_host_of(f.url)):
+            for row in self._exact_rows(f, ts_text):
                 if type(row) is Rejected:
-                    row.source = f.url
                     result.rejected += 1
-                    append(row)
-                    continue
-                _, series, name, ts, value = row
-                if ts is scrape_ts:
-                    text = scrape_text
                 else:
-                    text = ts_text.get(ts)
-                    if text is None:
-                        text = ts_text[ts] = ts.isoformat()
-                append((series, name, text, value))
-                n += 1
+                    n += 1
+                rows.append(row)
             f.body = None  # parsed: let the text go
             per_target.append((f.url, f.seconds, n, None))
             result.samples += n
             if len(rows) >= PUBLISH_EVERY:  # memory stays bounded whatever the number of targets
                 result.published += self.streamer.publish_series(rows)
                 rows = []
-                append = rows.append
         if rows:
             result.published += self.streamer.publish_series(rows)
-        result.seconds = time.perf_counter() - t0
-        return result, per_target
+
+    def _publish_fast(self, fetched: list[Fetched], result: CycleResult, per_target: list) -> None:
+        """Parse answers FAST_GROUP at a time with the vectorized parser (the exact one for irregular texts) and
+        publish them as columns: the same entries and rejected rows as `_publish_exact`, in the same batches."""
+        assert self.fast is not None
+        items: list[columnar.Columns | Rejected] = []
+        pending = 0
+        ts_text: dict[datetime, str] = {}
+        for g in range(0, len(fetched), FAST_GROUP):
+            group = fetched[g:g + FAST_GROUP]
+            live = [f for f in group if f.body is not None]
+            parsed = self.fast.parse_many([f.body for f in live], [_host_of(f.url) for f in live])
+            spans = iter(parsed.spans)
+            for f in group:
+                if f.body is None:
+                    per_target.append((f.url, f.seconds, 0, f.error))
+                    continue
+                result.up += 1
+                span = next(spans)
+                rejected = 0
+                if span is not None:
+                    cols = columnar.Columns(parsed.series, parsed.sidx[span], parsed.names, parsed.midx[span],
+                                            [_scrape_ts(f).isoformat()], None, parsed.values[span])
+                else:
+                    rows = []
+                    for row in self._exact_rows(f, ts_text):
+                        if type(row) is Rejected:
+                            rejected += 1
+                            items.append(row)
+                        else:
+                            rows.append(row)
+                    cols = columnar.Columns.from_rows(rows)
+                n = len(cols)
+                if n:
+                    items.append(cols)
+                f.body = None
+                per_target.append((f.url, f.seconds, n, None))
+                result.samples += n
+                result.rejected += rejected
+                pending += n + rejected
+                if pending >= PUBLISH_EVERY:  # where `_publish_exact` publishes too: the same entries
+                    result.published += self.streamer.publish_columns(items)
+                    items, pending = [], 0
+        if items:
+            result.published += self.streamer.publish_columns(items)
+        self._log_fallbacks()
+
+    def _exact_rows(self, f: Fetched, ts_text: dict[datetime, str]
+                    ) -> Iterator[tuple[codec.Series, str, str, float] | Rejected]:
+        """The exact parser's rows of one answer: (series, metric, timestamp text, value), or `Rejected`."""
+        scrape_ts = _scrape_ts(f)
+        scrape_text = scrape_ts.isoformat()
+        assert f.body is not None
+        for row in self.parser.rows(f.body.decode("utf-8", errors="replace"), scrape_ts,
+                                    default_host=_host_of(f.url)):
+            if type(row) is Rejected:
+                row.source = f.url
+                yield row
+                continue
+            _, series, name, ts, value = row
+            if ts is scrape_ts:
+                text = scrape_text
+            else:
+                text = ts_text.get(ts)
+                if text is None:
+                    text = ts_text[ts] = ts.isoformat()
+            yield series, name, text, value
+
+    def _log_fallbacks(self) -> None:
+        assert self.fast is not None
+        for reason, count in self.fast.fallbacks.items():
+            if reason not in self._fallbacks_logged:
+                self._fallbacks_logged.add(reason)
+                log.info("Some targets' text is read by the exact parser, not the fast path (%s: %d target "
+                         "scrapes so far); their samples are the same, only slower to parse", reason, count)
 
     def _mark_down(self, url: str, error: str) -> None:
         self.metrics.up.labels(url).set(0)
@@ -304,6 +382,11 @@ def _worker_main(conn, make_worker: Callable[[], Scraper], parent: int) -> None:
         return
     finally:
         scraper.close()
+
+
+def _scrape_ts(f: Fetched) -> datetime:
+    """The time that stamps a target's samples without one: its scrape start, in milliseconds as Prometheus."""
+    return datetime.fromtimestamp(int(f.started * 1000) / 1000, UTC)
 
 
 def _series(info: SeriesInfo) -> codec.Series:
