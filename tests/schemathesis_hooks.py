@@ -73,8 +73,8 @@ def _fleet_ok(query: dict, start, end) -> bool:
     except ParamError:
         return True
     end = end or datetime.now(UTC)
-    start = start or end - DEFAULT_FLEET_WINDOW
     try:
+        start = start or end - DEFAULT_FLEET_WINDOW  # an end in year 1 has no window before it
         return len(gpus) * ((end - start).total_seconds() / seconds + 1) <= MAX_FLEET_ELEMENTS
     except OverflowError:
         return False
