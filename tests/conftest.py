@@ -9,6 +9,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -136,11 +137,11 @@ def wait_http(url: str, timeout_s: float = 30) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture
-def api_server(cli_env, tmp_path) -> Iterator[str]:
-    """`telemetry-nb serve` on a free port over this test's database; yields its base URL."""
+@contextmanager
+def serving(env: dict[str, str], log_path: Path, *args: str) -> Iterator[str]:
+    """`telemetry-nb serve [args]` on a free port with `env`, until the block ends; yields its base URL."""
     port = free_port()
-    proc = start_cli("serve", "--port", str(port), env=cli_env, log_path=tmp_path / "api.log")
+    proc = start_cli("serve", "--port", str(port), *args, env=env, log_path=log_path)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(base + "/health")
@@ -148,3 +149,10 @@ def api_server(cli_env, tmp_path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+@pytest.fixture
+def api_server(cli_env, tmp_path) -> Iterator[str]:
+    """`telemetry-nb serve` on a free port over this test's database; yields its base URL."""
+    with serving(cli_env, tmp_path / "api.log") as base:
+        yield base

@@ -17,7 +17,7 @@ from telemetry_nb import store
 from telemetry_nb.analysis.client import APIError, TelemetryClient
 from telemetry_nb.api.limits import ApiLimits, default_workers, serve_workers
 from telemetry_nb.embedded import free_port
-from tests.conftest import start_cli, wait_http
+from tests.conftest import serving
 
 
 def test_workers_default_to_the_cpus_this_process_may_use():
@@ -41,17 +41,8 @@ def test_connection_budget_is_split_among_the_workers():
         ApiLimits.from_env({"TELEMETRY_API_DB_CONNECTIONS": "many"})
 
 
-@contextmanager
-def _serve(cli_env: dict[str, str], log_path, **limits: str) -> Iterator[str]:
-    port = free_port()
-    proc = start_cli("serve", "--port", str(port), "--workers", "1", env={**cli_env, **limits}, log_path=log_path)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(base + "/health")
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+def _serve(cli_env: dict[str, str], log_path, **limits: str):
+    return serving({**cli_env, **limits}, log_path, "--workers", "1")
 
 
 @contextmanager
