@@ -300,7 +300,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from telemetry_nb.store import postgres_probe
 
     extra = {"visibility_timeout_s": args.visibility_timeout, "max_deliveries": args.max_deliveries,
-             "read_count": args.read_count, "consumer_idle_limit_s": args.consumer_idle_limit}
+             "read_count": args.read_count, "consumer_idle_limit_s": args.consumer_idle_limit,
+             "writers": args.writers}
     if args.consumer:
         extra["consumer"] = args.consumer
     settings = _with_servers(_settings(args, **extra))
@@ -484,6 +485,17 @@ def parse_duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for a count of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _common(p: argparse.ArgumentParser, *, db: bool = True, redis: bool = True) -> None:
     if redis:
         p.add_argument("--redis-url", help="Redis URL (redis://, rediss://, unix://, or redis+cluster://host:port "
@@ -632,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(default 60)")
     p.add_argument("--max-deliveries", type=int, help="dead-letter entries delivered more often (default 5)")
     p.add_argument("--read-count", type=int, help="entries per read and transaction (default 50)")
+    p.add_argument("--writers", type=_positive_int, help="PostgreSQL connections writing reads in parallel, one "
+                                                         "transaction each (default $TELEMETRY_COLLECTOR_WRITERS "
+                                                         "or 2)")
     p.add_argument("--metrics-port", type=int, help="serve /metrics, /health and /ready (503 while Redis or "
                                                     "PostgreSQL is unreachable) on this port (default off)")
     _common(p)

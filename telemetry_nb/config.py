@@ -84,6 +84,7 @@ class Settings:
     consumer: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
     batch_size: int = 1000
     read_count: int = 50
+    writers: int = 2  # collector: PostgreSQL connections writing reads in parallel (COPY is CPU-bound per backend)
     block_ms: int = 1000
     visibility_timeout_s: float = 60.0
     max_deliveries: int = 5
@@ -131,6 +132,7 @@ class Settings:
             group=env.get("TELEMETRY_GROUP") or "collectors",
             batch_size=_env_int(env, "TELEMETRY_BATCH_SIZE", 1000),
             read_count=_env_int(env, "TELEMETRY_READ_COUNT", 50),
+            writers=_env_int(env, "TELEMETRY_COLLECTOR_WRITERS", 2),
             block_ms=_env_int(env, "TELEMETRY_BLOCK_MS", 1000),
             visibility_timeout_s=_env_float(env, "TELEMETRY_VISIBILITY_TIMEOUT", 60.0),
             max_deliveries=_env_int(env, "TELEMETRY_MAX_DELIVERIES", 5),
@@ -156,6 +158,9 @@ class Settings:
         if settings.partition_s < 3600 or settings.partition_s % 3600:
             raise ValueError("environment variable TELEMETRY_PARTITION must be a whole number of hours (1h, 1d, "
                              f"7d…), got {env.get('TELEMETRY_PARTITION')!r}")
+        if settings.writers < 1:
+            raise ValueError("environment variable TELEMETRY_COLLECTOR_WRITERS must be at least 1, got "
+                             f"{env.get('TELEMETRY_COLLECTOR_WRITERS')!r}")
         if settings.stream_partitions < 1:
             raise ValueError("environment variable TELEMETRY_STREAM_PARTITIONS must be at least 1, got "
                              f"{env.get('TELEMETRY_STREAM_PARTITIONS')!r}")

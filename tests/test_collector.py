@@ -149,3 +149,46 @@ def _wait(cond, timeout_s: float = 20.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail("condition not reached in time")
         time.sleep(0.1)
+
+
+def test_a_write_waiting_in_postgresql_does_not_hold_up_the_next(redis_client, stream, database_url):
+    """With two writers, the second read is stored and acknowledged while the first waits on a lock."""
+    q = Queue(redis_client, stream, "g", "producer")
+    q.ensure_group()
+    q.publish([codec.encode(_batch("GPU-warm", 1))])
+    _collector(redis_client, stream, database_url).run(drain=True)  # the schema, the metric and a partition
+    q.publish([codec.encode(_batch("GPU-a", 10)), codec.encode(_batch("GPU-b", 10))])
+    with psycopg.connect(database_url) as blocker:
+        # an uncommitted inventory row of GPU-a: the write of GPU-a's entry waits on it (the unique uuid)
+        blocker.execute("INSERT INTO gpus (id, uuid, hostname, gpu_index, device, model_name) "
+                        "VALUES (%s, 'GPU-a', 'host-1', 0, 'nvidia0', 'H100')", (codec.gpu_key("GPU-a"),))
+        c = _collector(redis_client, stream, database_url, read_count=1, writers=2)
+        t = threading.Thread(target=c.run, kwargs={"drain": True})
+        t.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _gpu_rows(database_url, "GPU-b") < 10:
+            time.sleep(0.05)
+        b_rows, a_rows = _gpu_rows(database_url, "GPU-b"), _gpu_rows(database_url, "GPU-a")
+        blocker.rollback()
+    t.join(timeout=60)
+    assert (b_rows, a_rows) == (10, 0)  # GPU-b stored while GPU-a's write was still waiting
+    assert _gpu_rows(database_url, "GPU-a") == 10 and q.backlog() == 0
+
+
+def _gpu_rows(database_url: str, uuid: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT count(*) FROM telemetry t JOIN gpus g ON g.id = t.gpu_id WHERE g.uuid = %s",
+                            (uuid,)).fetchone()[0]
+
+
+def test_writers_come_from_the_environment_and_the_command_line():
+    from telemetry_nb import cli
+
+    assert Settings.from_env({}).writers == 2
+    assert Settings.from_env({"TELEMETRY_COLLECTOR_WRITERS": "4"}).writers == 4
+    with pytest.raises(ValueError, match="TELEMETRY_COLLECTOR_WRITERS"):
+        Settings.from_env({"TELEMETRY_COLLECTOR_WRITERS": "0"})
+    args = cli.build_parser().parse_args(["collect", "--writers", "3"])
+    assert args.writers == 3
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["collect", "--writers", "0"])

@@ -50,6 +50,29 @@ def test_a_change_of_the_last_xid_code_is_one_event(database_url):
     assert _events(database_url) == EXPECTED
 
 
+def test_writers_committing_at_once_see_each_others_readings(database_url):
+    """Two writers of consecutive readings of one GPU at once: the later one waits and decides on committed rows."""
+    import threading
+
+    readings = _readings()
+    with psycopg.connect(database_url) as a, psycopg.connect(database_url) as b:
+        store.migrate(a)
+        first, second = store.Writer(a), store.Writer(b)
+        first.write([codec.decode(codec.encode(readings[:1]))])  # metric, GPU and partition known to both
+        second.write([codec.decode(codec.encode(readings[:1]))])
+        a.execute("SELECT 1")  # an open transaction: the first writer's write nests in it and stays uncommitted
+        first.write([codec.decode(codec.encode(readings[1:2]))])  # code 43 after 0: an event
+        done = threading.Event()
+        late = threading.Thread(target=lambda: (second.write([codec.decode(codec.encode(readings[2:3]))]),
+                                                done.set()))
+        late.start()  # 43 again: no event, but only if it sees the first writer's 43
+        assert not done.wait(1.0)  # it waits for the first writer's commit
+        a.commit()
+        late.join(timeout=30)
+        assert done.is_set()
+    assert _events(database_url) == EXPECTED[:1]
+
+
 def test_events_are_exact_however_batches_arrive(database_url):
     readings = _readings()
     # one reading per transaction, newest first: the worst order a set of collectors could produce

@@ -22,6 +22,8 @@ from dataclasses import replace
 from datetime import datetime
 from functools import lru_cache
 
+import orjson
+
 from telemetry_nb.model import XID_METRIC, Sample, static_labels
 from telemetry_nb.store import binary
 from telemetry_nb.store.rows import EventRow, GpuRow, InventoryRow, MetricRow, RowBatch, WorkloadRow
@@ -247,10 +249,10 @@ def decode(fields: dict[bytes, bytes]) -> RowBatch:
         plain = int(fields[b"plain"]) if version == VERSION else None
         rows = fields[b"rows"]
         gpus = _gpus(fields[b"gpus"])
-        metrics = json.loads(fields[b"metrics"])
+        metrics = orjson.loads(fields[b"metrics"])
         workloads = _workloads(fields.get(b"workloads", b"[]"))
         inventory = _inventory(fields.get(b"inventory", b"[]"))
-        events = json.loads(fields.get(b"events", b"[]"))
+        events = orjson.loads(fields.get(b"events", b"[]"))
     except KeyError as err:
         raise CodecError(f"batch entry lacks field '{err.args[0].decode(errors='replace')}'") from None
     except (ValueError, TypeError) as err:
@@ -280,7 +282,7 @@ def _bad(what: str, row: object) -> CodecError:
 # each distinct field is parsed and checked once. Their rows are tuples; nothing downstream mutates them.
 @lru_cache(maxsize=1024)
 def _gpus(raw: bytes) -> tuple[GpuRow, ...]:
-    gpus = json.loads(raw)
+    gpus = orjson.loads(raw)
     if not isinstance(gpus, list):
         raise CodecError("batch entry side fields are not lists")
     for g in gpus:
@@ -288,24 +290,24 @@ def _gpus(raw: bytes) -> tuple[GpuRow, ...]:
                 and isinstance(g[2], str) and (g[3] is None or isinstance(g[3], int))
                 and isinstance(g[4], str) and isinstance(g[5], str)):
             raise _bad("gpus", g)
-    return tuple(GpuRow(*g) for g in gpus)
+    return tuple(map(GpuRow._make, gpus))
 
 
 @lru_cache(maxsize=1024)
 def _workloads(raw: bytes) -> tuple[WorkloadRow, ...]:
-    workloads = json.loads(raw)
+    workloads = orjson.loads(raw)
     if not isinstance(workloads, list):
         raise CodecError("batch entry side fields are not lists")
     for w in workloads:
         if not (isinstance(w, list) and len(w) == 4 and isinstance(w[0], int)
                 and all(isinstance(x, str) for x in w[1:])):
             raise _bad("workloads", w)
-    return tuple(WorkloadRow(*w) for w in workloads)
+    return tuple(map(WorkloadRow._make, workloads))
 
 
 @lru_cache(maxsize=1024)
 def _inventory(raw: bytes) -> tuple[InventoryRow, ...]:
-    inventory = json.loads(raw)
+    inventory = orjson.loads(raw)
     if not isinstance(inventory, list):
         raise CodecError("batch entry inventory/events are not lists")
     for i in inventory:
@@ -314,7 +316,7 @@ def _inventory(raw: bytes) -> tuple[InventoryRow, ...]:
                 and isinstance(i[3], dict) and all(isinstance(v, str) for v in i[3].values())
                 and (i[6] is None or isinstance(i[6], int))):
             raise _bad("inventory", i)
-    return tuple(InventoryRow(*i) for i in inventory)
+    return tuple(map(InventoryRow._make, inventory))
 
 
 def _check_events(events: object) -> None:

@@ -1,7 +1,8 @@
 """Redis stream → store → ack: a consumer-group member that commits before it acknowledges.
 
 Each read of up to `read_count` entries becomes one PostgreSQL transaction (thousands of rows);
-the next read from Redis runs in a thread while the current one is being written. On start it
+`writers` connections write reads in parallel (a COPY keeps one server process busy, so two use two
+cores), and the next read from Redis runs in a thread while the current ones are being written. On start it
 re-reads its own pending entries; it periodically claims entries other (dead) collectors left
 idle past the visibility timeout; an entry that cannot be decoded, or that was delivered more than
 `max_deliveries` times, moves to `<stream>:dead` with its error. Errors are told apart by SQLSTATE:
@@ -20,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import psycopg
@@ -72,8 +74,10 @@ class Collector:
         self.metrics = metrics or PipelineMetrics()
         self.clock = clock
         self.stop_event = threading.Event()
-        self._conn: psycopg.Connection | None = None
-        self._writer: store.Writer | None = None
+        self._local = threading.local()  # each writer thread's own store.Writer (its own connection)
+        self._writers: list[store.Writer] = []  # every open one, for close()
+        self._lock = threading.Lock()  # totals and the progress window, updated by the writer threads
+        self._pool: ThreadPoolExecutor | None = None
         self.totals = {"consumed": 0, "stored": 0, "dead": 0, "lost": 0, "expired": 0}
         self._leftover: list[tuple[Queue, list[Entry]]] = []
         # entries the reader threads decoded ahead, by (partition key, entry id): ids repeat across partitions
@@ -86,7 +90,9 @@ class Collector:
                            on_retry=self.metrics.retries.labels("redis").inc, should_stop=self.stop_event.is_set)
 
     def _db_writer(self) -> store.Writer:
-        if self._writer is None:
+        """This thread's writer, opened (and the schema migrated) on first use, with retry."""
+        writer = getattr(self._local, "writer", None)
+        if writer is None:
             def open_writer() -> store.Writer:
                 conn = store.connect(self.database_url)
                 try:
@@ -95,23 +101,30 @@ class Collector:
                 except BaseException:
                     conn.close()
                     raise
-            self._writer = retry(open_writer, what="PostgreSQL", errors=(Exception,), retryable=store.is_outage,
-                                 log=log, backoff=Backoff(self.settings.retry_max_s),
-                                 on_retry=lambda e: self.metrics.retries.labels("postgresql").inc(),
-                                 should_stop=self.stop_event.is_set)
-            self._conn = self._writer.conn
-        return self._writer
+            writer = retry(open_writer, what="PostgreSQL", errors=(Exception,), retryable=store.is_outage,
+                           log=log, backoff=Backoff(self.settings.retry_max_s),
+                           on_retry=lambda e: self.metrics.retries.labels("postgresql").inc(),
+                           should_stop=self.stop_event.is_set)
+            self._local.writer = writer
+            with self._lock:
+                self._writers.append(writer)
+        return writer
 
     def _drop_db(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:  # noqa: BLE001 (already broken)
-                pass
-        self._conn = self._writer = None
+        """Close this thread's connection (after an outage); the next write opens a new one."""
+        writer = getattr(self._local, "writer", None)
+        self._local.writer = None
+        if writer is not None:
+            with self._lock:
+                if writer in self._writers:
+                    self._writers.remove(writer)
+            _close(writer.conn)
 
     def close(self) -> None:
-        self._drop_db()
+        with self._lock:
+            writers, self._writers = self._writers, []
+        for writer in writers:
+            _close(writer.conn)
 
     # -- processing ------------------------------------------------------------------------------
     def process(self, entries: list[Entry], queue: Queue | None = None) -> int:
@@ -191,7 +204,8 @@ class Collector:
         self._redis(lambda: q.dead_letter_parts(eid, parts, deliveries), what="Redis (dead letters and ack)")
         self.metrics.dead.inc(len(parts))
         self.metrics.dead_rows.inc(done.refused_rows)
-        self.totals["dead"] += len(parts)
+        with self._lock:
+            self.totals["dead"] += len(parts)
         self._count(done.consumed, done.stored, 1, self.clock() - started, done.refused_rows, done.expired)
         log.info("Entry %s: stored %d rows, dead-lettered %d (%d transactions)", eid.decode(), done.stored,
                  done.refused_rows, done.transactions)
@@ -199,6 +213,11 @@ class Collector:
 
     def _count(self, consumed: int, stored: int, entries: int, elapsed: float, refused: int = 0,
                expired: int = 0) -> None:
+        with self._lock:
+            self._count_locked(consumed, stored, entries, elapsed, refused, expired)
+
+    def _count_locked(self, consumed: int, stored: int, entries: int, elapsed: float, refused: int,
+                      expired: int) -> None:
         self.metrics.batch_seconds.observe(elapsed)
         self.metrics.consumed.inc(consumed)
         self.metrics.stored.inc(stored)
@@ -228,7 +247,8 @@ class Collector:
         log.error("Dead-lettering entry %s to %s: %s", eid.decode(), q.dead_stream, error)
         self._redis(lambda: q.dead_letter(eid, fields, error, deliveries))
         self.metrics.dead.inc()
-        self.totals["dead"] += 1
+        with self._lock:
+            self.totals["dead"] += 1
 
     # -- recovery --------------------------------------------------------------------------------
     def recover_own(self) -> None:
@@ -239,7 +259,7 @@ class Collector:
                 if not entries:
                     break
                 log.info("Recovering %d pending entries of consumer %s in %s", len(entries), q.consumer, q.stream)
-                self.process(self._screen(q, entries), q)
+                self._process_now(self._screen(q, entries), q)
 
     def claim_stale(self) -> int:
         """Claim and process entries idle past the visibility timeout on every partition; returns how many."""
@@ -262,7 +282,7 @@ class Collector:
                          len(claimed.entries), q.stream, self.settings.visibility_timeout_s)
                 self.metrics.claimed.inc(len(claimed.entries))
                 total += len(claimed.entries)
-                self.process(self._screen(q, claimed.entries), q)
+                self._process_now(self._screen(q, claimed.entries), q)
             cursor = claimed.cursor
             if cursor in (b"0-0", "0-0"):
                 break
@@ -305,22 +325,32 @@ class Collector:
         except queue.Full:
             pass
 
+    def _process_now(self, entries: list[Entry], q: Queue) -> int:
+        """`process` on a writer thread (recovery and claims), waiting for it; directly when not running."""
+        if self._pool is None:
+            return self.process(entries, q)
+        return self._pool.submit(self.process, entries, q).result()
+
     def run(self, *, drain: bool = False) -> dict[str, int]:
         """Consume until `stop()`; with `drain`, until no undelivered or pending entries remain."""
         self._redis(self.partitions.ensure_group)
-        self._db_writer()
+        writers = max(1, self.settings.writers)
+        self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="writer")
+        self._pool.submit(self._db_writer).result()  # reach PostgreSQL (and migrate) before reading
         maintainer = self._start_maintainer()
-        self.recover_own()
         prefetched: queue.Queue = queue.Queue(maxsize=2)
-        block_ms = min(self.settings.block_ms, 200) if drain else self.settings.block_ms
+        # while draining, a reader blocks briefly, so the end is noticed (and the readers joined) soon
+        block_ms = min(self.settings.block_ms, 50) if drain else self.settings.block_ms
         readers = [threading.Thread(target=self._reader, args=(q, prefetched, block_ms), daemon=True,
                                     name=f"stream-reader-{i}") for i, q in enumerate(self.partitions)]
-        for reader in readers:
-            reader.start()
-        next_sweep = self.clock()
-        sweep_every = max(1.0, self.settings.visibility_timeout_s / 2)
-        idle_reads = 0  # empty reads since the last sweep: one per partition makes an idle sweep
+        writing: set[Future] = set()  # reads being written, at most `writers`
         try:
+            self.recover_own()
+            for reader in readers:
+                reader.start()
+            next_sweep = self.clock()
+            sweep_every = max(1.0, self.settings.visibility_timeout_s / 2)
+            idle_reads = 0  # empty reads since the last sweep: one per partition makes an idle sweep
             while not self.stop_event.is_set():
                 try:
                     item = prefetched.get(timeout=self.settings.block_ms / 1000 + 1)
@@ -330,33 +360,42 @@ class Collector:
                     break
                 source, entries = item
                 if entries:
-                    self.process(entries, source)
+                    writing.add(self._pool.submit(self.process, entries, source))
+                writing = _settle(writing, full=len(writing) >= writers)
                 now = self.clock()
                 idle_reads = 0 if entries else idle_reads + 1
                 if idle_reads >= len(self.partitions) or now >= next_sweep:
                     next_sweep, idle_reads = now + sweep_every, 0
                     self.claim_stale()
                     self._housekeeping()
-                    if not entries and drain and self._drained():
+                    if not entries and drain and not writing and self._drained():
                         log.info("Drained: no undelivered or pending entries remain in %s", self._where())
                         break
+            _settle(writing, full=True, every=True)
         finally:
             self.stop_event.set()
             if maintainer is not None:
                 maintainer[0].stop()
             for reader in readers:
-                reader.join(timeout=self.settings.block_ms / 1000 + 5)
+                if reader.is_alive():
+                    reader.join(timeout=self.settings.block_ms / 1000 + 5)
             while not prefetched.empty():
                 item = prefetched.get_nowait()
                 if item is not None and item[1]:
                     self._leftover.append(item)
+            for f in writing:  # after a failure: let the other writes finish (or fail: they stay pending)
+                if f.exception() is not None and not f.cancelled():
+                    log.warning("A write did not complete (%s); its entries stay pending for another collector",
+                                f.exception())
             if self._leftover:
                 log.info("Writing %d entries read before the stop", sum(len(e) for _, e in self._leftover))
                 try:
                     for source, entries in self._leftover:
-                        self.process(entries, source)
+                        self._process_now(entries, source)
                 except Exception as err:  # noqa: BLE001 (they stay pending and will be claimed)
                     log.warning("Could not write them (%s); they stay pending for another collector", err)
+            self._pool.shutdown(wait=True)
+            self._pool = None
             self.close()
             if maintainer is not None:
                 maintainer[1].join(timeout=30)
@@ -398,6 +437,23 @@ class Collector:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+def _settle(writing: set[Future], *, full: bool, every: bool = False) -> set[Future]:
+    """Drop finished writes, re-raising the first failure; when `full`, wait for one (`every`: all) first."""
+    if full and writing:
+        wait(writing, return_when="ALL_COMPLETED" if every else FIRST_COMPLETED)
+    done = {f for f in writing if f.done()}
+    for f in done:
+        f.result()
+    return writing - done
+
+
+def _close(conn: psycopg.Connection) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 (already broken)
+        pass
 
 
 def _decode(fields: dict) -> RowBatch | CodecError:

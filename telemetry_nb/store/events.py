@@ -5,7 +5,9 @@ reading whose code is non-zero and differs from the GPU's previous stored readin
 themselves are telemetry rows, so the decision is taken against the table, inside the writer's
 transaction: a redelivered or replayed batch adds nothing, a restarted source does not repeat an
 event, and batches written out of order are corrected (the next reading after each new one is
-re-evaluated too).
+re-evaluated too). Writers that commit at once would each miss the other's readings, so a
+transaction first takes a lock on the GPUs' buckets (held until it commits): the later one then
+decides against the earlier one's committed rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from telemetry_nb.model import XID_METRIC
 from telemetry_nb.store.rows import EventRow
 
 KIND_METRIC = {"xid": XID_METRIC}
+EVENT_LOCK = 0x7E1E_E7E7  # advisory lock class of the event buckets (two-key form: (class, bucket))
+EVENT_BUCKETS = 64
 
 _EVALUATE = """
 WITH cand(gpu_id, ts, message) AS (SELECT * FROM unnest(%(gpu)s::bigint[], %(ts)s::timestamptz[], %(msg)s::text[])),
@@ -49,6 +53,8 @@ def record_changes(cur: psycopg.Cursor, events: Sequence[EventRow]) -> int:
         mine = [e for e in events if e.kind == kind]
         if not mine:
             continue
+        buckets = sorted({e.gpu_id % EVENT_BUCKETS for e in mine})  # in order: two writers never deadlock
+        cur.execute("SELECT pg_advisory_xact_lock(%s, b) FROM unnest(%s::int[]) AS b", (EVENT_LOCK, buckets))
         rows = cur.execute(_EVALUATE, {"gpu": [e.gpu_id for e in mine], "ts": [e.ts for e in mine],
                                        "msg": [e.message for e in mine], "metric": metric}).fetchall()
         keep, drop = [], []
