@@ -849,6 +849,14 @@ def test_api_gateway_workers_and_connections(render):
         "TELEMETRY_API_MAX_WAITING": "0"}
 
 
+def test_collector_writers(render):
+    """The collector's parallel writers reach the process as the env variable `collect` reads."""
+    env = env_of(main_container(render("same-cluster").one("collector")))
+    assert env["TELEMETRY_COLLECTOR_WRITERS"]["value"] == "2"
+    env = env_of(main_container(render({"collector": {"writers": 4}}).one("collector")))
+    assert env["TELEMETRY_COLLECTOR_WRITERS"]["value"] == "4"
+
+
 def test_ingress(render):
     rendered = render("ingress-hpa-networkpolicy")
     ing = rendered.one("api-gateway", "Ingress")
