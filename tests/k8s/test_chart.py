@@ -857,6 +857,15 @@ def test_collector_writers(render):
     assert env["TELEMETRY_COLLECTOR_WRITERS"]["value"] == "4"
 
 
+def test_default_connection_budget_fits_a_default_postgresql():
+    """At the chart's largest default scale (autoscaling maxReplicas) every database client fits in 100 - 3."""
+    v = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    api, col = v["apiGateway"], v["collector"]
+    used = (api["autoscaling"]["maxReplicas"] * api["dbConnections"]
+            + col["autoscaling"]["maxReplicas"] * (col["writers"] + 1) + 2)
+    assert used == 80 <= 97
+
+
 def test_ingress(render):
     rendered = render("ingress-hpa-networkpolicy")
     ing = rendered.one("api-gateway", "Ingress")
