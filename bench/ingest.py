@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from telemetry_nb import store  # noqa: E402
 from telemetry_nb.embedded import Embedded  # noqa: E402
 from telemetry_nb.observability import peak_rss_kib  # noqa: E402
-from telemetry_nb.pipeline import codec  # noqa: E402
+from telemetry_nb.pipeline import codec, streams  # noqa: E402
 from telemetry_nb.sources.dcgm_csv import read_samples  # noqa: E402
 from telemetry_nb.sources.generate import METRICS, generate_rows, write_csv  # noqa: E402
 from telemetry_nb.store import binary, counts, lifecycle  # noqa: E402
@@ -93,9 +94,33 @@ def raw_copy_rates(admin_url: str, csv_path: Path, rows: int) -> dict[str, float
     return rates
 
 
+def _wait_for_collectors(redis_url: str, stream: str, partitions: int, names: list[str],
+                         procs: list[subprocess.Popen], timeout_s: float = 120) -> None:
+    """Until every collector is a reading member of the group on every partition (connected and migrated)."""
+    client = streams.connect(redis_url)
+    keys = streams.partition_keys(stream, partitions, cluster=streams.is_cluster(client))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a collector exited: {procs[0].stderr.read()[-2000:]}")
+        try:
+            seen = [{(c["name"].decode() if isinstance(c["name"], bytes) else c["name"])
+                     for c in client.xinfo_consumers(k, "collectors")} for k in keys]
+            if all(set(names) <= s for s in seen):
+                return
+        except redis.ResponseError:  # no group yet
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"collectors did not start within {timeout_s:.0f}s")
+
+
 def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collectors: int,
-               workers: str = "auto", extra_env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Stream the file and collect it until drained; returns (rows/s, streamer peak RSS in KiB)."""
+               workers_arg: str = "auto", extra_env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Stream the file into running collectors until drained; returns (rows/s, streamer peak RSS in KiB).
+
+    The collectors are started first and waited for, as a deployment's are always running; the clock
+    runs from launching `telemetry-nb stream` (its start-up included) to the last row committed.
+    """
     name = f"bench_e2e_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
@@ -105,10 +130,12 @@ def end_to_end(redis_url: str, admin_url: str, csv_path: Path, rows: int, collec
     try:
         subprocess.run([sys.executable, "-c", "from telemetry_nb import store; import os; "
                         "store.migrate(store.connect(os.environ['DATABASE_URL']))"], env=env, check=True)
-        started = time.perf_counter()
-        streamer = _cli("stream", "--csv", str(csv_path), "--workers", workers, "--parser", "fast", env=env)
         # not --drain: a collector that starts before the streamer's first entry would find nothing to drain
-        workers = [_cli("collect", "--consumer", f"bench-{i}", env=env) for i in range(collectors)]
+        names = [f"bench-{i}" for i in range(collectors)]
+        workers = [_cli("collect", "--consumer", name, env=env) for name in names]
+        _wait_for_collectors(redis_url, stream, int(env.get("TELEMETRY_STREAM_PARTITIONS", "1")), names, workers)
+        started = time.perf_counter()
+        streamer = _cli("stream", "--csv", str(csv_path), "--workers", workers_arg, "--parser", "fast", env=env)
         peak_kib = 0
         while streamer.poll() is None:  # VmHWM of the streamer and its parser workers
             peak_kib = max(peak_kib, peak_rss_kib(streamer.pid))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 
 from telemetry_nb.model import Sample
@@ -104,6 +105,24 @@ def test_side_fields_of_the_wrong_shape_are_refused(field, value, what):
     fields[field] = value
     with pytest.raises(codec.CodecError, match=f"malformed {what} row"):
         codec.decode(fields)
+
+
+def test_a_side_row_seen_before_is_reused_and_a_changed_one_checked_again():
+    """Rows equal to one already checked for their id are taken as they are; any difference is checked anew."""
+    fields = codec.encode([Sample("GPU-s", "DCGM_FI_DEV_GPU_UTIL", T0, 1.0, "h1", 0, "nvidia0", "H100",
+                                  labels={"UUID": "GPU-s", "rack": "r1"}, pci_bus_id="00000000:07:00.0")])
+    first = codec.decode(fields)
+    row = orjson.loads(fields[b"gpus"])[0]
+    again = codec.decode({**fields, b"gpus": orjson.dumps([row]) + b" "})  # new bytes, same rows
+    assert again.gpus[0] is first.gpus[0]
+    changed = {**fields, b"gpus": orjson.dumps([[row[0], row[1], 7, row[3], row[4], row[5]]])}
+    with pytest.raises(codec.CodecError, match="malformed gpus row"):  # a hostname that is not text
+        codec.decode(changed)
+    inv = orjson.loads(fields[b"inventory"])[0]
+    moved = codec.decode({**fields, b"inventory": orjson.dumps([[*inv[:3], {**inv[3], "rack": "r2"}, *inv[4:]]])})
+    assert moved.inventory[0].labels["rack"] == "r2"
+    with pytest.raises(codec.CodecError, match="malformed inventory row"):
+        codec.decode({**fields, b"inventory": orjson.dumps([[*inv[:3], {"rack": 2}, *inv[4:]]])})
 
 
 def test_encode_series_makes_the_entry_encode_makes():

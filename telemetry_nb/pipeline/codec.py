@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
 from functools import lru_cache
@@ -278,45 +278,62 @@ def _bad(what: str, row: object) -> CodecError:
     return CodecError(f"batch entry has a malformed {what} row: {row!r:.200}")
 
 
-# The GPU, workload and inventory fields of consecutive entries repeat (the same GPUs batch after batch):
-# each distinct field is parsed and checked once. Their rows are tuples; nothing downstream mutates them.
-@lru_cache(maxsize=1024)
-def _gpus(raw: bytes) -> tuple[GpuRow, ...]:
-    gpus = orjson.loads(raw)
-    if not isinstance(gpus, list):
-        raise CodecError("batch entry side fields are not lists")
-    for g in gpus:
-        if not (isinstance(g, list) and len(g) == 6 and isinstance(g[0], int) and isinstance(g[1], str)
-                and isinstance(g[2], str) and (g[3] is None or isinstance(g[3], int))
-                and isinstance(g[4], str) and isinstance(g[5], str)):
-            raise _bad("gpus", g)
-    return tuple(map(GpuRow._make, gpus))
+class _Checked:
+    """Side rows already checked, by id: a row equal to the one seen last for its id is taken as it is.
+
+    The fields of consecutive entries carry the same GPUs' rows again and again, though rarely the same
+    set of GPUs, so this saves the checks and the tuple per row. Bounded: forgotten at `limit` ids.
+    """
+
+    def __init__(self, what: str, valid: Callable[[object], bool], make: Callable[[list], tuple],
+                 limit: int = 200_000):
+        self.what, self.valid, self.make, self.limit = what, valid, make, limit
+        self.rows: dict[int, tuple[list, tuple]] = {}
+
+    def __call__(self, raw: bytes) -> tuple:
+        parsed = orjson.loads(raw)
+        if not isinstance(parsed, list):
+            raise CodecError(f"batch entry {'inventory/events' if self.what == 'inventory' else 'side fields'} "
+                             "are not lists")
+        seen, out = self.rows, []
+        for r in parsed:
+            key = r[0] if type(r) is list and r and type(r[0]) is int else None
+            hit = seen.get(key) if key is not None else None
+            if hit is not None and hit[0] == r:
+                out.append(hit[1])
+                continue
+            if not self.valid(r):
+                raise _bad(self.what, r)
+            row = self.make(r)
+            if len(seen) >= self.limit:
+                seen.clear()
+            seen[key] = (r, row)
+            out.append(row)
+        return tuple(out)
 
 
-@lru_cache(maxsize=1024)
-def _workloads(raw: bytes) -> tuple[WorkloadRow, ...]:
-    workloads = orjson.loads(raw)
-    if not isinstance(workloads, list):
-        raise CodecError("batch entry side fields are not lists")
-    for w in workloads:
-        if not (isinstance(w, list) and len(w) == 4 and isinstance(w[0], int)
-                and all(isinstance(x, str) for x in w[1:])):
-            raise _bad("workloads", w)
-    return tuple(map(WorkloadRow._make, workloads))
+def _valid_gpu(g: object) -> bool:
+    return (isinstance(g, list) and len(g) == 6 and isinstance(g[0], int) and isinstance(g[1], str)
+            and isinstance(g[2], str) and (g[3] is None or isinstance(g[3], int))
+            and isinstance(g[4], str) and isinstance(g[5], str))
 
 
-@lru_cache(maxsize=1024)
-def _inventory(raw: bytes) -> tuple[InventoryRow, ...]:
-    inventory = orjson.loads(raw)
-    if not isinstance(inventory, list):
-        raise CodecError("batch entry inventory/events are not lists")
-    for i in inventory:
-        if not (isinstance(i, list) and len(i) == 7 and isinstance(i[0], int)
-                and all(isinstance(x, str) for x in (i[1], i[2], i[4], i[5]))
-                and isinstance(i[3], dict) and all(isinstance(v, str) for v in i[3].values())
-                and (i[6] is None or isinstance(i[6], int))):
-            raise _bad("inventory", i)
-    return tuple(map(InventoryRow._make, inventory))
+def _valid_workload(w: object) -> bool:
+    return isinstance(w, list) and len(w) == 4 and isinstance(w[0], int) and all(isinstance(x, str) for x in w[1:])
+
+
+def _valid_inventory(i: object) -> bool:
+    return (isinstance(i, list) and len(i) == 7 and isinstance(i[0], int)
+            and all(isinstance(x, str) for x in (i[1], i[2], i[4], i[5]))
+            and isinstance(i[3], dict) and all(isinstance(v, str) for v in i[3].values())
+            and (i[6] is None or isinstance(i[6], int)))
+
+
+# Identical fields (the same GPUs batch after batch) are parsed once; rows seen before are not checked
+# again. Rows are tuples; nothing downstream mutates them.
+_gpus = lru_cache(maxsize=1024)(_Checked("gpus", _valid_gpu, GpuRow._make))
+_workloads = lru_cache(maxsize=1024)(_Checked("workloads", _valid_workload, WorkloadRow._make))
+_inventory = lru_cache(maxsize=1024)(_Checked("inventory", _valid_inventory, InventoryRow._make))
 
 
 def _check_events(events: object) -> None:
