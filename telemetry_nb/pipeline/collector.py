@@ -39,6 +39,7 @@ from telemetry_nb.store.isolate import isolate, refused_by_data
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 5.0
+_NOTHING = object()
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Collector:
         self._writers: list[store.Writer] = []  # every open one, for close()
         self._lock = threading.Lock()  # totals and the progress window, updated by the writer threads
         self._pool: ThreadPoolExecutor | None = None
+        self._held: object = _NOTHING  # the read (or a reader's end, None) `_next_read` could not merge
         self.totals = {"consumed": 0, "stored": 0, "dead": 0, "lost": 0, "expired": 0}
         self._leftover: list[tuple[Queue, list[Entry]]] = []
         # entries the reader threads decoded ahead, by (partition key, entry id): ids repeat across partitions
@@ -331,6 +333,30 @@ class Collector:
             return self.process(entries, q)
         return self._pool.submit(self.process, entries, q).result()
 
+    def _next_read(self, prefetched: queue.Queue) -> tuple[Queue, list[Entry]] | None:
+        """The next read, merged with the reads queued behind it from the same partition up to `read_count`.
+
+        While the writers are busy (a commit waits for its WAL flush) the readers queue small reads;
+        writing them as one transaction makes the commits fewer exactly when commits are the bottleneck.
+        """
+        if self._held is not _NOTHING:
+            item, self._held = self._held, _NOTHING
+        else:
+            item = prefetched.get(timeout=self.settings.block_ms / 1000 + 1)
+        if item is None or not item[1]:
+            return item
+        source, entries = item
+        while len(entries) < self.settings.read_count:
+            try:
+                more = prefetched.get_nowait()
+            except queue.Empty:
+                break
+            if more is None or more[0] is not source or len(entries) + len(more[1]) > self.settings.read_count:
+                self._held = more
+                break
+            entries = entries + more[1]
+        return source, entries
+
     def run(self, *, drain: bool = False) -> dict[str, int]:
         """Consume until `stop()`; with `drain`, until no undelivered or pending entries remain."""
         self._redis(self.partitions.ensure_group)
@@ -338,7 +364,7 @@ class Collector:
         self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="writer")
         self._pool.submit(self._db_writer).result()  # reach PostgreSQL (and migrate) before reading
         maintainer = self._start_maintainer()
-        prefetched: queue.Queue = queue.Queue(maxsize=2)
+        prefetched: queue.Queue = queue.Queue(maxsize=4)
         # while draining, a reader blocks briefly, so the end is noticed (and the readers joined) soon
         block_ms = min(self.settings.block_ms, 50) if drain else self.settings.block_ms
         readers = [threading.Thread(target=self._reader, args=(q, prefetched, block_ms), daemon=True,
@@ -353,7 +379,7 @@ class Collector:
             idle_reads = 0  # empty reads since the last sweep: one per partition makes an idle sweep
             while not self.stop_event.is_set():
                 try:
-                    item = prefetched.get(timeout=self.settings.block_ms / 1000 + 1)
+                    item = self._next_read(prefetched)
                 except queue.Empty:
                     item = (self.queue, [])
                 if item is None:
@@ -379,6 +405,9 @@ class Collector:
             for reader in readers:
                 if reader.is_alive():
                     reader.join(timeout=self.settings.block_ms / 1000 + 5)
+            if self._held is not _NOTHING and self._held is not None and self._held[1]:
+                self._leftover.append(self._held)
+            self._held = _NOTHING
             while not prefetched.empty():
                 item = prefetched.get_nowait()
                 if item is not None and item[1]:
