@@ -192,3 +192,33 @@ def test_writers_come_from_the_environment_and_the_command_line():
     assert args.writers == 3
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["collect", "--writers", "0"])
+
+
+def test_reads_queued_behind_a_busy_writer_become_one_transaction(redis_client, stream, database_url):
+    """One writer, held by a lock: the three reads that queue meanwhile are written as one transaction."""
+    q = Queue(redis_client, stream, "g", "producer")
+    q.ensure_group()
+    q.publish([codec.encode(_batch("GPU-warm", 1))])
+    _collector(redis_client, stream, database_url).run(drain=True)
+    with psycopg.connect(database_url) as blocker:
+        blocker.execute("INSERT INTO gpus (id, uuid, hostname, gpu_index, device, model_name) "
+                        "VALUES (%s, 'GPU-a', 'host-1', 0, 'nvidia0', 'H100')", (codec.gpu_key("GPU-a"),))
+        c = _collector(redis_client, stream, database_url, read_count=10, writers=1)
+        t = threading.Thread(target=c.run, kwargs={"drain": True})
+        t.start()
+        q.publish([codec.encode(_batch("GPU-a", 10))])  # its write waits on the blocker
+        for i in range(3):  # published one at a time: each is a read of its own
+            _wait_pending(redis_client, stream, i + 1)
+            q.publish([codec.encode(_batch(f"GPU-b{i}", 10))])
+        _wait_pending(redis_client, stream, 4)
+        blocker.rollback()
+    t.join(timeout=60)
+    assert c.totals["stored"] == 40 and q.backlog() == 0
+    transactions = next(s.value for s in c.metrics.batch_seconds.collect()[0].samples if s.name.endswith("_count"))
+    assert transactions == 2
+
+
+def _wait_pending(redis_client, stream: str, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and redis_client.xpending(stream, "g")["pending"] < n:
+        time.sleep(0.02)
