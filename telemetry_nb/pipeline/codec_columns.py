@@ -12,8 +12,6 @@ from collections.abc import Callable
 from datetime import datetime
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from telemetry_nb.model import XID_METRIC
 from telemetry_nb.pipeline.codec import VERSION, _informative, gpu_key, metric_key, workload_key
@@ -44,7 +42,7 @@ def encode_columns(cols: Columns, batch_size: int, shard: tuple[int, int] = (0, 
         of = np.zeros(len(cols.uuids), np.int64)
         of[used] = [partition_of(cols.uuids[u], partitions) for u in used.tolist()]
         part = of[uuid]
-    values = pc.cast(cols.value, pa.float64()).to_numpy(zero_copy_only=False)
+    values = cols.value
     out = []
     for p in range(partitions if part is not None else 1):
         mask = keep if part is None else (part == p if keep is None else keep & (part == p))
@@ -61,10 +59,9 @@ def _encode_rows(cols: Columns, rows_idx: np.ndarray | None, values: np.ndarray,
     if rows_idx is not None:
         series, uuid = series[rows_idx], uuid[rows_idx]
         gpu, metric, workload, ts = (c[rows_idx] for c in (cols.gpu, cols.metric, cols.workload, cols.ts))
-        value = cols.value.take(pa.array(rows_idx))
         values = values[rows_idx]
     else:
-        gpu, metric, workload, ts, value = cols.gpu, cols.metric, cols.workload, cols.ts, cols.value
+        gpu, metric, workload, ts = cols.gpu, cols.metric, cols.workload, cols.ts
     n = len(series)
     if n == 0:
         return []
@@ -94,7 +91,7 @@ def _encode_rows(cols: Columns, rows_idx: np.ndarray | None, values: np.ndarray,
         fields[b"metrics"] = _metrics(cols, mids, metric[a:b])
         fields[b"workloads"] = _workloads(cols, wids, workload[a:b])
         fields[b"inventory"] = inventory
-        fields[b"events"] = _events(cols, gids, xid, uuid[a:b], metric[a:b], ts[a:b], series[a:b], value, a)
+        fields[b"events"] = _events(cols, gids, xid, uuid[a:b], metric[a:b], ts[a:b], series[a:b], values, a)
         plain = workload[a:b] < 0
         fields[b"plain"] = str(int(plain.sum())).encode()
         fields[b"rows"] = b"".join(_binary(sel + a, row_gid, row_us, row_mid, values, row_wid, with_workload)
@@ -191,14 +188,13 @@ def _workloads(cols: Columns, wids: dict[int, int], workload: np.ndarray) -> byt
 
 
 def _events(cols: Columns, gids: dict[int, int], xid: int, uuid: np.ndarray, metric: np.ndarray, ts: np.ndarray,
-            series: np.ndarray, value: pa.Array, offset: int) -> bytes:
+            series: np.ndarray, values: np.ndarray, offset: int) -> bytes:
     """Every integer XID reading of the batch (the rows of metric `XID_METRIC`)."""
     if xid < 0:
         return b"[]"
     rows = np.flatnonzero(metric == xid)
     events = []
-    for r, text in zip(rows.tolist(), value.take(pa.array(rows + offset)).to_pylist(), strict=True):
-        v = float(text)
+    for r, v in zip(rows.tolist(), values[rows + offset].tolist(), strict=True):
         if v.is_integer():
             events.append([gids[int(uuid[r])], cols.ts_text[ts[r]], "xid", int(v), cols.err_msg[series[r]]])
     return json.dumps(events, separators=_SEP).encode()
