@@ -18,6 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import IO
 
+import numpy as np
+
 from telemetry_nb.model import Rejected, Sample
 from telemetry_nb.sources.labels import Identity, identity
 from telemetry_nb.sources.limits import RowLimits
@@ -266,7 +268,7 @@ def split_records(path: str | Path, chunk_bytes: int = 4 << 20) -> Iterator[Chun
                 data += fh.readline()
             data = _whole_record(fh, data)
             yield Chunk(path=str(path), header=header, first_line=line, offset=offset, length=len(data))
-            line += data.count(b"\n")
+            line += _count(data, 10)
             offset += len(data)
 
 
@@ -280,12 +282,19 @@ def chunkable(path: str | Path) -> bool:
 
 
 def _whole_record(fh: IO[bytes], data: bytes) -> bytes:
-    while data.count(b'"') % 2:
+    quotes = _count(data, 34)
+    while quotes % 2:
         more = fh.readline()
         if not more:
             break
         data += more
+        quotes += more.count(b'"')
     return data
+
+
+def _count(data: bytes, byte: int) -> int:
+    """How many times `byte` occurs in `data` (numpy: a few times faster than `bytes.count` on megabytes)."""
+    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == byte))
 
 
 def read_chunk(chunk: Chunk, *, with_labels: bool = False, limits: RowLimits | None = None,
