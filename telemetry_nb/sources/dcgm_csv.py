@@ -46,8 +46,10 @@ class HeaderError(ValueError):
     """The file's header lacks required columns; nothing in it can be read."""
 
 
-_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_.:-]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+# the value: `(?:[^"\\]|\\.)*` unrolled (the same texts, matched a few times faster)
+_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_.:-]*)\s*=\s*"([^"\\]*(?:\\.[^"\\]*)*)"\s*(?:,|$)')
 _UNESCAPE = re.compile(r"\\(.)")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_labels(raw: str) -> dict[str, str]:
@@ -63,7 +65,9 @@ def parse_labels(raw: str) -> dict[str, str]:
         if not m:
             labels["_unparsed"] = raw[pos:]
             break
-        labels[m.group(1)] = _UNESCAPE.sub(lambda e: "\n" if e.group(1) == "n" else e.group(1), m.group(2))
+        value = m.group(2)
+        labels[m.group(1)] = (_UNESCAPE.sub(lambda e: "\n" if e.group(1) == "n" else e.group(1), value)
+                              if "\\" in value else value)
         pos = m.end()
     return labels
 
@@ -229,7 +233,7 @@ def _labels_and_identity(uuid: str, raw: str) -> tuple[dict[str, str], Identity 
     """
     if len(raw) * 4 > _LABELS_MAX_BYTES and len(raw.encode(errors="replace")) > _LABELS_MAX_BYTES:
         return {}, f"labels_raw is longer than the {_LABELS_MAX_BYTES}-byte limit"
-    if "\0" in raw or any("\ud800" <= ch <= "\udfff" for ch in raw):
+    if "\0" in raw or (not raw.isascii() and _SURROGATE.search(raw)):
         return {}, "NUL or an invalid character (lone surrogate) in labels_raw"
     labels = parse_labels(raw)
     try:
