@@ -45,10 +45,6 @@ _PLAIN_NUMBER = r"^-?[0-9]{1,20}(\.[0-9]{1,20})?$"  # pyarrow's cast of these is
 _MISSING = object()
 _CACHE_MAX = 50_000  # distinct series, labels, GPUs… remembered across chunks (per process), then forgotten
 _TS_MAX = 20_000  # distinct timestamp and value texts remembered (they can be all distinct)
-_BAD_PREV = np.ones(256, bool)
-_BAD_PREV[[ord(","), ord("\n"), ord('"')]] = False  # what may come before an opening quote (or a "" pair)
-_BAD_NEXT = np.ones(256, bool)
-_BAD_NEXT[[ord(","), ord("\n"), ord("\r"), ord('"')]] = False  # what may follow a closing quote
 
 
 @dataclass
@@ -297,11 +293,13 @@ class FastReader:
         # quoting: an opening quote (even index) follows a comma, a line start or a closing quote ("" pair);
         # a closing quote (odd index) comes before a comma, the line end or an opening quote
         if len(quotes):
-            prev = a[np.maximum(quotes[0::2] - 1, 0)]
-            bad_open = _BAD_PREV[prev] & (quotes[0::2] > 0)
-            nxt = a[np.minimum(quotes[1::2] + 1, size - 1)]
-            bad_close = _BAD_NEXT[nxt] & (quotes[1::2] < size - 1)
-            bad = np.concatenate([quotes[0::2][bad_open], quotes[1::2][bad_close]])
+            opening, closing = quotes.reshape(-1, 2).T
+            # clipped at the ends of the chunk, the neighbour is the quote itself: never bad
+            prev = a.take(opening - 1, mode="clip")
+            bad_open = (prev != 44) & (prev != 10) & (prev != 34)  # not , \n "
+            nxt = a.take(closing + 1, mode="clip")
+            bad_close = (nxt != 44) & (nxt != 10) & (nxt != 13) & (nxt != 34)  # not , \n \r "
+            bad = np.concatenate([opening[bad_open], closing[bad_close]])
             if len(bad):
                 suspect[np.searchsorted(ends, bad)] = True
         if odd_bytes:  # control characters, DEL or non-ASCII: such lines are read exactly
