@@ -312,8 +312,10 @@ class FastReader:
         elif not suspect_lines:
             buf = data
         else:
-            lengths = np.minimum(ends + 1, size) - starts
-            buf = a[np.repeat(~suspect, lengths)].tobytes()
+            edge = np.diff(np.concatenate([[0], (~suspect).view(np.int8), [0]]))  # runs of kept lines
+            first, stop = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+            buf = b"".join(data[i:j] for i, j in zip(starts[first].tolist(),
+                                                     np.minimum(ends[stop - 1] + 1, size).tolist(), strict=True))
         table, invalid = self._arrow(buf, width, idx, len(keep)) if buf else (None, [])
         if invalid:
             suspect_lines += [int(keep[i]) for i in invalid]
