@@ -66,14 +66,13 @@ def _encode_rows(cols: Columns, rows_idx: np.ndarray | None, values: np.ndarray,
     if n == 0:
         return []
     # ids and times only of the GPUs, metrics, workloads and timestamps these rows use (the tables are larger)
-    u_used, u_row = np.unique(uuid, return_inverse=True)
-    gids = {u: gpu_key(cols.uuids[u]) for u in u_used.tolist()}
+    gids, gid_of = _gids(cols)
     m_used, m_row = np.unique(metric, return_inverse=True)
     mids = {m: metric_key(cols.metrics[m]) for m in m_used.tolist()}
     w_used, w_row = np.unique(workload, return_inverse=True)
     wids = {w: workload_key(*cols.workloads[w]) for w in w_used.tolist() if w >= 0}
     t_used, t_row = np.unique(ts, return_inverse=True)
-    row_gid = np.array([gids[u] for u in u_used.tolist()], np.int64)[u_row.reshape(-1)]
+    row_gid = gid_of[uuid]
     row_mid = np.array([mids[m] for m in m_used.tolist()], np.int64)[m_row.reshape(-1)]
     row_wid = np.array([wids.get(w, 0) for w in w_used.tolist()], np.int64)[w_row.reshape(-1)]
     row_us = np.array([binary.micros(datetime.fromisoformat(cols.ts_text[t])) for t in t_used.tolist()],
@@ -101,6 +100,16 @@ def _encode_rows(cols: Columns, rows_idx: np.ndarray | None, values: np.ndarray,
     return entries
 
 
+def _gids(cols: Columns) -> tuple[list[int], np.ndarray]:
+    """Each uuid's GPU id (`gpu_key`), by uuid code, as a list and an array; kept with the tables, grown with them."""
+    got = cols.cache.get("gids")
+    if got is None or len(got[0]) < len(cols.uuids):
+        known = got[0] if got is not None else []
+        ids = known + [gpu_key(u) for u in cols.uuids[len(known):]]
+        got = cols.cache["gids"] = (ids, np.asarray(ids, np.int64))
+    return got
+
+
 def _binary(rows: np.ndarray, gid: np.ndarray, us: np.ndarray, mid: np.ndarray, value: np.ndarray, wid: np.ndarray,
             with_workload: bool) -> bytes:
     """Binary COPY tuples (`store.binary`) of the rows `rows`, in order."""
@@ -123,7 +132,7 @@ def _first(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq[order], first[order]
 
 
-def _gpus(cols: Columns, gids: dict[int, int], uuid: np.ndarray, gpu: np.ndarray, series: np.ndarray
+def _gpus(cols: Columns, gids: list[int], uuid: np.ndarray, gpu: np.ndarray, series: np.ndarray
           ) -> tuple[bytes, bytes]:
     """The `gpus` and `inventory` fields: per GPU its first row's attributes, static labels merged in row order."""
     us, first = _first(uuid)
@@ -187,7 +196,7 @@ def _workloads(cols: Columns, wids: dict[int, int], workload: np.ndarray) -> byt
     return json.dumps([[wids[w], *cols.workloads[w]] for w in ws.tolist()], separators=_SEP).encode()
 
 
-def _events(cols: Columns, gids: dict[int, int], xid: int, uuid: np.ndarray, metric: np.ndarray, ts: np.ndarray,
+def _events(cols: Columns, gids: list[int], xid: int, uuid: np.ndarray, metric: np.ndarray, ts: np.ndarray,
             series: np.ndarray, values: np.ndarray, offset: int) -> bytes:
     """Every integer XID reading of the batch (the rows of metric `XID_METRIC`)."""
     if xid < 0:
