@@ -44,6 +44,7 @@ _BAD_KEY = (-1, -1, -1, -1)
 _PLAIN_NUMBER = r"^-?[0-9]{1,20}(\.[0-9]{1,20})?$"  # pyarrow's cast of these is exactly Python's float()
 _MISSING = object()
 _CACHE_MAX = 50_000  # distinct series, labels, GPUs… remembered across chunks (per process), then forgotten
+_KEYS_MAX_BYTES = 16 << 20  # the distinct keys' text (labels_raw can be long), then forgotten
 _TS_MAX = 20_000  # distinct timestamp and value texts remembered (they can be all distinct)
 
 
@@ -122,18 +123,21 @@ class _Interner:
     """Distinct strings → ids kept across chunks, looked up vectorized (pyarrow `index_in`): no Python per row."""
 
     def __init__(self):
-        self.known = pa.array([], pa.string())
-        self.values: list[str] = []
+        self.known = pa.nulls(0, pa.string())
 
-    def ids(self, column: pa.Array) -> np.ndarray:
-        """The id of each row's string; strings not seen before get new ids."""
+    def __len__(self) -> int:
+        return len(self.known)
+
+    def ids(self, column: pa.Array) -> tuple[np.ndarray, list[str]]:
+        """The id of each row's string, and the strings not seen before (in the order of their new ids)."""
         found = pc.index_in(column, value_set=self.known)
+        new: list[str] = []
         if found.null_count:
-            new = pc.unique(column.filter(found.is_null()))
-            self.values.extend(new.to_pylist())
-            self.known = pa.concat_arrays([self.known, new.cast(pa.string())])
+            fresh = pc.unique(column.filter(found.is_null()))
+            new = fresh.to_pylist()
+            self.known = pa.concat_arrays([self.known, fresh.cast(pa.string())])
             found = pc.index_in(column, value_set=self.known)
-        return found.to_numpy(zero_copy_only=False).astype(np.int64)
+        return found.to_numpy(zero_copy_only=False).astype(np.int64), new
 
 
 class _Builder:
@@ -267,7 +271,8 @@ class FastReader:
                 cache.clear()
         if len(self._b.ts.values) > _TS_MAX:
             self._b.ts = _Table()
-        if self._idx != idx or self._b.size() + len(self._keys.values) > _CACHE_MAX:
+        if (self._idx != idx or self._b.size() + len(self._keys) > _CACHE_MAX
+                or self._keys.known.nbytes > _KEYS_MAX_BYTES):
             self._forget()
             self._idx = idx
         a = np.frombuffer(data, np.uint8)
@@ -395,10 +400,10 @@ class FastReader:
         if not self.with_labels:
             parts[-1] = pa.scalar("")
         # certified lines are printable ASCII: the separator cannot occur inside a field
-        key_ids = self._keys.ids(pc.binary_join_element_wise(*parts, _KEY_SEP))
-        if len(self._keys.values) > len(self._key_codes):
-            new = [self._key(b, text) for text in self._keys.values[len(self._key_codes):]]
-            self._key_codes = np.concatenate([self._key_codes, np.asarray(new, np.int64).reshape(-1, 4)])
+        key_ids, new = self._keys.ids(pc.binary_join_element_wise(*parts, _KEY_SEP))
+        if new:
+            codes = np.asarray([self._key(b, text) for text in new], np.int64).reshape(-1, 4)
+            self._key_codes = np.concatenate([self._key_codes, codes])
         per_row = self._key_codes[key_ids]
         series, gpu, metric, workload = per_row[:, 0], per_row[:, 1], per_row[:, 2], per_row[:, 3]
         ok = (ts >= 0) & (series >= 0)
