@@ -286,7 +286,7 @@ class FastReader:
         starts[1:] = ends[:-1] + 1
         crlf = a[np.maximum(nl - 1, 0)] == 13
         crlf &= nl > 0
-        odd_bytes = np.count_nonzero((a < 32) | (a > 126)) != len(nl) + np.count_nonzero(crlf)
+        odd_bytes = np.count_nonzero((a - np.uint8(32)) > 94) != len(nl) + np.count_nonzero(crlf)  # not 32…126
         if odd_bytes and np.count_nonzero(a == 13) != np.count_nonzero(crlf):
             raise _Fallback("bare CR")
         quotes = np.flatnonzero(a == 34)
