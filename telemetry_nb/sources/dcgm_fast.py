@@ -1,11 +1,11 @@
 """Vectorized reading of one DCGM CSV chunk (numpy + pyarrow) for bulk loads, exact by construction.
 
 Only lines that are certainly plain are read in bulk: printable ASCII, standard CSV quoting, one record
-per line, the header's field count, and values that pass every check of `dcgm_csv.read_samples` (checked
-per *distinct* value: dictionary encoding). Every other line (a bad row, odd quoting, a blank line,
-non-ASCII text…) is handed to `read_samples` itself, and a chunk whose line structure is in any doubt
-(a quoted newline, a bare CR, an odd header) is read by it whole. So a sample or a rejected line is the
-exact parser's, with its line number and reason.
+per line, the header's field count, and values that pass every check of `dcgm_csv.read_samples`
+(checked once per *distinct* key, all fields but timestamp and value, remembered across chunks).
+Every other line (a bad row, odd quoting, a blank line, non-ASCII text…) is handed to `read_samples`
+itself, and a chunk whose line structure is in any doubt (a quoted newline, a bare CR, an odd header)
+is read by it whole. So a sample or a rejected line is the exact parser's, with its line number and reason.
 """
 
 from __future__ import annotations
