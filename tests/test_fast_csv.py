@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import random
+import subprocess
+import sys
 import uuid as uuidlib
 from datetime import UTC, datetime, timedelta
 
@@ -237,7 +239,7 @@ def test_real_export_fast_and_exact_identical(real_csv):
 
 
 def test_value_texts_are_pythons_repr(tmp_path):
-    """Every spelling of a number: the vectorized text is exactly `repr(float(text))` (or the row is rejected)."""
+    """Every spelling of a number: the vectorized value is exactly `float(text)` (or the row is rejected)."""
     rng = random.Random(3)
     values = VALUES + BAD_VALUES
     for _ in range(3000):
@@ -252,6 +254,16 @@ def test_value_texts_are_pythons_repr(tmp_path):
     path.write_text(buf.getvalue())
     fast_rows, _ = _assert_same(path, chunk_bytes=1 << 20, batch_size=1000)
     assert fast_rows > len(values) * 0.8
+
+
+def test_parser_workers_do_not_import_pandas(real_csv):
+    """A fast parser worker process reads and encodes without pandas (pyarrow would load it: ~50 MB, 0.3 s)."""
+    code = ("import sys; from telemetry_nb.pipeline import streamer; "
+            "from telemetry_nb.sources.dcgm_csv import split_records; streamer._fast_worker_init(); "
+            "[chunk] = split_records(sys.argv[1]); entries, _, _ = streamer.encode_chunk(chunk, 1000, (0, 1), "
+            "parser='fast'); print(sum(n for _, n, _ in entries), 'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(real_csv)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2470", "False"]
 
 
 def test_clean_chunks_take_the_fast_path(tmp_path, real_csv):

@@ -12,8 +12,6 @@ from collections.abc import Callable
 from datetime import datetime
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from telemetry_nb.model import XID_METRIC
 from telemetry_nb.pipeline.codec import VERSION, _informative, gpu_key, metric_key, workload_key
@@ -44,7 +42,7 @@ def encode_columns(cols: Columns, batch_size: int, shard: tuple[int, int] = (0, 
         of = np.zeros(len(cols.uuids), np.int64)
         of[used] = [partition_of(cols.uuids[u], partitions) for u in used.tolist()]
         part = of[uuid]
-    values = pc.cast(cols.value, pa.float64()).to_numpy(zero_copy_only=False)
+    values = cols.value
     out = []
     for p in range(partitions if part is not None else 1):
         mask = keep if part is None else (part == p if keep is None else keep & (part == p))
@@ -61,22 +59,20 @@ def _encode_rows(cols: Columns, rows_idx: np.ndarray | None, values: np.ndarray,
     if rows_idx is not None:
         series, uuid = series[rows_idx], uuid[rows_idx]
         gpu, metric, workload, ts = (c[rows_idx] for c in (cols.gpu, cols.metric, cols.workload, cols.ts))
-        value = cols.value.take(pa.array(rows_idx))
         values = values[rows_idx]
     else:
-        gpu, metric, workload, ts, value = cols.gpu, cols.metric, cols.workload, cols.ts, cols.value
+        gpu, metric, workload, ts = cols.gpu, cols.metric, cols.workload, cols.ts
     n = len(series)
     if n == 0:
         return []
     # ids and times only of the GPUs, metrics, workloads and timestamps these rows use (the tables are larger)
-    u_used, u_row = np.unique(uuid, return_inverse=True)
-    gids = {u: gpu_key(cols.uuids[u]) for u in u_used.tolist()}
+    gids, gid_of = _gids(cols)
     m_used, m_row = np.unique(metric, return_inverse=True)
     mids = {m: metric_key(cols.metrics[m]) for m in m_used.tolist()}
     w_used, w_row = np.unique(workload, return_inverse=True)
     wids = {w: workload_key(*cols.workloads[w]) for w in w_used.tolist() if w >= 0}
     t_used, t_row = np.unique(ts, return_inverse=True)
-    row_gid = np.array([gids[u] for u in u_used.tolist()], np.int64)[u_row.reshape(-1)]
+    row_gid = gid_of[uuid]
     row_mid = np.array([mids[m] for m in m_used.tolist()], np.int64)[m_row.reshape(-1)]
     row_wid = np.array([wids.get(w, 0) for w in w_used.tolist()], np.int64)[w_row.reshape(-1)]
     row_us = np.array([binary.micros(datetime.fromisoformat(cols.ts_text[t])) for t in t_used.tolist()],
@@ -94,7 +90,7 @@ def _encode_rows(cols: Columns, rows_idx: np.ndarray | None, values: np.ndarray,
         fields[b"metrics"] = _metrics(cols, mids, metric[a:b])
         fields[b"workloads"] = _workloads(cols, wids, workload[a:b])
         fields[b"inventory"] = inventory
-        fields[b"events"] = _events(cols, gids, xid, uuid[a:b], metric[a:b], ts[a:b], series[a:b], value, a)
+        fields[b"events"] = _events(cols, gids, xid, uuid[a:b], metric[a:b], ts[a:b], series[a:b], values, a)
         plain = workload[a:b] < 0
         fields[b"plain"] = str(int(plain.sum())).encode()
         fields[b"rows"] = b"".join(_binary(sel + a, row_gid, row_us, row_mid, values, row_wid, with_workload)
@@ -102,6 +98,16 @@ def _encode_rows(cols: Columns, rows_idx: np.ndarray | None, values: np.ndarray,
                                                               (np.flatnonzero(~plain), True)))
         entries.append((fields, b - a))
     return entries
+
+
+def _gids(cols: Columns) -> tuple[list[int], np.ndarray]:
+    """Each uuid's GPU id (`gpu_key`), by uuid code, as a list and an array; kept with the tables, grown with them."""
+    got = cols.cache.get("gids")
+    if got is None or len(got[0]) < len(cols.uuids):
+        known = got[0] if got is not None else []
+        ids = known + [gpu_key(u) for u in cols.uuids[len(known):]]
+        got = cols.cache["gids"] = (ids, np.asarray(ids, np.int64))
+    return got
 
 
 def _binary(rows: np.ndarray, gid: np.ndarray, us: np.ndarray, mid: np.ndarray, value: np.ndarray, wid: np.ndarray,
@@ -126,7 +132,7 @@ def _first(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq[order], first[order]
 
 
-def _gpus(cols: Columns, gids: dict[int, int], uuid: np.ndarray, gpu: np.ndarray, series: np.ndarray
+def _gpus(cols: Columns, gids: list[int], uuid: np.ndarray, gpu: np.ndarray, series: np.ndarray
           ) -> tuple[bytes, bytes]:
     """The `gpus` and `inventory` fields: per GPU its first row's attributes, static labels merged in row order."""
     us, first = _first(uuid)
@@ -190,15 +196,14 @@ def _workloads(cols: Columns, wids: dict[int, int], workload: np.ndarray) -> byt
     return json.dumps([[wids[w], *cols.workloads[w]] for w in ws.tolist()], separators=_SEP).encode()
 
 
-def _events(cols: Columns, gids: dict[int, int], xid: int, uuid: np.ndarray, metric: np.ndarray, ts: np.ndarray,
-            series: np.ndarray, value: pa.Array, offset: int) -> bytes:
+def _events(cols: Columns, gids: list[int], xid: int, uuid: np.ndarray, metric: np.ndarray, ts: np.ndarray,
+            series: np.ndarray, values: np.ndarray, offset: int) -> bytes:
     """Every integer XID reading of the batch (the rows of metric `XID_METRIC`)."""
     if xid < 0:
         return b"[]"
     rows = np.flatnonzero(metric == xid)
     events = []
-    for r, text in zip(rows.tolist(), value.take(pa.array(rows + offset)).to_pylist(), strict=True):
-        v = float(text)
+    for r, v in zip(rows.tolist(), values[rows + offset].tolist(), strict=True):
         if v.is_integer():
             events.append([gids[int(uuid[r])], cols.ts_text[ts[r]], "xid", int(v), cols.err_msg[series[r]]])
     return json.dumps(events, separators=_SEP).encode()

@@ -18,6 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import IO
 
+import numpy as np
+
 from telemetry_nb.model import Rejected, Sample
 from telemetry_nb.sources.labels import Identity, identity
 from telemetry_nb.sources.limits import RowLimits
@@ -44,8 +46,10 @@ class HeaderError(ValueError):
     """The file's header lacks required columns; nothing in it can be read."""
 
 
-_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_.:-]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+# the value: `(?:[^"\\]|\\.)*` unrolled (the same texts, matched a few times faster)
+_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_.:-]*)\s*=\s*"([^"\\]*(?:\\.[^"\\]*)*)"\s*(?:,|$)')
 _UNESCAPE = re.compile(r"\\(.)")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_labels(raw: str) -> dict[str, str]:
@@ -61,7 +65,9 @@ def parse_labels(raw: str) -> dict[str, str]:
         if not m:
             labels["_unparsed"] = raw[pos:]
             break
-        labels[m.group(1)] = _UNESCAPE.sub(lambda e: "\n" if e.group(1) == "n" else e.group(1), m.group(2))
+        value = m.group(2)
+        labels[m.group(1)] = (_UNESCAPE.sub(lambda e: "\n" if e.group(1) == "n" else e.group(1), value)
+                              if "\\" in value else value)
         pos = m.end()
     return labels
 
@@ -227,7 +233,7 @@ def _labels_and_identity(uuid: str, raw: str) -> tuple[dict[str, str], Identity 
     """
     if len(raw) * 4 > _LABELS_MAX_BYTES and len(raw.encode(errors="replace")) > _LABELS_MAX_BYTES:
         return {}, f"labels_raw is longer than the {_LABELS_MAX_BYTES}-byte limit"
-    if "\0" in raw or any("\ud800" <= ch <= "\udfff" for ch in raw):
+    if "\0" in raw or (not raw.isascii() and _SURROGATE.search(raw)):
         return {}, "NUL or an invalid character (lone surrogate) in labels_raw"
     labels = parse_labels(raw)
     try:
@@ -266,7 +272,7 @@ def split_records(path: str | Path, chunk_bytes: int = 4 << 20) -> Iterator[Chun
                 data += fh.readline()
             data = _whole_record(fh, data)
             yield Chunk(path=str(path), header=header, first_line=line, offset=offset, length=len(data))
-            line += data.count(b"\n")
+            line += _count(data, 10)
             offset += len(data)
 
 
@@ -280,12 +286,19 @@ def chunkable(path: str | Path) -> bool:
 
 
 def _whole_record(fh: IO[bytes], data: bytes) -> bytes:
-    while data.count(b'"') % 2:
+    quotes = _count(data, 34)
+    while quotes % 2:
         more = fh.readline()
         if not more:
             break
         data += more
+        quotes += more.count(b'"')
     return data
+
+
+def _count(data: bytes, byte: int) -> int:
+    """How many times `byte` occurs in `data` (numpy: a few times faster than `bytes.count` on megabytes)."""
+    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == byte))
 
 
 def read_chunk(chunk: Chunk, *, with_labels: bool = False, limits: RowLimits | None = None,

@@ -1,11 +1,11 @@
 """Vectorized reading of one DCGM CSV chunk (numpy + pyarrow) for bulk loads, exact by construction.
 
 Only lines that are certainly plain are read in bulk: printable ASCII, standard CSV quoting, one record
-per line, the header's field count, and values that pass every check of `dcgm_csv.read_samples` (checked
-per *distinct* value: dictionary encoding). Every other line (a bad row, odd quoting, a blank line,
-non-ASCII text…) is handed to `read_samples` itself, and a chunk whose line structure is in any doubt
-(a quoted newline, a bare CR, an odd header) is read by it whole. So a sample or a rejected line is the
-exact parser's, with its line number and reason.
+per line, the header's field count, and values that pass every check of `dcgm_csv.read_samples`
+(checked once per *distinct* key, all fields but timestamp and value, remembered across chunks).
+Every other line (a bad row, odd quoting, a blank line, non-ASCII text…) is handed to `read_samples`
+itself, and a chunk whose line structure is in any doubt (a quoted newline, a bare CR, an odd header)
+is read by it whole. So a sample or a rejected line is the exact parser's, with its line number and reason.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ from telemetry_nb.sources.dcgm_csv import (
 from telemetry_nb.sources.limits import RowLimits
 from telemetry_nb.timeparse import parse_timestamp
 
-_WIDE = 17  # the longest value text `_plain_numbers` looks at: a sign, 15 digits and a point
+# what decides everything about a row but its timestamp and value (see `FastReader._codes`)
+_KEY_COLUMNS = ("metric_name", "uuid", "gpu_id", "Hostname", "device", "modelName", "container", "pod", "namespace",
+                "labels_raw")
+_KEY_SEP = "\x1f"
+_BAD_KEY = (-1, -1, -1, -1)
+_PLAIN_NUMBER = r"^-?[0-9]{1,20}(\.[0-9]{1,20})?$"  # pyarrow's cast of these is exactly Python's float()
 _MISSING = object()
 _CACHE_MAX = 50_000  # distinct series, labels, GPUs… remembered across chunks (per process), then forgotten
+_KEYS_MAX_BYTES = 16 << 20  # the distinct keys' text (labels_raw can be long), then forgotten
 _TS_MAX = 20_000  # distinct timestamp and value texts remembered (they can be all distinct)
-_BAD_PREV = np.ones(256, bool)
-_BAD_PREV[[ord(","), ord("\n"), ord('"')]] = False  # what may come before an opening quote (or a "" pair)
-_BAD_NEXT = np.ones(256, bool)
-_BAD_NEXT[[ord(","), ord("\n"), ord("\r"), ord('"')]] = False  # what may follow a closing quote
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Columns:
 
     Per row: `series` (→ `uuid_of`, `ident`, `static_of`, `err_msg`), `gpu` (→ `gpus`: hostname,
     gpu_index, device, model_name), `metric` (→ `metrics`), `workload` (→ `workloads`, -1 for none),
-    `ts` (→ `ts_text`) and `value`, the value's repr.
+    `ts` (→ `ts_text`) and `value`, the value as a float.
     """
 
     series: np.ndarray
@@ -60,7 +62,7 @@ class Columns:
     metric: np.ndarray
     workload: np.ndarray
     ts: np.ndarray
-    value: pa.Array
+    value: np.ndarray
     uuids: list[str]
     uuid_of: np.ndarray
     static_of: np.ndarray
@@ -121,41 +123,21 @@ class _Interner:
     """Distinct strings → ids kept across chunks, looked up vectorized (pyarrow `index_in`): no Python per row."""
 
     def __init__(self):
-        self.known = pa.array([], pa.string())
-        self.values: list[str] = []
+        self.known = pa.nulls(0, pa.string())
 
-    def ids(self, column: pa.Array) -> np.ndarray:
-        """The id of each row's string; strings not seen before get new ids."""
+    def __len__(self) -> int:
+        return len(self.known)
+
+    def ids(self, column: pa.Array) -> tuple[np.ndarray, list[str]]:
+        """The id of each row's string, and the strings not seen before (in the order of their new ids)."""
         found = pc.index_in(column, value_set=self.known)
+        new: list[str] = []
         if found.null_count:
-            new = pc.unique(column.filter(found.is_null()))
-            self.values.extend(new.to_pylist())
-            self.known = pa.concat_arrays([self.known, new.cast(pa.string())])
+            fresh = pc.unique(column.filter(found.is_null()))
+            new = fresh.to_pylist()
+            self.known = pa.concat_arrays([self.known, fresh.cast(pa.string())])
             found = pc.index_in(column, value_set=self.known)
-        return found.to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-_NOT_FOUND = -(1 << 62)
-
-
-class _KeyMap:
-    """int64 keys → int64 codes, kept sorted across chunks; looked up with one `searchsorted`."""
-
-    def __init__(self):
-        self.keys = np.empty(0, np.int64)
-        self.codes = np.empty(0, np.int64)
-
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        """The code of each key, `_NOT_FOUND` for a key never added."""
-        if not len(self.keys):
-            return np.full(len(keys), _NOT_FOUND, np.int64)
-        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        return np.where(self.keys[pos] == keys, self.codes[pos], _NOT_FOUND)
-
-    def add(self, keys: np.ndarray, codes: np.ndarray) -> None:
-        k, c = np.concatenate([self.keys, keys]), np.concatenate([self.codes, codes])
-        order = np.argsort(k, kind="stable")
-        self.keys, self.codes = k[order], c[order]
+        return found.to_numpy(zero_copy_only=False).astype(np.int64), new
 
 
 class _Builder:
@@ -194,14 +176,14 @@ class _Builder:
             self.err_msg.append(err)
         return c
 
-    def sample_codes(self, s: Sample) -> tuple[int, int, int, int, int, str]:
+    def sample_codes(self, s: Sample) -> tuple[int, int, int, int, int, float]:
         """A `Sample` of the exact parser as codes."""
         sc = self.series(s.uuid, (s.pci_bus_id, s.driver_version, s.parent_uuid, s.mig_profile, s.mig_instance),
                          static_labels(s.labels), s.labels.get("err_msg", ""))
         workload = (s.namespace, s.pod, s.container) if (s.pod or s.namespace or s.container) else None
         return (sc, self.gpus.code((s.hostname, s.gpu_index, s.device, s.model_name)), self.metrics.code(s.metric),
                 -1 if workload is None else self.workloads.code(workload), self.ts.code(s.ts.isoformat()),
-                repr(s.value))
+                s.value)
 
     def columns(self, series, gpu, metric, workload, ts, value) -> Columns:
         return Columns(series=series, gpu=gpu, metric=metric, workload=workload, ts=ts, value=value,
@@ -230,10 +212,8 @@ class FastReader:
         self._headers: dict[str, tuple[int, dict[str, int]] | None] = {}
         self._ts: dict[str, datetime | None] = {}
         self._values: dict[str, str | None] = {}
-        self._cache: dict[str, dict] = {}
-        self._pairs = _KeyMap()
-        self._uuid_ids = _Table()
-        self._labels = _Interner()
+        self._keys = _Interner()
+        self._key_codes = np.empty((0, 4), np.int64)
         self._b = _Builder()
         self._idx: dict[str, int] = {}
 
@@ -263,10 +243,8 @@ class FastReader:
         """Start the tables and caches afresh (between chunks): memory stays bounded whatever the file."""
         self._ts.clear()
         self._values.clear()
-        self._cache.clear()
-        self._pairs = _KeyMap()
-        self._uuid_ids = _Table()
-        self._labels = _Interner()
+        self._keys = _Interner()
+        self._key_codes = np.empty((0, 4), np.int64)
         self._b = _Builder()
 
     def _header(self, text: str) -> tuple[int, dict[str, int]]:
@@ -293,7 +271,8 @@ class FastReader:
                 cache.clear()
         if len(self._b.ts.values) > _TS_MAX:
             self._b.ts = _Table()
-        if self._idx != idx or self._b.size() + len(self._labels.values) > _CACHE_MAX:
+        if (self._idx != idx or self._b.size() + len(self._keys) > _CACHE_MAX
+                or self._keys.known.nbytes > _KEYS_MAX_BYTES):
             self._forget()
             self._idx = idx
         a = np.frombuffer(data, np.uint8)
@@ -307,7 +286,7 @@ class FastReader:
         starts[1:] = ends[:-1] + 1
         crlf = a[np.maximum(nl - 1, 0)] == 13
         crlf &= nl > 0
-        odd_bytes = np.count_nonzero((a < 32) | (a > 126)) != len(nl) + np.count_nonzero(crlf)
+        odd_bytes = np.count_nonzero((a - np.uint8(32)) > 94) != len(nl) + np.count_nonzero(crlf)  # not 32…126
         if odd_bytes and np.count_nonzero(a == 13) != np.count_nonzero(crlf):
             raise _Fallback("bare CR")
         quotes = np.flatnonzero(a == 34)
@@ -319,11 +298,13 @@ class FastReader:
         # quoting: an opening quote (even index) follows a comma, a line start or a closing quote ("" pair);
         # a closing quote (odd index) comes before a comma, the line end or an opening quote
         if len(quotes):
-            prev = a[np.maximum(quotes[0::2] - 1, 0)]
-            bad_open = _BAD_PREV[prev] & (quotes[0::2] > 0)
-            nxt = a[np.minimum(quotes[1::2] + 1, size - 1)]
-            bad_close = _BAD_NEXT[nxt] & (quotes[1::2] < size - 1)
-            bad = np.concatenate([quotes[0::2][bad_open], quotes[1::2][bad_close]])
+            opening, closing = quotes.reshape(-1, 2).T
+            # clipped at the ends of the chunk, the neighbour is the quote itself: never bad
+            prev = a.take(opening - 1, mode="clip")
+            bad_open = (prev != 44) & (prev != 10) & (prev != 34)  # not , \n "
+            nxt = a.take(closing + 1, mode="clip")
+            bad_close = (nxt != 44) & (nxt != 10) & (nxt != 13) & (nxt != 34)  # not , \n \r "
+            bad = np.concatenate([opening[bad_open], closing[bad_close]])
             if len(bad):
                 suspect[np.searchsorted(ends, bad)] = True
         if odd_bytes:  # control characters, DEL or non-ASCII: such lines are read exactly
@@ -336,8 +317,10 @@ class FastReader:
         elif not suspect_lines:
             buf = data
         else:
-            lengths = np.minimum(ends + 1, size) - starts
-            buf = a[np.repeat(~suspect, lengths)].tobytes()
+            edge = np.diff(np.concatenate([[0], (~suspect).view(np.int8), [0]]))  # runs of kept lines
+            first, stop = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+            buf = b"".join(data[i:j] for i, j in zip(starts[first].tolist(),
+                                                     np.minimum(ends[stop - 1] + 1, size).tolist(), strict=True))
         table, invalid = self._arrow(buf, width, idx, len(keep)) if buf else (None, [])
         if invalid:
             suspect_lines += [int(keep[i]) for i in invalid]
@@ -349,9 +332,9 @@ class FastReader:
                 suspect_lines += [int(x) for x in keep[~ok]]
                 keep = keep[ok]
                 codes = [c[ok] for c in codes]
-                value = value.filter(pa.array(ok))
+                value = value[ok]
         else:
-            codes, value = [np.empty(0, np.int64) for _ in range(5)], pa.array([], pa.string())
+            codes, value = [np.empty(0, np.int64) for _ in range(5)], np.empty(0, np.float64)
         fast_rows = len(keep)
         suspect_lines.sort()
         rejected: list[Rejected] = []
@@ -361,7 +344,7 @@ class FastReader:
                 order = np.argsort(np.concatenate([keep, np.asarray(lines, np.int64)]), kind="stable")
                 codes = [np.concatenate([c, np.asarray(e, np.int64)])[order] for c, e in zip(codes, extra[:5],
                                                                                             strict=True)]
-                value = pa.concat_arrays([value, pa.array(extra[5], pa.string())]).take(pa.array(order))
+                value = np.concatenate([value, np.asarray(extra[5], np.float64)])[order]
         return Parsed(b.columns(*codes, value), None, rejected, fast_rows=fast_rows, exact_lines=len(suspect_lines))
 
     def _arrow(self, buf: bytes, width: int, idx: dict[str, int], lines: int) -> tuple[pa.Table, list[int]]:
@@ -399,22 +382,13 @@ class FastReader:
         enc = pc.dictionary_encode(table.column(f"c{i}").combine_chunks())
         return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
 
-    def _distinct(self, table: pa.Table, name: str, compute: Callable[[str], object]) -> tuple[np.ndarray, list]:
-        """(codes per row, per distinct value `compute(value)`), remembered across chunks."""
-        codes, values = self._col(table, name)
-        cache = self._cache.setdefault(name, {})
-        get = cache.get
-        out = [get(v, _MISSING) for v in values]
-        for j, got in enumerate(out):
-            if got is _MISSING:
-                got = out[j] = cache[values[j]] = compute(values[j])
-        return codes, out
-
     def _codes(self, table: pa.Table, b: _Builder):
-        """Per-row codes of the certified rows, which of them the fast path accepts, and their value text."""
-        limits = self.limits
-        text_ok = self._text_ok
+        """Per-row codes of the certified rows, which of them the fast path accepts, and their values.
 
+        Everything but the timestamp and the value is worked out once per distinct combination of the
+        other fields (the row's *key*), remembered across chunks: a chunk only looks its keys up.
+        """
+        limits = self.limits
         t_codes, t_values = self._col(table, "timestamp")  # limits are checked against now: per chunk
         now = self.now()
         t_map = np.empty(len(t_values), np.int64)
@@ -422,59 +396,47 @@ class FastReader:
             ts = self._timestamp(raw)
             t_map[j] = -1 if ts is None or limits.check_ts(raw, ts, now) is not None else b.ts.code(ts.isoformat())
         ts = t_map[t_codes]
-        ok = ts >= 0
-        m_codes, m_map = self._distinct(table, "metric_name", lambda v: b.metrics.code(v.strip())
-                                        if 0 < len(v.strip()) <= limits.metric_bytes else -1)
-        metric = np.asarray(m_map, np.int64)[m_codes]
-        ok &= metric >= 0
-        u_codes, u_values = self._distinct(table, "uuid", lambda v: text_ok(v) or None)
-        g_codes, g_values = self._distinct(table, "gpu_id", self._gpu_id)
-        h_codes, h_values = self._distinct(table, "Hostname", text_ok)
-        d_codes, d_values = self._distinct(table, "device", text_ok)
-        mo_codes, mo_values = self._distinct(table, "modelName", text_ok)
-        for codes, values, bad in ((u_codes, u_values, None), (g_codes, g_values, False), (h_codes, h_values, None),
-                                   (d_codes, d_values, None), (mo_codes, mo_values, None)):
-            good = np.fromiter((v is not bad for v in values), bool, len(values))
-            if not good.all():
-                ok &= good[codes]
-        combo, first = _combine(g_codes, h_codes, d_codes, mo_codes)
-        gpu_map = np.fromiter((b.gpus.code((h_values[h_codes[r]], g_values[g_codes[r]], d_values[d_codes[r]],
-                                            mo_values[mo_codes[r]])) for r in first), np.int64, len(first))
-        gpu = gpu_map[combo]
-        c_codes, c_values = self._distinct(table, "container", text_ok)
-        p_codes, p_values = self._distinct(table, "pod", text_ok)
-        n_codes, n_values = self._distinct(table, "namespace", text_ok)
-        combo, first = _combine(n_codes, p_codes, c_codes)
-        w_map = np.empty(len(first), np.int64)
-        for j, r in enumerate(first):
-            w = (n_values[n_codes[r]], p_values[p_codes[r]], c_values[c_codes[r]])
-            if None in w or len(w[0]) + len(w[1]) + len(w[2]) > limits.workload_bytes:
-                w_map[j] = -2
-            else:
-                w_map[j] = b.workloads.code(w) if (w[0] or w[1] or w[2]) else -1
-        workload = w_map[combo]
-        ok &= workload >= -1
-        # series: uuid and labels_raw (identity, MIG, inventory labels), worked out once per distinct pair
-        uuid_ids = np.fromiter((self._uuid_ids.code(v) for v in u_values), np.int64, len(u_values))[u_codes]
-        i = self._idx.get("labels_raw")
-        if self.with_labels and i is not None and f"c{i}" in table.column_names:
-            label_ids = self._labels.ids(table.column(f"c{i}").combine_chunks())
-        else:
-            label_ids = np.full(table.num_rows, self._labels.ids(pa.array([""]))[0], np.int64)
-        pair_keys, combo = np.unique((uuid_ids << 32) | label_ids, return_inverse=True)
-        s_map = self._pairs.find(pair_keys)
-        new = np.flatnonzero(s_map == _NOT_FOUND)
-        if len(new):
-            got = np.fromiter((self._series(b, self._uuid_ids.values[int(k) >> 32],
-                                            self._labels.values[int(k) & 0xFFFFFFFF])
-                               for k in pair_keys[new]), np.int64, len(new))
-            self._pairs.add(pair_keys[new], got)
-            s_map[new] = got
-        series = s_map[combo.reshape(-1)]
-        ok &= series >= 0
-        value, v_ok = self._value_text(table.column(f"c{self._idx['value']}").combine_chunks())
+        parts = [self._text_column(table, name) for name in _KEY_COLUMNS]
+        if not self.with_labels:
+            parts[-1] = pa.scalar("")
+        # certified lines are printable ASCII: the separator cannot occur inside a field
+        key_ids, new = self._keys.ids(pc.binary_join_element_wise(*parts, _KEY_SEP))
+        if new:
+            codes = np.asarray([self._key(b, text) for text in new], np.int64).reshape(-1, 4)
+            self._key_codes = np.concatenate([self._key_codes, codes])
+        per_row = self._key_codes[key_ids]
+        series, gpu, metric, workload = per_row[:, 0], per_row[:, 1], per_row[:, 2], per_row[:, 3]
+        ok = (ts >= 0) & (series >= 0)
+        value, v_ok = self._value_floats(table.column(f"c{self._idx['value']}").combine_chunks())
         ok &= v_ok
         return [series, gpu, metric, workload, ts], ok, value
+
+    def _text_column(self, table: pa.Table, name: str) -> pa.Array | pa.Scalar:
+        i = self._idx.get(name)
+        if i is None or f"c{i}" not in table.column_names:
+            return pa.scalar("")
+        return table.column(f"c{i}").combine_chunks()
+
+    def _key(self, b: _Builder, text: str) -> tuple[int, int, int, int]:
+        """(series, gpu, metric, workload) codes of a distinct key, all -1 when the exact parser rejects such rows."""
+        metric, uuid, gpu_id, host, dev, model, cont, pod, ns, labels = text.split(_KEY_SEP)
+        limits = self.limits
+        text_ok = self._text_ok
+        metric = metric.strip()
+        if not 0 < len(metric) <= limits.metric_bytes:
+            return _BAD_KEY
+        uuid, index, host, dev, model = text_ok(uuid) or None, self._gpu_id(gpu_id), text_ok(host), text_ok(dev), \
+            text_ok(model)
+        w = (text_ok(ns), text_ok(pod), text_ok(cont))
+        if uuid is None or index is False or None in (host, dev, model) or None in w:
+            return _BAD_KEY
+        if len(w[0]) + len(w[1]) + len(w[2]) > limits.workload_bytes:
+            return _BAD_KEY
+        series = self._series(b, uuid, labels)
+        if series < 0:
+            return _BAD_KEY
+        return (series, b.gpus.code((host, index, dev, model)), b.metrics.code(metric),
+                b.workloads.code(w) if (w[0] or w[1] or w[2]) else -1)
 
     def _text_ok(self, value: str) -> str | None:
         """The stripped name, or None when it is longer than the limit (printable ASCII: bytes = characters)."""
@@ -515,29 +477,32 @@ class FastReader:
         return b.series(ident.uuid, (ident.pci_bus_id, ident.driver_version, ident.parent_uuid, ident.mig_profile,
                                      ident.mig_instance), static_labels(labels), labels.get("err_msg", ""))
 
-    def _value_text(self, values: pa.Array) -> tuple[pa.Array, np.ndarray]:
-        """repr(float(value)) per row, vectorized for plain decimals; and which rows have a storable value."""
-        is_int, plain_np = _plain_numbers(values)
-        text = pc.if_else(pa.array(is_int), pc.binary_join_element_wise(values, pa.scalar(".0"), pa.scalar("")),
-                          values)
+    def _value_floats(self, values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """float(value) per row, by pyarrow's cast for plain decimals (correctly rounded, like Python's);
+        and which rows have a storable value."""
+        plain = pc.match_substring_regex(values, _PLAIN_NUMBER)
         ok = np.ones(len(values), bool)
-        if not plain_np.all():
-            rows = np.flatnonzero(~plain_np)
-            others = []
-            for r, raw in zip(rows, values.take(pa.array(rows)).to_pylist(), strict=True):
-                got = self._values.get(raw, "")
-                if got == "":
-                    try:
-                        v = float(raw)
-                        got = repr(v) if math.isfinite(v) else None
-                    except ValueError:
-                        got = None
-                    self._values[raw] = got
-                if got is None:
-                    ok[r] = False
-                others.append(got or "")
-            text = pc.replace_with_mask(text, pa.array(~plain_np), pa.array(others, pa.string()))
-        return text, ok
+        plain_np = plain.to_numpy(zero_copy_only=False)
+        if plain_np.all():
+            return pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False), ok
+        out = np.zeros(len(values), np.float64)
+        out[plain_np] = pc.cast(values.filter(plain), pa.float64()).to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(~plain_np)
+        cache = self._values
+        for r, raw in zip(rows.tolist(), values.take(pa.array(rows)).to_pylist(), strict=True):
+            got = cache.get(raw, _MISSING)
+            if got is _MISSING:
+                try:
+                    v = float(raw)
+                    got = v if math.isfinite(v) else None
+                except ValueError:
+                    got = None
+                cache[raw] = got
+            if got is None:
+                ok[r] = False
+            else:
+                out[r] = got
+        return out, ok
 
     def _exact_lines(self, chunk: Chunk, data: bytes, starts: np.ndarray, ends: np.ndarray, lines: list[int],
                      b: _Builder, rejected: list[Rejected]) -> tuple[list[int], list[list]]:
@@ -581,54 +546,9 @@ class FastReader:
         return out
 
 
-def _plain_numbers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Which texts are plain integers, and which are plain numbers, whose `repr(float(text))` is the text itself
-    (or, for an integer, the text + ".0"): `-?` digits with no leading zero, an optional fraction without
-    trailing zeros (or exactly `.0`), at most 15 digits in all, and not below 1e-4 (`0.0000…`)."""
-    n = len(values)
-    offsets = np.frombuffer(values.buffers()[1], np.int32, n + 1, values.offset * 4).astype(np.int64)
-    raw = values.buffers()[2]
-    data = np.frombuffer(raw, np.uint8) if raw is not None and raw.size else np.zeros(1, np.uint8)
-    length = np.diff(offsets)
-    cols = np.arange(_WIDE)
-    inside = cols < length[:, None]
-    m = np.where(inside, data[np.minimum(offsets[:-1, None] + cols, len(data) - 1)], 0)
-    neg = m[:, 0] == ord("-")
-    body = np.where(neg[:, None], np.roll(m, -1, axis=1), m)  # the text without its sign, zero-padded
-    body[:, -1] = np.where(neg, 0, body[:, -1])
-    blen = length - neg
-    digit = (body >= ord("0")) & (body <= ord("9"))
-    dot = body == ord(".")
-    in_body = cols < blen[:, None]
-    dots = dot.sum(axis=1)
-    shape_ok = (length >= 1) & (length <= _WIDE) & (blen >= 1) & np.all(digit | dot | ~in_body, axis=1)
-    is_int = shape_ok & (dots == 0) & (blen <= 15) & ((body[:, 0] != ord("0")) | (blen == 1))
-    point = np.argmax(dot, axis=1)  # position of the point when there is one
-    last = body[np.arange(n), np.clip(blen - 1, 0, _WIDE - 1)]
-    zero_int = (point == 1) & (body[:, 0] == ord("0"))
-    frac_zero = (blen - point - 1 == 1) & (last == ord("0"))  # exactly ".0"
-    tiny = zero_int & np.all(body[:, 2:6] == ord("0"), axis=1) & (blen >= 6)  # 0.0000…: below 1e-4
-    is_dec = (shape_ok & (dots == 1) & (point >= 1) & (point < blen - 1) & (blen <= 16)
-              & ((body[:, 0] != ord("0")) | zero_int) & ((last != ord("0")) | frac_zero) & ~tiny)
-    return is_int, is_int | is_dec
-
-
-def _combine(*codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One code per distinct combination of per-row codes: (row → combination, first row of each)."""
-    key = codes[0]
-    for c in codes[1:]:
-        radix = int(c.max(initial=0)) + 1
-        if int(key.max(initial=0)) >= (1 << 62) // radix:
-            _, key = np.unique(key, return_inverse=True)
-            key = key.reshape(-1)
-        key = key * radix + c
-    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    return inverse.reshape(-1), first
-
-
 def _empty():
     e = np.empty(0, np.int64)
-    return e, e, e, e, e, pa.array([], pa.string())
+    return e, e, e, e, e, np.empty(0, np.float64)
 
 
 __all__ = ["OPTIONAL", "Columns", "FastReader", "FastStats", "Parsed"]
