@@ -28,6 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from telemetry_nb import __version__
 from telemetry_nb.api import models
 from telemetry_nb.api.auth import Tokens, bearer_auth
+from telemetry_nb.api.hotpath import ROUTE_PATH, HotTelemetry
 from telemetry_nb.api.limits import ApiLimits, Gate, GateState
 from telemetry_nb.api.params import ParamError
 from telemetry_nb.api.routes import Store, build_v1_router
@@ -175,7 +176,10 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(build_v1_router(store, bearer_auth(tokens), auth_enabled=tokens is not None))
+    v1 = build_v1_router(store, bearer_auth(tokens), auth_enabled=tokens is not None)
+    app.include_router(v1)
+    hot_route = next(r for r in v1.routes if getattr(r, "path", None) == ROUTE_PATH)
+    app.add_middleware(HotTelemetry, api=app, route=hot_route, store=store, tokens=tokens)  # inside the gate
     app.add_middleware(Gate, limits=limits, state=gate)
     app.add_middleware(Wrap, around=count_requests)  # outermost: a gated 503 is counted too
     return app
