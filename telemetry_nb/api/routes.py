@@ -131,15 +131,15 @@ def telemetry_json(store: Store, uuid: str, start_time: str | None, end_time: st
     after = decode_telemetry_cursor(cursor) if cursor else None
     with store.reader() as r:
         gpu, ids = _gpu_and_metrics(store, r, uuid, metric)
-        rows = r.telemetry(gpu["id"], start=start, end=end, metric_ids=None if ids is None else list(ids.values()),
-                           after=after, limit=limit)
+        rows = r.telemetry_tuples(gpu["id"], start=start, end=end,
+                                  metric_ids=None if ids is None else list(ids.values()), after=after, limit=limit)
     more = len(rows) > limit
     rows = rows[:limit]
-    next_cursor = encode_telemetry_cursor(rows[-1]["timestamp"], rows[-1]["metric_id"]) if more else None
-    utc = not rows or _is_utc(rows[0]["timestamp"].tzinfo)
+    next_cursor = encode_telemetry_cursor(rows[-1][0], rows[-1][2]) if more else None
+    utc = not rows or _is_utc(rows[0][0].tzinfo)
     body = {"gpu": gpu_out(gpu),
-            "items": [{"timestamp": t["timestamp"] if utc else t["timestamp"].astimezone(UTC),
-                       "metric": t["metric"], "value": t["value"]} for t in rows],
+            "items": [{"timestamp": ts if utc else ts.astimezone(UTC), "metric": name, "value": value}
+                      for ts, name, _, value in rows],
             "next_cursor": next_cursor}
     return orjson.dumps(body, option=orjson.OPT_UTC_Z)
 
