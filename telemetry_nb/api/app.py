@@ -77,6 +77,7 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
     registry = CollectorRegistry()
     requests_total = Counter("api_requests", "HTTP requests", ["route", "status"], registry=registry)
     latency = Histogram("api_request_seconds", "HTTP request latency", ["route"], registry=registry)
+    labelled: dict[tuple[str, int], tuple[Any, Any]] = {}
     gate = GateState()
     Gauge("api_requests_running", "/api/v1 requests holding a database slot", registry=registry
           ).set_function(lambda: gate.running)
@@ -122,8 +123,12 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
                 await inner(scope, receive, send_status)
         finally:
             path = getattr(scope.get("route"), "path", "overloaded" if scope.get("overloaded") else "unmatched")
-            requests_total.labels(path, str(status[0])).inc()
-            latency.labels(path).observe(time.perf_counter() - started)
+            key = (path, status[0])
+            series = labelled.get(key)
+            if series is None:  # the labelled children, looked up once per (route, status)
+                series = labelled[key] = (requests_total.labels(path, str(status[0])), latency.labels(path))
+            series[0].inc()
+            series[1].observe(time.perf_counter() - started)
 
     @app.exception_handler(ParamError)
     async def param_error(request: Request, exc: ParamError):
