@@ -16,7 +16,9 @@ last one is answered). Two request kinds:
          buckets for every GPU (16 k elements, from the 1 min rollups)
 
 For each (kind, clients) it prints req/s, p50/p99/max latency of every answer, the count of 503s (with
-their own max latency: overload must be answered fast) and of other errors. Environment variables of the
+their own max latency: overload must be answered fast) and of other errors, and the server's CPU per answer
+(its processes' user + system time over the run, warm-up included, from /proc): on a shared machine req/s
+moves with the neighbours' load, CPU per answer much less. Environment variables of the
 server (TELEMETRY_API_POOL_SIZE, TELEMETRY_API_MAX_IN_FLIGHT, …) pass through to it.
 """
 
@@ -136,6 +138,7 @@ async def _load(spec: dict) -> dict:
     lat_503: list[float] = []
     errors: dict[str, int] = {}
     counting = False
+    answered = [0]  # every answer, warm-up included (the server's CPU is read over the whole run)
     stop_at = 0.0
     timeout = aiohttp.ClientTimeout(total=spec["timeout"])
     connector = aiohttp.TCPConnector(limit=spec["clients"], force_close=False)
@@ -154,6 +157,7 @@ async def _load(spec: dict) -> dict:
                 except (TimeoutError, aiohttp.ClientError) as err:
                     status, rows = None, type(err).__name__
                 took = time.perf_counter() - t
+                answered[0] += 1
                 if not counting:
                     continue
                 if status == 200:
@@ -171,7 +175,24 @@ async def _load(spec: dict) -> dict:
         counting, started, cpu = True, time.perf_counter(), time.process_time()
         await asyncio.gather(*tasks)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    return {"ok": lat, "503": lat_503, "errors": errors, "elapsed": elapsed, "client_cpu_s": cpu}
+    return {"ok": lat, "503": lat_503, "errors": errors, "elapsed": elapsed, "client_cpu_s": cpu,
+            "answered": answered[0]}
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its direct children (serve's workers), from /proc."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # not Linux
+        return float("nan")
+    total = 0
+    for p in [pid, *map(int, children)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run_load(spec: dict) -> dict:
@@ -242,22 +263,28 @@ def main() -> int:
                             spec = {"base": base, "kind": kind, "clients": c, "gpus": args.gpus,
                                     "interval": args.interval, "seed": c, "warmup": args.warmup,
                                     "duration": args.duration, "timeout": args.timeout}
-                            s = summarize(run_load(spec))
+                            cpu0 = process_cpu_s(proc.pid)
+                            res = run_load(spec)
+                            s = summarize(res)
+                            # robust on a shared machine, unlike req/s: what one answer costs the server
+                            s["server ms"] = (process_cpu_s(proc.pid) - cpu0) * 1000 / max(1, res["answered"])
+                            s["client ms"] = res["client_cpu_s"] * 1000 / max(1, len(res["ok"]) + len(res["503"]))
                             row = (w, kind, c, s)
                             table.append(row)
                             print(f"  workers={w} {kind:<5} clients={c:<4} {s['req/s']:7.0f} req/s "
                                   f"(200: {s['ok/s']:.0f}/s)  p50 {s['p50'] * 1000:6.1f} ms  "
                                   f"p99 {s['p99'] * 1000:6.1f} ms  max {s['max'] * 1000:7.1f} ms  "
                                   f"503: {s['503']} (max {s['503 max'] * 1000:.0f} ms)  "
-                                  f"errors: {s['errors']} {s['error kinds'] or ''}", flush=True)
+                                  f"errors: {s['errors']} {s['error kinds'] or ''}  CPU per answer: server "
+                                  f"{s['server ms']:.2f} ms, load generator {s['client ms']:.2f} ms", flush=True)
                 finally:
                     stop(proc)
             print(f"\n{'workers':>7} {'kind':<6} {'clients':>7} {'req/s':>8} {'200/s':>8} {'p50 ms':>8} "
-                  f"{'p99 ms':>8} {'max ms':>8} {'503s':>6} {'503 max':>8} {'errors':>6}")
+                  f"{'p99 ms':>8} {'max ms':>8} {'503s':>6} {'503 max':>8} {'errors':>6} {'srv ms/ans':>10}")
             for w, kind, c, s in table:
                 print(f"{w:>7} {kind:<6} {c:>7} {s['req/s']:>8.0f} {s['ok/s']:>8.0f} {s['p50'] * 1000:>8.1f} "
                       f"{s['p99'] * 1000:>8.1f} {s['max'] * 1000:>8.0f} {s['503']:>6} {s['503 max'] * 1000:>8.0f} "
-                      f"{s['errors']:>6}")
+                      f"{s['errors']:>6} {s['server ms']:>10.2f}")
             for w, kind, c, s in table:
                 if kind == "gpu" and c == 32:
                     print(f"workers={w}: gpu at 32 clients {s['req/s']:.0f} req/s = {s['req/s'] / 238:.2f}x the "

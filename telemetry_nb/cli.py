@@ -376,15 +376,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ["TELEMETRY_STREAM_PARTITIONS"] = str(settings.stream_partitions)
     if workers == 1:
         uvicorn.run(create_app(settings.database_url, settings.redis_url, limits=limits), host=args.host,
-                    port=args.port, log_level="warning")
+                    port=args.port, log_level="warning", access_log=False)
         return 0
     # worker processes import the app by name: they get the resolved URLs (embedded servers included) by env
     os.environ["DATABASE_URL"] = settings.database_url
     os.environ["TELEMETRY_API_WORKERS"] = str(workers)
     if settings.redis_url:
         os.environ["REDIS_URL"] = settings.redis_url
+    # access_log off: its lines (INFO) were never shown at this log level, yet each was formatted per request
     uvicorn.run("telemetry_nb.api.app:app_from_env", factory=True, workers=workers, host=args.host, port=args.port,
-                log_level="warning")
+                log_level="warning", access_log=False)
     return 0
 
 

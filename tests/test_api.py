@@ -150,3 +150,69 @@ def test_ready_names_the_dependency_that_failed(api, cli_env, tmp_path, servers)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+_HOT = "/api/v1/gpus/{uuid}/telemetry"
+
+
+@pytest.mark.parametrize("uuid, params", [
+    ("GPU-1", []),
+    ("GPU-1", [("limit", "77")]),
+    ("GPU-0", [("metric", METRICS[0]), ("metric", METRICS[2]), ("start_time", "2025-07-18T20:00:10Z"),
+               ("end_time", "2025-07-18T22:00:19+02:00"), ("limit", "7")]),
+    ("GPU-2", [("cursor", "1752868810000000.2"), ("limit", "3")]),
+    ("GPU-2", [("end_time", "2000-01-01T00:00:00Z")]),
+    ("GPU-nope", []),
+    ("GPU-0", [("metric", "NO_SUCH_METRIC")]),
+    ("GPU-0", [("start_time", "2025-07-18T21:00:00Z"), ("end_time", "2025-07-18T20:00:00Z")]),
+    ("GPU-0", [("start_time", "not-a-time")]),
+])
+def test_hot_path_answers_byte_for_byte_what_the_fastapi_route_answers(api, uuid, params):
+    """A plainly valid request is answered by `hotpath.HotTelemetry`; one with an extra parameter (which the
+    route ignores) goes through FastAPI: status, headers and body must be the same."""
+    url = api + _HOT.format(uuid=uuid)
+    hot = httpx.get(url, params=params)
+    routed = httpx.get(url, params=[*params, ("unrelated", "1")])
+    assert hot.status_code == routed.status_code
+    assert hot.content == routed.content
+    assert [(k, v) for k, v in hot.headers.multi_items() if k != "date"] == \
+        [(k, v) for k, v in routed.headers.multi_items() if k != "date"]
+    metrics = httpx.get(f"{api}/metrics").text
+    assert f'api_requests_total{{route="{_HOT}",status="{hot.status_code}"}} 2.0' in metrics
+
+
+def test_hot_path_takes_only_plainly_valid_requests():
+    """Which requests the hot path answers itself (the rest, FastAPI validates and answers)."""
+    from telemetry_nb.api.auth import Tokens
+    from telemetry_nb.api.hotpath import HotTelemetry
+
+    class Pool:
+        max_size = 1
+
+    class Store:
+        pool = Pool()
+
+    hot = HotTelemetry(None, api=None, route=None, store=Store(), tokens=None)
+
+    def params(path: str, query: str = "") -> tuple | None:
+        return hot._params({"path": path, "query_string": query.encode(), "root_path": ""})
+
+    ok = "/api/v1/gpus/GPU-1/telemetry"
+    assert params(ok) == ("GPU-1", None, None, None, 1000, None)
+    assert params(ok, "metric=A&metric=B&limit=10000&cursor=-1.2&start_time=x&end_time=y") == \
+        ("GPU-1", "x", "y", ["A", "B"], 10000, "-1.2")
+    assert params("/api/v1/gpus/a%20b/telemetry".replace("%20", " ")) == ("a b", None, None, None, 1000, None)
+    for query in ("limit=0", "limit=10001", "limit=010", "limit=+5", "limit= 5", "limit=5&limit=6", "metric=",
+                  "metric=A%0A", "start_time=", "cursor=1.2%0A", "cursor=abc", "other=1", "start_time=" + "9" * 65,
+                  "end_time=a&end_time=b"):
+        assert params(ok, query) is None, query
+    for path in ("/api/v1/gpus//telemetry", "/api/v1/gpus/a\x01b/telemetry", "/api/v1/gpus/" + "x" * 1025
+                 + "/telemetry"):
+        assert params(path) is None, path
+    hot.tokens = Tokens(["t0k"])
+    headers = [(b"host", b"h")]
+    assert not hot._authorized({"headers": headers})
+    assert hot._authorized({"headers": [*headers, (b"authorization", b"bearer  t0k ")]})
+    for value in (b"Bearer t0kx", b"Basic t0k", b"t0k", b"Bearer", b"Bearer "):
+        assert not hot._authorized({"headers": [(b"authorization", value)]}), value
+    assert not hot._authorized({"headers": [(b"authorization", b"Bearer t0k"), (b"authorization", b"Bearer t0k")]})

@@ -28,6 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from telemetry_nb import __version__
 from telemetry_nb.api import models
 from telemetry_nb.api.auth import Tokens, bearer_auth
+from telemetry_nb.api.hotpath import ROUTE_PATH, HotTelemetry
 from telemetry_nb.api.limits import ApiLimits, Gate, GateState
 from telemetry_nb.api.params import ParamError
 from telemetry_nb.api.routes import Store, build_v1_router
@@ -76,6 +77,7 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
     registry = CollectorRegistry()
     requests_total = Counter("api_requests", "HTTP requests", ["route", "status"], registry=registry)
     latency = Histogram("api_request_seconds", "HTTP request latency", ["route"], registry=registry)
+    labelled: dict[tuple[str, int], tuple[Any, Any]] = {}
     gate = GateState()
     Gauge("api_requests_running", "/api/v1 requests holding a database slot", registry=registry
           ).set_function(lambda: gate.running)
@@ -121,8 +123,12 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
                 await inner(scope, receive, send_status)
         finally:
             path = getattr(scope.get("route"), "path", "overloaded" if scope.get("overloaded") else "unmatched")
-            requests_total.labels(path, str(status[0])).inc()
-            latency.labels(path).observe(time.perf_counter() - started)
+            key = (path, status[0])
+            series = labelled.get(key)
+            if series is None:  # the labelled children, looked up once per (route, status)
+                series = labelled[key] = (requests_total.labels(path, str(status[0])), latency.labels(path))
+            series[0].inc()
+            series[1].observe(time.perf_counter() - started)
 
     @app.exception_handler(ParamError)
     async def param_error(request: Request, exc: ParamError):
@@ -175,7 +181,10 @@ def create_app(database_url: str, redis_url: str | None = None, *, pool_size: in
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(build_v1_router(store, bearer_auth(tokens), auth_enabled=tokens is not None))
+    v1 = build_v1_router(store, bearer_auth(tokens), auth_enabled=tokens is not None)
+    app.include_router(v1)
+    hot_route = next(r for r in v1.routes if getattr(r, "path", None) == ROUTE_PATH)
+    app.add_middleware(HotTelemetry, api=app, route=hot_route, store=store, tokens=tokens)  # inside the gate
     app.add_middleware(Gate, limits=limits, state=gate)
     app.add_middleware(Wrap, around=count_requests)  # outermost: a gated 503 is counted too
     return app

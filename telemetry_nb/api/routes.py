@@ -124,6 +124,26 @@ def _gpu_and_metrics(store: Store, r: Reader, uuid: str, metric: list[str] | Non
     return gpu, ids
 
 
+def telemetry_json(store: Store, uuid: str, start_time: str | None, end_time: str | None,
+                   metric: list[str] | None, limit: int, cursor: str | None) -> bytes:
+    """The body of `GET /api/v1/gpus/{uuid}/telemetry` for parameters that passed their schemas."""
+    start, end = time_window(start_time, end_time)
+    after = decode_telemetry_cursor(cursor) if cursor else None
+    with store.reader() as r:
+        gpu, ids = _gpu_and_metrics(store, r, uuid, metric)
+        rows = r.telemetry_tuples(gpu["id"], start=start, end=end,
+                                  metric_ids=None if ids is None else list(ids.values()), after=after, limit=limit)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_telemetry_cursor(rows[-1][0], rows[-1][2]) if more else None
+    utc = not rows or _is_utc(rows[0][0].tzinfo)
+    body = {"gpu": gpu_out(gpu),
+            "items": [{"timestamp": ts if utc else ts.astimezone(UTC), "metric": name, "value": value}
+                      for ts, name, _, value in rows],
+            "next_cursor": next_cursor}
+    return orjson.dumps(body, option=orjson.OPT_UTC_Z)
+
+
 NOT_FOUND = {404: models.error("no GPU with this uuid (or no such path)")}
 BAD_PARAMS = {422: models.error("a parameter is invalid; `detail` starts with its name", models.ParamErrorBody)}
 GPU_LINKS = {"links": {
@@ -170,22 +190,10 @@ def build_v1_router(store: Store, auth: Callable, *, auth_enabled: bool) -> APIR
     def telemetry(uuid: Uuid, start_time: StartTime = None, end_time: EndTime = None, metric: Metrics = None,
                   limit: Annotated[int, Query(ge=1, le=10000, description="page size")] = 1000,
                   cursor: TelemetryCursor = None) -> Response:
-        start, end = time_window(start_time, end_time)
-        after = decode_telemetry_cursor(cursor) if cursor else None
-        with store.reader() as r:
-            gpu, ids = _gpu_and_metrics(store, r, uuid, metric)
-            rows = r.telemetry(gpu["id"], start=start, end=end, metric_ids=None if ids is None else list(ids.values()),
-                               after=after, limit=limit)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        next_cursor = encode_telemetry_cursor(rows[-1]["timestamp"], rows[-1]["metric_id"]) if more else None
-        utc = not rows or _is_utc(rows[0]["timestamp"].tzinfo)
-        body = {"gpu": gpu_out(gpu),
-                "items": [{"timestamp": t["timestamp"] if utc else t["timestamp"].astimezone(UTC),
-                           "metric": t["metric"], "value": t["value"]} for t in rows],
-                "next_cursor": next_cursor}
-        # the hot route, serialized straight to JSON (what pydantic would write for models.TelemetryPage)
-        return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z), media_type="application/json")
+        # the hot route, serialized straight to JSON (what pydantic would write for models.TelemetryPage);
+        # a plainly valid request does not even get here: `hotpath.HotTelemetry` answers it with the same function
+        return Response(telemetry_json(store, uuid, start_time, end_time, metric, limit, cursor),
+                        media_type="application/json")
 
     @router.get("/gpus/{uuid}/telemetry/aggregate", summary="Per-bucket min/avg/max/count, computed in SQL",
                 operation_id="get_aggregate", responses={**NOT_FOUND, **BAD_PARAMS})

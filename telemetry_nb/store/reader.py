@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from telemetry_nb.store import counts, lifecycle
 from telemetry_nb.store.lifecycle import HOUR, MINUTE, NEG_INF, POS_INF, ceil_to, floor_to, merge_ranges
@@ -74,10 +75,11 @@ class Reader:
         else:
             yield
 
-    def _all(self, sql: str, params: Sequence | dict = ()) -> list[dict]:
-        with self.conn.cursor(row_factory=dict_row) as cur:
+    def _all(self, sql: str, params: Sequence | dict = (), *, row_factory: Any = dict_row,
+             binary: bool | None = None) -> list:
+        with self.conn.cursor(row_factory=row_factory) as cur:
             try:
-                cur.execute(sql, params)
+                cur.execute(sql, params, binary=binary)
             except psycopg.errors.UndefinedTable:
                 if not self.missing_schema_is_empty:
                     raise
@@ -124,7 +126,17 @@ class Reader:
 
     def telemetry(self, gpu_id: int, *, start: datetime | None, end: datetime | None,
                   metric_ids: Sequence[int] | None, after: tuple[datetime, int] | None, limit: int) -> list[dict]:
-        """Rows of one GPU with start ≤ ts ≤ end, ordered by (ts, metric), after the keyset cursor.
+        """Rows of one GPU with start ≤ ts ≤ end, ordered by (ts, metric), after the keyset cursor: dicts of
+        `telemetry_tuples`' (timestamp, metric, metric_id, value)."""
+        keys = ("timestamp", "metric", "metric_id", "value")
+        return [dict(zip(keys, t, strict=True)) for t in self.telemetry_tuples(
+            gpu_id, start=start, end=end, metric_ids=metric_ids, after=after, limit=limit)]
+
+    def telemetry_tuples(self, gpu_id: int, *, start: datetime | None, end: datetime | None,
+                         metric_ids: Sequence[int] | None, after: tuple[datetime, int] | None,
+                         limit: int) -> list[tuple[datetime, str, int, float]]:
+        """(timestamp, metric, metric_id, value) of one GPU with start ≤ ts ≤ end, ordered by (ts, metric),
+        after the keyset cursor, at most `limit` + 1 (tuples in binary: the API's hot route decodes no more).
 
         Raw partitions are read through the primary key; packed hours only as far as the first `limit` + 1
         samples can reach (a running count of samples per hour tells where to stop).
@@ -169,7 +181,7 @@ class Reader:
                   f"AND {where('p.gpu_id', 'u.ts', 'p.metric_id', params)}")
         sql = (f"SELECT x.ts AS timestamp, m.name AS metric, x.metric_id, x.value FROM ({raw} UNION ALL {packed}) x "
                "JOIN metrics m ON m.id = x.metric_id ORDER BY x.ts, x.metric_id LIMIT %s")
-        return self._all(sql, [*params, limit + 1])
+        return self._all(sql, [*params, limit + 1], row_factory=tuple_row, binary=True)
 
     def aggregate(self, gpu_id: int, metric_ids: Sequence[int], bucket: timedelta, *,
                   start: datetime | None, end: datetime | None) -> list[dict]:
