@@ -153,15 +153,10 @@ def _wait(cond, timeout_s: float = 20.0) -> None:
 
 def test_a_write_waiting_in_postgresql_does_not_hold_up_the_next(redis_client, stream, database_url):
     """With two writers, the second read is stored and acknowledged while the first waits on a lock."""
-    q = Queue(redis_client, stream, "g", "producer")
-    q.ensure_group()
-    q.publish([codec.encode(_batch("GPU-warm", 1))])
-    _collector(redis_client, stream, database_url).run(drain=True)  # the schema, the metric and a partition
+    q = _warm(redis_client, stream, database_url)
     q.publish([codec.encode(_batch("GPU-a", 10)), codec.encode(_batch("GPU-b", 10))])
     with psycopg.connect(database_url) as blocker:
-        # an uncommitted inventory row of GPU-a: the write of GPU-a's entry waits on it (the unique uuid)
-        blocker.execute("INSERT INTO gpus (id, uuid, hostname, gpu_index, device, model_name) "
-                        "VALUES (%s, 'GPU-a', 'host-1', 0, 'nvidia0', 'H100')", (codec.gpu_key("GPU-a"),))
+        _block_gpu_a(blocker)
         c = _collector(redis_client, stream, database_url, read_count=1, writers=2)
         t = threading.Thread(target=c.run, kwargs={"drain": True})
         t.start()
@@ -173,6 +168,21 @@ def test_a_write_waiting_in_postgresql_does_not_hold_up_the_next(redis_client, s
     t.join(timeout=60)
     assert (b_rows, a_rows) == (10, 0)  # GPU-b stored while GPU-a's write was still waiting
     assert _gpu_rows(database_url, "GPU-a") == 10 and q.backlog() == 0
+
+
+def _warm(redis_client, stream: str, database_url: str) -> Queue:
+    """A producer's queue, after one entry was collected: the schema, the metric and a partition exist."""
+    q = Queue(redis_client, stream, "g", "producer")
+    q.ensure_group()
+    q.publish([codec.encode(_batch("GPU-warm", 1))])
+    _collector(redis_client, stream, database_url).run(drain=True)
+    return q
+
+
+def _block_gpu_a(blocker: psycopg.Connection) -> None:
+    """An uncommitted inventory row of GPU-a: a write of GPU-a's entries waits on it (the unique uuid)."""
+    blocker.execute("INSERT INTO gpus (id, uuid, hostname, gpu_index, device, model_name) "
+                    "VALUES (%s, 'GPU-a', 'host-1', 0, 'nvidia0', 'H100')", (codec.gpu_key("GPU-a"),))
 
 
 def _gpu_rows(database_url: str, uuid: str) -> int:
@@ -196,13 +206,9 @@ def test_writers_come_from_the_environment_and_the_command_line():
 
 def test_reads_queued_behind_a_busy_writer_become_one_transaction(redis_client, stream, database_url):
     """One writer, held by a lock: the three reads that queue meanwhile are written as one transaction."""
-    q = Queue(redis_client, stream, "g", "producer")
-    q.ensure_group()
-    q.publish([codec.encode(_batch("GPU-warm", 1))])
-    _collector(redis_client, stream, database_url).run(drain=True)
+    q = _warm(redis_client, stream, database_url)
     with psycopg.connect(database_url) as blocker:
-        blocker.execute("INSERT INTO gpus (id, uuid, hostname, gpu_index, device, model_name) "
-                        "VALUES (%s, 'GPU-a', 'host-1', 0, 'nvidia0', 'H100')", (codec.gpu_key("GPU-a"),))
+        _block_gpu_a(blocker)
         c = _collector(redis_client, stream, database_url, read_count=10, writers=1)
         t = threading.Thread(target=c.run, kwargs={"drain": True})
         t.start()
