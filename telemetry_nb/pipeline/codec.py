@@ -286,15 +286,14 @@ class _Checked:
     """
 
     def __init__(self, what: str, valid: Callable[[object], bool], make: Callable[[list], tuple],
-                 limit: int = 200_000):
-        self.what, self.valid, self.make, self.limit = what, valid, make, limit
+                 not_a_list: str = "batch entry side fields are not lists", limit: int = 200_000):
+        self.what, self.valid, self.make, self.not_a_list, self.limit = what, valid, make, not_a_list, limit
         self.rows: dict[int, tuple[list, tuple]] = {}
 
     def __call__(self, raw: bytes) -> tuple:
         parsed = orjson.loads(raw)
         if not isinstance(parsed, list):
-            raise CodecError(f"batch entry {'inventory/events' if self.what == 'inventory' else 'side fields'} "
-                             "are not lists")
+            raise CodecError(self.not_a_list)
         seen, out = self.rows, []
         for r in parsed:
             key = r[0] if type(r) is list and r and type(r[0]) is int else None
@@ -333,7 +332,8 @@ def _valid_inventory(i: object) -> bool:
 # again. Rows are tuples; nothing downstream mutates them.
 _gpus = lru_cache(maxsize=1024)(_Checked("gpus", _valid_gpu, GpuRow._make))
 _workloads = lru_cache(maxsize=1024)(_Checked("workloads", _valid_workload, WorkloadRow._make))
-_inventory = lru_cache(maxsize=1024)(_Checked("inventory", _valid_inventory, InventoryRow._make))
+_inventory = lru_cache(maxsize=1024)(_Checked("inventory", _valid_inventory, InventoryRow._make,
+                                              "batch entry inventory/events are not lists"))
 
 
 def _check_events(events: object) -> None:

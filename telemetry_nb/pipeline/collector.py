@@ -215,26 +215,22 @@ class Collector:
 
     def _count(self, consumed: int, stored: int, entries: int, elapsed: float, refused: int = 0,
                expired: int = 0) -> None:
-        with self._lock:
-            self._count_locked(consumed, stored, entries, elapsed, refused, expired)
-
-    def _count_locked(self, consumed: int, stored: int, entries: int, elapsed: float, refused: int,
-                      expired: int) -> None:
-        self.metrics.batch_seconds.observe(elapsed)
-        self.metrics.consumed.inc(consumed)
-        self.metrics.stored.inc(stored)
-        self.metrics.duplicates.inc(consumed - stored - refused - expired)
-        self.metrics.expired.inc(expired)
-        self.totals["consumed"] += consumed
-        self.totals["stored"] += stored
-        self.totals["expired"] += expired
-        if expired:
-            log.warning("Skipped %d rows older than the retention horizon (telemetry_rows_expired)", expired)
-        log.debug("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %.0f ms",
-                  consumed, entries, stored, consumed - stored - refused, elapsed * 1000)
-        self._window.add(consumed, stored, entries, elapsed, refused)
-        if self.clock() - self._window.since >= LOG_EVERY_S:
-            self._report()
+        with self._lock:  # the writer threads count at once
+            self.metrics.batch_seconds.observe(elapsed)
+            self.metrics.consumed.inc(consumed)
+            self.metrics.stored.inc(stored)
+            self.metrics.duplicates.inc(consumed - stored - refused - expired)
+            self.metrics.expired.inc(expired)
+            self.totals["consumed"] += consumed
+            self.totals["stored"] += stored
+            self.totals["expired"] += expired
+            if expired:
+                log.warning("Skipped %d rows older than the retention horizon (telemetry_rows_expired)", expired)
+            log.debug("Consumed %d rows from %d entries; Stored %d rows (%d duplicates) in %.0f ms",
+                      consumed, entries, stored, consumed - stored - refused, elapsed * 1000)
+            self._window.add(consumed, stored, entries, elapsed, refused)
+            if self.clock() - self._window.since >= LOG_EVERY_S:
+                self._report()
 
     def _report(self) -> None:
         """One INFO line per few seconds of work, not one per transaction."""
@@ -413,9 +409,9 @@ class Collector:
                 if item is not None and item[1]:
                     self._leftover.append(item)
             for f in writing:  # after a failure: let the other writes finish (or fail: they stay pending)
-                if f.exception() is not None and not f.cancelled():
-                    log.warning("A write did not complete (%s); its entries stay pending for another collector",
-                                f.exception())
+                err = None if f.cancelled() else f.exception()
+                if err is not None:
+                    log.warning("A write did not complete (%s); its entries stay pending for another collector", err)
             if self._leftover:
                 log.info("Writing %d entries read before the stop", sum(len(e) for _, e in self._leftover))
                 try:

@@ -95,7 +95,6 @@ class Parsed:
 class FastStats:
     """What the reader did, for logs, benchmarks and the test that the fast path is taken at all."""
 
-    chunks: int = 0
     exact_chunks: int = 0
     fast_rows: int = 0
     exact_lines: int = 0
@@ -219,7 +218,6 @@ class FastReader:
 
     def read(self, chunk: Chunk) -> Parsed:
         """The chunk's samples and rejected lines, exactly as `read_chunk(chunk, with_labels=...)` yields them."""
-        self.stats.chunks += 1
         with open(chunk.path, "rb") as fh:
             fh.seek(chunk.offset)
             data = fh.read(chunk.length)

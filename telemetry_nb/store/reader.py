@@ -124,14 +124,6 @@ class Reader:
         rows = self._all("SELECT id, name FROM metrics WHERE name = ANY(%s)", (list(names),))
         return {r["name"]: r["id"] for r in rows}
 
-    def telemetry(self, gpu_id: int, *, start: datetime | None, end: datetime | None,
-                  metric_ids: Sequence[int] | None, after: tuple[datetime, int] | None, limit: int) -> list[dict]:
-        """Rows of one GPU with start ≤ ts ≤ end, ordered by (ts, metric), after the keyset cursor: dicts of
-        `telemetry_tuples`' (timestamp, metric, metric_id, value)."""
-        keys = ("timestamp", "metric", "metric_id", "value")
-        return [dict(zip(keys, t, strict=True)) for t in self.telemetry_tuples(
-            gpu_id, start=start, end=end, metric_ids=metric_ids, after=after, limit=limit)]
-
     def telemetry_tuples(self, gpu_id: int, *, start: datetime | None, end: datetime | None,
                          metric_ids: Sequence[int] | None, after: tuple[datetime, int] | None,
                          limit: int) -> list[tuple[datetime, str, int, float]]:
