@@ -202,7 +202,7 @@ def parser_rates(csv_path: Path, tmp: Path) -> dict[str, float]:
     The dirty copy has 1 % bad rows (an unparseable timestamp, a short row, in turn). Timed in this
     process's CPU time (both parsers use one thread), so other load on a shared machine moves it less.
     """
-    from telemetry_nb.pipeline.streamer import FAST_CHUNK_BYTES, encode_chunk
+    from telemetry_nb.pipeline.chunk_pool import EXACT_CHUNK_BYTES, FAST_CHUNK_BYTES, encode_chunk
     from telemetry_nb.sources.dcgm_csv import split_records
 
     dirty = tmp / "dirty.csv"
@@ -217,7 +217,8 @@ def parser_rates(csv_path: Path, tmp: Path) -> dict[str, float]:
     for name, path in (("clean", csv_path), ("dirty", dirty)):
         for parser in ("exact", "fast"):
             started, rows = time.process_time(), 0
-            for chunk in split_records(path, FAST_CHUNK_BYTES if parser == "fast" else 4 << 20):  # as `stream`
+            size = FAST_CHUNK_BYTES if parser == "fast" else EXACT_CHUNK_BYTES  # as `stream`
+            for chunk in split_records(path, size):
                 entries, rejected, _ = encode_chunk(chunk, 1000, (0, 1), None, parser=parser)
                 rows += sum(n for _, n, _ in entries) + len(rejected)
             rates[f"{parser} {name}"] = rows / (time.process_time() - started)

@@ -45,6 +45,8 @@ def _with_servers(settings: Settings, need_db: bool = True) -> Settings:
     """Fill empty URLs from the embedded servers (started on demand)."""
     from dataclasses import replace
 
+    if settings.redis_url and (settings.database_url or not need_db):
+        return settings  # nothing to start (and psycopg, which the embedded servers' module loads, stays unloaded)
     from telemetry_nb.embedded import resolve_urls
 
     redis_url, database_url = resolve_urls(settings.redis_url, settings.database_url, settings.home, need_db=need_db)
@@ -106,11 +108,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    import contextlib
 
-    from telemetry_nb.observability import PipelineMetrics
-    from telemetry_nb.pipeline.streamer import Streamer, parse_shard
-    from telemetry_nb.pipeline.streams import open_partitions, partitions_probe
+    from telemetry_nb.pipeline.placement import parse_shard
     from telemetry_nb.sources.dcgm_csv import HeaderError, read_samples
     from telemetry_nb.sources.limits import RowLimits
 
@@ -130,15 +130,34 @@ def cmd_stream(args: argparse.Namespace) -> int:
         next(iter(read_samples(path, with_labels=False)), None)
     except HeaderError as err:
         raise CliError(f"{path}: {err}") from None
-    settings = _with_servers(settings, need_db=False)
-    log.info("Streaming %s to %s stream %r (%d partition%s, shard %d/%d, batch %d rows)", path,
-             redact(settings.redis_url), settings.stream, settings.stream_partitions,
-             "" if settings.stream_partitions == 1 else "s", settings.shard_index, settings.shard_count,
-             settings.batch_size)
     try:
         limits = RowLimits.from_settings(settings)
     except ValueError as err:
         raise CliError(f"TELEMETRY_MIN_TIMESTAMP: {err}") from None
+    workers = _stream_workers(args, path)
+    fast = _fast_parser(args, path)
+    pool = None
+    if fast or workers > 1:  # parsing starts now, while this process goes on to import and reach Redis
+        from telemetry_nb.pipeline.chunk_pool import ChunkPool
+
+        pool = ChunkPool.from_settings(settings, str(path), workers, limits, "fast" if fast else "exact")
+    with pool or contextlib.nullcontext():
+        return _stream(args, path, _with_servers(settings, need_db=False), limits, pool, workers)
+
+
+def _stream(args: argparse.Namespace, path: Path, settings: Settings, limits, pool, workers: int) -> int:
+    """`stream` once its file is checked and its parser pool (if any) started: publish it all."""
+    from tqdm import tqdm
+
+    from telemetry_nb.observability import PipelineMetrics
+    from telemetry_nb.pipeline.streamer import Streamer
+    from telemetry_nb.pipeline.streams import open_partitions, partitions_probe
+    from telemetry_nb.sources.dcgm_csv import read_samples
+
+    log.info("Streaming %s to %s stream %r (%d partition%s, shard %d/%d, batch %d rows)", path,
+             redact(settings.redis_url), settings.stream, settings.stream_partitions,
+             "" if settings.stream_partitions == 1 else "s", settings.shard_index, settings.shard_count,
+             settings.batch_size)
     queue = open_partitions(settings)
     metrics = PipelineMetrics()
     with tqdm(unit="rows", unit_scale=True, disable=None, desc="stream") as bar:
@@ -146,14 +165,13 @@ def cmd_stream(args: argparse.Namespace) -> int:
         streamer.source_name = str(path)
         _on_signals(streamer.stop)
         _start_metrics(settings, metrics, {"redis": partitions_probe(settings)})
-        workers = _stream_workers(args, path)
-        if _fast_parser(args, path):
-            log.info("Parsing with the fast CSV parser in %d process%s (one pass, source timestamps)", workers,
-                     "" if workers == 1 else "es")
-            summary = streamer.run_parallel(str(path), workers, limits, parser="fast")
-        elif workers > 1:
-            log.info("Parsing with %d worker processes (one pass, source timestamps)", workers)
-            summary = streamer.run_parallel(str(path), workers, limits)
+        if pool is not None:
+            if pool.parser == "fast":
+                log.info("Parsing with the fast CSV parser in %d process%s (one pass, source timestamps)", workers,
+                         "" if workers == 1 else "es")
+            else:
+                log.info("Parsing with %d worker processes (one pass, source timestamps)", workers)
+            summary = streamer.run_chunks(pool)
         else:
             summary = streamer.run(lambda: read_samples(path, limits=limits), loop=args.loop,
                                    timestamps=args.timestamps, rate=args.rate)
@@ -163,8 +181,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 def cmd_scrape(args: argparse.Namespace) -> int:
     from telemetry_nb.observability import PipelineMetrics, ScrapeMetrics
+    from telemetry_nb.pipeline.placement import parse_shard
     from telemetry_nb.pipeline.scraper import Scraper
-    from telemetry_nb.pipeline.streamer import Streamer, parse_shard
+    from telemetry_nb.pipeline.streamer import Streamer
     from telemetry_nb.pipeline.streams import open_partitions, partitions_probe
     from telemetry_nb.timeparse import parse_duration
 

@@ -15,8 +15,9 @@ import pytest
 
 from telemetry_nb.model import XID_METRIC, Rejected
 from telemetry_nb.pipeline import codec
+from telemetry_nb.pipeline.chunk_pool import encode_chunk
 from telemetry_nb.pipeline.codec_columns import encode_columns
-from telemetry_nb.pipeline.streamer import encode_chunk, shard_of
+from telemetry_nb.pipeline.placement import shard_of
 from telemetry_nb.sources.dcgm_csv import HEADER, read_chunk, read_samples, split_records
 from telemetry_nb.sources.dcgm_fast import FastReader
 from telemetry_nb.sources.generate import generate_rows, write_csv
@@ -258,9 +259,9 @@ def test_value_texts_are_pythons_repr(tmp_path):
 
 def test_parser_workers_do_not_import_pandas(real_csv):
     """A fast parser worker process reads and encodes without pandas (pyarrow would load it: ~50 MB, 0.3 s)."""
-    code = ("import sys; from telemetry_nb.pipeline import streamer; "
-            "from telemetry_nb.sources.dcgm_csv import split_records; streamer._fast_worker_init(); "
-            "[chunk] = split_records(sys.argv[1]); entries, _, _ = streamer.encode_chunk(chunk, 1000, (0, 1), "
+    code = ("import sys; from telemetry_nb.pipeline import chunk_pool; "
+            "from telemetry_nb.sources.dcgm_csv import split_records; chunk_pool._worker_init(True); "
+            "[chunk] = split_records(sys.argv[1]); entries, _, _ = chunk_pool.encode_chunk(chunk, 1000, (0, 1), "
             "parser='fast'); print(sum(n for _, n, _ in entries), 'pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(real_csv)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["2470", "False"]

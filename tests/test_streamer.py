@@ -11,7 +11,8 @@ import pytest
 from telemetry_nb.config import Settings
 from telemetry_nb.model import Rejected, Sample
 from telemetry_nb.pipeline import codec
-from telemetry_nb.pipeline.streamer import Streamer, parse_shard, shard_of
+from telemetry_nb.pipeline.placement import parse_shard, shard_of
+from telemetry_nb.pipeline.streamer import Streamer
 from telemetry_nb.pipeline.streams import Queue
 from telemetry_nb.sources.dcgm_csv import read_samples
 from tests.clocks import START, FakeClock

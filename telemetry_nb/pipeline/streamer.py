@@ -9,12 +9,7 @@ entry twice, which the idempotent database write absorbs). Rejected rows go to `
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import importlib.abc
 import logging
-import multiprocessing
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,27 +22,13 @@ from telemetry_nb.config import Settings
 from telemetry_nb.model import Rejected, Sample
 from telemetry_nb.observability import PipelineMetrics
 from telemetry_nb.pipeline import codec, columnar
-from telemetry_nb.pipeline.streams import Partitions, Queue, T, as_partitions, partition_of, retry_redis
+from telemetry_nb.pipeline.chunk_pool import ChunkPool
+from telemetry_nb.pipeline.placement import partition_of, shard_of
+from telemetry_nb.pipeline.streams import Partitions, Queue, T, as_partitions, retry_redis
 
 log = logging.getLogger(__name__)
 MAX_LOGGED_REJECTS = 100
 LOG_EVERY_S = 5.0
-
-
-def shard_of(uuid: str, count: int) -> int:
-    """Stable shard of a GPU: the same uuid always lands on the same one of `count` streamers."""
-    return partition_of(uuid, count)
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """`I/N` (0 ≤ I < N) → (I, N)."""
-    try:
-        i, n = (int(p) for p in text.split("/"))
-    except ValueError:
-        raise ValueError(f"invalid shard {text!r}: use I/N, e.g. 0/3") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"invalid shard {text!r}: need 0 <= I < N")
-    return i, n
 
 
 @dataclass
@@ -207,39 +188,24 @@ class Streamer:
         "fast" reads chunks vectorized (`dcgm_fast`, the same entries as "exact", row by row); with
         one worker the chunks are read in this process. `limits` (a `RowLimits`) bound what is accepted.
         """
-        from telemetry_nb.sources.dcgm_csv import split_records
+        with self.chunk_pool(path, workers, limits, parser) as pool:
+            return self.run_chunks(pool)
 
+    def chunk_pool(self, path: str, workers: int, limits=None, parser: str = "exact") -> ChunkPool:
+        """The `ChunkPool` `run_chunks` wants for this streamer's batches, shard and partitions."""
+        return ChunkPool.from_settings(self.settings, path, workers, limits, parser)
+
+    def run_chunks(self, pool: ChunkPool) -> Summary:
+        """Publish every chunk a started `ChunkPool` parses, in file order; on `stop()` the chunks in flight end it."""
         self._redis(self.queue.ensure_group)
         self._started = self.clock()
-        args = (self.settings.batch_size, (self.settings.shard_index, self.settings.shard_count), limits,
-                len(self.queue), parser)
-        chunk_bytes = FAST_CHUNK_BYTES if parser == "fast" else 4 << 20
-        inflight: collections.deque[concurrent.futures.Future] = collections.deque()
         try:
-            if workers <= 1:
-                for chunk in split_records(path, chunk_bytes):
-                    if self.stop_event.is_set():
-                        break
-                    self._take(encode_chunk(chunk, *args))
-            else:
-                ctx = multiprocessing.get_context("fork")
-                init = None
-                if parser == "fast":  # imported once here, not in every forked worker
-                    from telemetry_nb.pipeline import codec_columns  # noqa: F401
-                    init = _fast_worker_init
-                with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=init) as pool:
-                    for chunk in split_records(path, chunk_bytes):
-                        if self.stop_event.is_set():
-                            break
-                        inflight.append(pool.submit(encode_chunk, chunk, *args))
-                        if len(inflight) >= 2 * workers:
-                            self._take(inflight.popleft().result())
-                    while inflight:
-                        self._take(inflight.popleft().result())
+            for result in pool.results(should_stop=self.stop_event.is_set):
+                self._take(result)
         finally:
             self.flush()
         self.summary.passes = 1
-        if parser == "fast":
+        if pool.parser == "fast":
             log.info("Fast CSV parser: %d rows read vectorized, %d lines row by row (%d whole chunks)",
                      self.summary.fast_rows, self.summary.exact_lines, self.summary.exact_chunks)
         self._done_log()
@@ -399,86 +365,6 @@ class Streamer:
 
     def stop(self) -> None:
         self.stop_event.set()
-
-
-def encode_chunk(chunk, batch_size: int, shard: tuple[int, int], limits=None, partitions: int = 1,
-                 parser: str = "exact") -> tuple[list[tuple[dict, int, int]], list[Rejected], tuple[int, int, int]]:
-    """Parse one chunk of a CSV file and encode its samples in batches per partition (runs in a worker process).
-
-    Returns (fields, rows, partition) entries, the rejected rows, and what the fast reader did: (rows
-    vectorized, lines read exactly, 1 if the whole chunk was). `parser` "fast" reads it vectorized
-    (`dcgm_fast`), the same entries as "exact" (row by row).
-    """
-    if parser == "fast":
-        return _encode_fast(chunk, batch_size, shard, limits, partitions)
-    from telemetry_nb.sources.dcgm_csv import read_chunk
-
-    rejected: list[Rejected] = []
-    samples: list[Sample] = []
-    for row in read_chunk(chunk, with_labels=True, limits=limits):
-        if isinstance(row, Rejected):
-            rejected.append(row)
-        else:
-            samples.append(row)
-    return _encode_samples(samples, batch_size, shard, partitions), rejected, (0, 0, 0)
-
-
-def _encode_samples(samples: list[Sample], batch_size: int, shard: tuple[int, int], partitions: int
-                    ) -> list[tuple[dict, int, int]]:
-    shard_i, shard_n = shard
-    entries: list[tuple[dict, int, int]] = []
-    batches: dict[int, list[Sample]] = {}
-    for row in samples:
-        if shard_n <= 1 or shard_of(row.uuid, shard_n) == shard_i:
-            p = partition_of(row.uuid, partitions) if partitions > 1 else 0
-            batch = batches.setdefault(p, [])
-            batch.append(row)
-            if len(batch) >= batch_size:
-                entries.append((codec.encode(batch), len(batch), p))
-                batches[p] = []
-    for p, batch in batches.items():
-        if batch:
-            entries.append((codec.encode(batch), len(batch), p))
-    return entries
-
-
-_FAST_READERS: dict = {}
-FAST_CHUNK_BYTES = 2 << 20  # numpy's and pyarrow's working memory grows with the chunk (~20x): 2 MB keeps RSS well down
-
-
-class _NoPandas(importlib.abc.MetaPathFinder):
-    """Refuses `import pandas`: pyarrow tries it on first use, and does fine without it."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "pandas" or name.startswith("pandas."):
-            raise ImportError("pandas is not imported in CSV parser worker processes")
-        return None
-
-
-def _fast_worker_init() -> None:
-    """A fast parser worker process: keep pyarrow from importing pandas (~50 MB and 0.3 s CPU for nothing)."""
-    if "pandas" not in sys.modules:
-        sys.meta_path.insert(0, _NoPandas())
-
-
-def _encode_fast(chunk, batch_size: int, shard: tuple[int, int], limits, partitions: int
-                 ) -> tuple[list[tuple[dict, int, int]], list[Rejected], tuple[int, int, int]]:
-    from telemetry_nb.pipeline.codec_columns import encode_columns
-    from telemetry_nb.sources.dcgm_fast import FastReader
-
-    reader = _FAST_READERS.get(limits)
-    if reader is None:  # one per process: it keeps per-distinct-value work across chunks
-        import pyarrow
-
-        # malloc hands freed chunk buffers back sooner than pyarrow's default pool (mimalloc): ~25 MB less RSS
-        pyarrow.set_memory_pool(pyarrow.system_memory_pool())
-        reader = _FAST_READERS[limits] = FastReader(with_labels=True, limits=limits)
-    parsed = reader.read(chunk)
-    if parsed.columns is None:
-        return (_encode_samples(parsed.items, batch_size, shard, partitions), parsed.rejected,
-                (0, parsed.exact_lines, 1))
-    entries = encode_columns(parsed.columns, batch_size, shard, shard_of, partitions, partition_of)
-    return entries, parsed.rejected, (parsed.fast_rows, parsed.exact_lines, 0)
 
 
 def _with_stop(rows: Iterable, stop: threading.Event) -> Iterator:

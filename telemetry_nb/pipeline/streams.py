@@ -10,7 +10,6 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -23,6 +22,7 @@ from redis.retry import Retry
 
 from telemetry_nb.backoff import Backoff, retry
 from telemetry_nb.model import Rejected
+from telemetry_nb.pipeline.placement import partition_of
 
 if TYPE_CHECKING:
     from telemetry_nb.config import Settings
@@ -94,11 +94,6 @@ def partition_keys(stream: str, count: int = 1, *, cluster: bool = False) -> lis
     if count == 1 and not cluster:
         return [stream]
     return [f"{stream}:{{{i}}}" for i in range(count)]
-
-
-def partition_of(uuid: str, count: int) -> int:
-    """Stable partition of a GPU: the same uuid always goes to the same one of `count` (crc32, like shards)."""
-    return zlib.crc32(uuid.encode()) % count if count > 1 else 0
 
 
 def retry_redis(fn: Callable[[], T], *, log: logging.Logger, retry_max_s: float, on_retry: Callable[[], None],
