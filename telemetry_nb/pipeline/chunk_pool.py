@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
 import importlib.abc
 import multiprocessing
 import signal
@@ -24,7 +25,7 @@ from telemetry_nb.sources.dcgm_csv import split_records
 if TYPE_CHECKING:
     from telemetry_nb.config import Settings
 
-FAST_CHUNK_BYTES = 2 << 20  # numpy's and pyarrow's working memory grows with the chunk (~20x): 2 MB keeps RSS well down
+FAST_CHUNK_BYTES = 4 << 20  # pyarrow's per-read setup costs ~1 ms: 4 MB chunks ~15 % less CPU than 2 MB; RSS ~20x this
 EXACT_CHUNK_BYTES = 4 << 20
 
 Entries = list[tuple[dict, int, int]]  # (entry fields, rows, partition)
@@ -50,6 +51,7 @@ class ChunkPool:
         self._depth = 2 * workers
         self._stopped = False
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        _keep_freed_memory()  # before the fork: the workers inherit it
         if workers > 1:
             if parser == "fast":  # imported once here, before the fork, not in every worker
                 from telemetry_nb.pipeline import codec_columns  # noqa: F401
@@ -158,6 +160,25 @@ def _worker_init(fast: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if fast and "pandas" not in sys.modules:
         sys.meta_path.insert(0, _NoPandas())
+
+
+def _keep_freed_memory() -> None:
+    """glibc malloc: keep freed chunk-sized blocks for the next chunk instead of returning them to the kernel.
+
+    Every chunk allocates and frees the same few MB (numpy and pyarrow temporaries); unmapped and mapped
+    again, they cost a page fault per 4 kB (measured: 0.9-1.2 s of system CPU per 1 M rows, 0.4 s with this).
+    The peak resident memory is what it was: the same blocks, reused.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
+    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters
 
 
 def _encode_fast(chunk, batch_size: int, shard: tuple[int, int], limits, partitions: int) -> ChunkResult:
