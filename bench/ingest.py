@@ -270,7 +270,8 @@ def main() -> int:
             print(f"end to end (stream [{args.workers} parser(s)] -> Redis -> {args.collectors} collector(s) -> "
                   "PostgreSQL, drained): "
                   f"{e2e:,.0f} rows/s")
-            print(f"ratio end-to-end / raw COPY: {e2e / raw:.2f}x (target >= 0.5x)")
+            target = 0.5 if rows >= 1_000_000 else 0.4  # the issue's: 0.5x at 1 M rows, 0.4x at 300 k
+            print(f"ratio end-to-end / raw COPY: {e2e / raw:.2f}x (target >= {target}x at this size)")
             print(f"streamer peak RSS: {peak_kib / 1024:.0f} MB (limit 200 MB)")
             if args.partitions:
                 part = across_cluster(Path(tmp), admin, csv_path, rows, args.collectors, args.workers, args.partitions)
