@@ -156,6 +156,33 @@ def test_labels_parser():
     assert parse_labels('a="1",broken') == {"a": "1", "_unparsed": "broken"}
 
 
+def test_plain_labels_split_as_the_scanner_reads_them(real_csv):
+    """The split fast path answers only where the regex scanner answers the same: over the real export's
+    labels and 20,000 random texts made of the pieces that confuse label syntax."""
+    from telemetry_nb.sources.dcgm_csv import _plain_labels, _scan_labels
+
+    with open(real_csv, newline="") as fh:
+        real = [row["labels_raw"] for row in csv.DictReader(fh)]
+    assert all(_plain_labels(raw.strip()) == _scan_labels(raw.strip()) for raw in real)
+    assert sum(_plain_labels(raw.strip()) is not None for raw in real) == len(real)  # the export is all plain
+    pieces = ["a", "b.c", "_x", "9", "=", '"', '="', '",', ",", " ", "\\", '\\"', "\n", "é", '""', "-", ":"]
+    rng = random.Random(7)
+    answered = 0
+    for _ in range(20_000):  # label lists, then a random piece or two dropped in anywhere
+        text = ",".join(f'{rng.choice(["a", "b.c", "_x", "gpu-1", "k:v"])}="'
+                        f'{"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 4)))}"'
+                        for _ in range(rng.randrange(1, 5)))
+        for _ in range(rng.randrange(0, 3)):
+            at = rng.randrange(len(text) + 1)
+            text = text[:at] + rng.choice(pieces) + text[at:]
+        text = text.strip()
+        plain = _plain_labels(text)
+        if plain is not None:
+            answered += 1
+            assert plain == _scan_labels(text), text
+    assert answered > 200  # the random texts do reach the fast path
+
+
 def test_memory_does_not_grow_with_file_size(tmp_path):
     """Reading 10x more rows must not need 10x more memory: the source streams."""
     def peak(rows: int) -> int:

@@ -49,6 +49,7 @@ class HeaderError(ValueError):
 # the value: `(?:[^"\\]|\\.)*` unrolled (the same texts, matched a few times faster)
 _LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_.:-]*)\s*=\s*"([^"\\]*(?:\\.[^"\\]*)*)"\s*(?:,|$)')
 _UNESCAPE = re.compile(r"\\(.)")
+_NAMES = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*(?:,[A-Za-z_][A-Za-z0-9_.:-]*)*")  # label names, comma-joined
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -57,9 +58,29 @@ def parse_labels(raw: str) -> dict[str, str]:
 
     Unparseable remainders are kept whole under the key `_unparsed` instead of failing the row.
     """
+    raw = raw.strip()
+    plain = _plain_labels(raw)
+    return plain if plain is not None else _scan_labels(raw)
+
+
+def _plain_labels(raw: str) -> dict[str, str] | None:
+    """The usual spelling (`k="v",k2="v2"`: no escapes, spaces or stray quotes) split without a regex, ~1.5x
+    faster; None for anything else. Where it answers, `_scan_labels` answers the same (tests/test_dcgm_csv.py)."""
+    if not raw.endswith('"') or "\\" in raw:
+        return None
+    pairs = [p.split('="', 1) for p in raw[:-1].split('",')]
+    for p in pairs:
+        if len(p) != 2 or '"' in p[1]:
+            return None
+    names = ",".join([p[0] for p in pairs])
+    if names.count(",") != len(pairs) - 1 or _NAMES.fullmatch(names) is None:  # a comma only between names
+        return None
+    return dict(pairs)
+
+
+def _scan_labels(raw: str) -> dict[str, str]:
     labels: dict[str, str] = {}
     pos = 0
-    raw = raw.strip()
     while pos < len(raw):
         m = _LABEL.match(raw, pos)
         if not m:
