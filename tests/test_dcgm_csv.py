@@ -229,6 +229,35 @@ def test_chunks_for_parallel_parsing_read_exactly_like_one_pass(tmp_path, chunk_
         (20, "non-numeric value 'N/A'"), (43, f"expected {len(HEADER)} fields, got 1")]
 
 
+def test_chunks_tile_the_file_at_record_boundaries(tmp_path):
+    """Over random files (quoted line breaks, CRLF, no final newline, unbalanced quotes): the chunks cover
+    everything after the header in order, each but an unbalanced last one holds an even count of quotes, ends
+    at a line break unless it is the last, and knows its first line number."""
+    from telemetry_nb.sources.dcgm_csv import split_records
+
+    pieces = ["a,b,c\n", '"x\ny",z\n', '""\n', 'q"\n', '"open\n', "line\r\n", "\n", "tail", '"a""b",c\n']
+    rng = random.Random(11)
+    for i in range(200):
+        head = rng.choice(["h1,h2\n", '"h\n1",h2\n', "h1,h2\r\n", "h1,h2"])
+        body = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 60))).encode()
+        path = tmp_path / f"{i}.csv"
+        path.write_bytes(head.encode() + body)
+        for size in (1, 7, 64, 1 << 20):
+            chunks = list(split_records(path, size))
+            data = path.read_bytes()
+            start = 0  # the header: its first line, and more lines while a quoted field is open
+            while start < len(data) and (start == 0 or data[:start].count(b'"') % 2):
+                nl = data.find(b"\n", start)
+                start = len(data) if nl < 0 else nl + 1
+            assert b"".join(data[c.offset:c.offset + c.length] for c in chunks) == data[start:]
+            for n, c in enumerate(chunks):
+                text = data[c.offset:c.offset + c.length]
+                last = n == len(chunks) - 1
+                assert c.length > 0 and (text.endswith(b"\n") or last)
+                assert text.count(b'"') % 2 == 0 or last
+                assert c.first_line == 1 + data[:c.offset].count(b"\n")
+
+
 def test_other_column_spellings_are_understood():
     text = ("time,metric,gpu,GPU_UUID,host,model,value\n"
             "2025-07-18 20:42:34.5 UTC,DCGM_FI_DEV_GPU_TEMP,2,GPU-z,n1,A100,61\n")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import mmap
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -279,22 +281,37 @@ def split_records(path: str | Path, chunk_bytes: int = 4 << 20) -> Iterator[Chun
 
     A range ends only at a line break outside quotes (an even count of `"` so far), so a quoted
     field that spans lines is never cut in two. Only offsets travel to the workers, not the text.
+    The file is read as it is when the cutting starts (memory-mapped: counted in place, not copied).
     """
     with open(path, "rb") as fh:
         head = _whole_record(fh, fh.readline())
         header = head.decode("utf-8-sig", errors="replace")
         line = 1 + head.count(b"\n")
         offset = fh.tell()
-        while True:
-            data = fh.read(chunk_bytes)
-            if not data:
-                return
-            if not data.endswith(b"\n"):
-                data += fh.readline()
-            data = _whole_record(fh, data)
-            yield Chunk(path=str(path), header=header, first_line=line, offset=offset, length=len(data))
-            line += _count(data, 10)
-            offset += len(data)
+        size = os.fstat(fh.fileno()).st_size
+        if offset >= size:
+            return
+        with mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as mm:
+            view = np.frombuffer(mm, np.uint8)
+            try:
+                while offset < size:
+                    end = _line_end(mm, min(offset + chunk_bytes, size) - 1, size)
+                    quotes = _count(view[offset:end], 34)
+                    while quotes % 2 and end < size:  # inside a quoted field: take whole lines until it closes
+                        more = _line_end(mm, end, size)
+                        quotes += _count(view[end:more], 34)
+                        end = more
+                    yield Chunk(path=str(path), header=header, first_line=line, offset=offset, length=end - offset)
+                    line += _count(view[offset:end], 10)
+                    offset = end
+            finally:
+                del view  # the map closes only once no array refers to it
+
+
+def _line_end(mm: mmap.mmap, at: int, size: int) -> int:
+    """The offset just past the line break at or after `at` (or the end of the file)."""
+    nl = mm.find(b"\n", at, size)
+    return size if nl < 0 else nl + 1
 
 
 def chunkable(path: str | Path) -> bool:
