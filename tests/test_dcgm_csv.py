@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import random
+import subprocess
+import sys
 import tracemalloc
 from datetime import UTC, datetime, timedelta
 
@@ -256,6 +258,24 @@ def test_chunks_tile_the_file_at_record_boundaries(tmp_path):
                 assert c.length > 0 and (text.endswith(b"\n") or last)
                 assert text.count(b'"') % 2 == 0 or last
                 assert c.first_line == 1 + data[:c.offset].count(b"\n")
+
+
+def test_cutting_a_file_keeps_its_pages_out_of_resident_memory(tmp_path):
+    """The file is memory-mapped to be counted; its pages must not add up in the streamer's RSS (the peak-RSS
+    target is per process, whatever the file size)."""
+    path = tmp_path / "big.csv"
+    line = ",".join(f'"{v}"' for v in _row()) + "\n"
+    with open(path, "w") as fh:
+        fh.write(",".join(HEADER) + "\n")
+        fh.write(line * (120_000_000 // len(line)))  # 120 MB
+    code = ("import sys; from telemetry_nb.sources.dcgm_csv import split_records\n"
+            "def kib(key): return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"
+            "before = kib('VmRSS:'); n = sum(1 for _ in split_records(sys.argv[1], 3 << 20))\n"
+            "print(n, (kib('VmHWM:') - before) // 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    chunks, grown_mib = (int(v) for v in out.stdout.split())
+    assert chunks >= 38
+    assert grown_mib < 30, f"peak RSS grew by {grown_mib} MiB while cutting a 120 MB file"
 
 
 def test_other_column_spellings_are_understood():

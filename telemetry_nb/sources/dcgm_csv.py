@@ -281,7 +281,8 @@ def split_records(path: str | Path, chunk_bytes: int = 4 << 20) -> Iterator[Chun
 
     A range ends only at a line break outside quotes (an even count of `"` so far), so a quoted
     field that spans lines is never cut in two. Only offsets travel to the workers, not the text.
-    The file is read as it is when the cutting starts (memory-mapped: counted in place, not copied).
+    The file is read as it is when the cutting starts (memory-mapped: counted in place, not copied, and
+    each range's pages let go once counted, so resident memory stays per chunk).
     """
     with open(path, "rb") as fh:
         head = _whole_record(fh, fh.readline())
@@ -303,6 +304,9 @@ def split_records(path: str | Path, chunk_bytes: int = 4 << 20) -> Iterator[Chun
                         end = more
                     yield Chunk(path=str(path), header=header, first_line=line, offset=offset, length=end - offset)
                     line += _count(view[offset:end], 10)
+                    # counted: let go of its pages, or the whole file would end up in this process's RSS
+                    done = offset - offset % mmap.PAGESIZE
+                    mm.madvise(mmap.MADV_DONTNEED, done, end - end % mmap.PAGESIZE - done)
                     offset = end
             finally:
                 del view  # the map closes only once no array refers to it
