@@ -25,7 +25,7 @@ from telemetry_nb.sources.dcgm_csv import split_records
 if TYPE_CHECKING:
     from telemetry_nb.config import Settings
 
-FAST_CHUNK_BYTES = 3 << 20  # measured: 1 M rows in 3.9-4.4 s (2 MB: 5.3, 4 MB: 4.8-5.2); peak RSS ~165 MB
+FAST_CHUNK_BYTES = 3 << 20  # measured: 1 M rows in 3.9-4.4 s (2 MB: 5.3, 4 MB: 4.8-5.2); peak RSS ~145 MB
 EXACT_CHUNK_BYTES = 4 << 20
 
 Entries = list[tuple[dict, int, int]]  # (entry fields, rows, partition)

@@ -1,6 +1,6 @@
 """Source → Redis stream: batch samples into stream entries, with pacing, re-stamping, sharding, backpressure.
 
-With stream partitions each GPU's samples go to its own partition (`streams.partition_of`), batched per
+With stream partitions each GPU's samples go to its own partition (`placement.partition_of`), batched per
 partition, and backpressure watches the partitions about to be published to.
 
 Publishing never skips a row: a Redis outage is retried with backoff (a retried pipeline may add an
@@ -188,12 +188,8 @@ class Streamer:
         "fast" reads chunks vectorized (`dcgm_fast`, the same entries as "exact", row by row); with
         one worker the chunks are read in this process. `limits` (a `RowLimits`) bound what is accepted.
         """
-        with self.chunk_pool(path, workers, limits, parser) as pool:
+        with ChunkPool.from_settings(self.settings, path, workers, limits, parser) as pool:
             return self.run_chunks(pool)
-
-    def chunk_pool(self, path: str, workers: int, limits=None, parser: str = "exact") -> ChunkPool:
-        """The `ChunkPool` `run_chunks` wants for this streamer's batches, shard and partitions."""
-        return ChunkPool.from_settings(self.settings, path, workers, limits, parser)
 
     def run_chunks(self, pool: ChunkPool) -> Summary:
         """Publish every chunk a started `ChunkPool` parses, in file order; on `stop()` the chunks in flight end it."""
