@@ -63,8 +63,9 @@ def test_ctrl_c_stops_a_parallel_stream_cleanly(cli_env, tmp_path):
     while time.monotonic() < deadline and not any("Backpressure:" in line for line in lines):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGINT)
-    out = proc.communicate(timeout=60)[0]
-    reader.join(timeout=10)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)  # stderr is the reader's alone: communicate() would take lines from it
+    out = proc.stdout.read()
     err = "".join(lines)
     assert "Backpressure:" in err
     assert proc.returncode == 0, err
