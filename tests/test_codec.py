@@ -9,6 +9,7 @@ import pytest
 
 from telemetry_nb.model import Sample
 from telemetry_nb.pipeline import codec
+from telemetry_nb.store import binary
 
 T0 = datetime(2025, 7, 18, 20, 42, 34, 250000, tzinfo=UTC)
 
@@ -92,6 +93,23 @@ def test_bad_entries_raise_codec_error(mutate, message):
     mutate(fields)
     with pytest.raises(codec.CodecError, match=message):
         codec.decode(fields)
+
+
+def test_binary_check_flags_exactly_the_rows_whose_framing_bytes_are_wrong():
+    """Every byte of every row changed in turn: refused iff it is a field count or length, naming its row."""
+    fields = codec.encode(_samples())  # 2 rows without a workload, then 1 with one
+    rows, plain = fields[b"rows"], int(fields[b"plain"])
+    framing = {0, 1, *range(2, 6), *range(14, 18), *range(26, 30), *range(34, 38), *range(46, 50)}
+    starts = [0, binary.PLAIN_SIZE, 2 * binary.PLAIN_SIZE, len(rows)]
+    for at in range(len(rows)):
+        bad = bytearray(rows)
+        bad[at] ^= 0x41
+        row = next(i for i in range(3) if starts[i] <= at < starts[i + 1])
+        wrong = binary.check(bytes(bad), plain, 3)
+        if at - starts[row] in framing:
+            assert wrong == f"row {row - (row >= plain) * plain} of a binary batch is not a telemetry row", at
+        else:
+            assert wrong is None, at
 
 
 @pytest.mark.parametrize("field, value, what", [

@@ -33,10 +33,10 @@ def _settings(stream: str, **kw) -> Settings:
     return Settings(**base)
 
 
-def _collector(redis_client, stream, database_url, consumer="c1", **kw) -> Collector:
+def _collector(redis_client, stream, database_url, consumer="c1", join_wait_s: float = 0.2, **kw) -> Collector:
     s = _settings(stream, **kw)
     q = Queue(redis_client, stream, s.group, consumer)
-    return Collector(q, database_url, s)
+    return Collector(q, database_url, s, join_wait_s=join_wait_s)
 
 
 def _count(database_url: str) -> int:
@@ -151,15 +151,22 @@ def _wait(cond, timeout_s: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-def test_a_write_waiting_in_postgresql_does_not_hold_up_the_next(redis_client, stream, database_url):
-    """With two writers, the second read is stored and acknowledged while the first waits on a lock."""
+@pytest.mark.parametrize("read_count", [1, 10])
+def test_a_write_waiting_in_postgresql_does_not_hold_up_the_next(redis_client, stream, database_url, read_count):
+    """With two writers, the second read is stored and acknowledged while the first waits on a lock,
+    whether that read is full or short (a short one after waiting `join_wait_s` to join the first)."""
     q = _warm(redis_client, stream, database_url)
-    q.publish([codec.encode(_batch("GPU-a", 10)), codec.encode(_batch("GPU-b", 10))])
+    q.publish([codec.encode(_batch("GPU-a", 10))])
+    if read_count == 1:
+        q.publish([codec.encode(_batch("GPU-b", 10))])
     with psycopg.connect(database_url) as blocker:
         _block_gpu_a(blocker)
-        c = _collector(redis_client, stream, database_url, read_count=1, writers=2)
+        c = _collector(redis_client, stream, database_url, read_count=read_count, writers=2)
         t = threading.Thread(target=c.run, kwargs={"drain": True})
         t.start()
+        if read_count > 1:  # a short read of its own, once GPU-a's is being written
+            _wait_pending(redis_client, stream, 1)
+            q.publish([codec.encode(_batch("GPU-b", 10))])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _gpu_rows(database_url, "GPU-b") < 10:
             time.sleep(0.05)
@@ -204,12 +211,14 @@ def test_writers_come_from_the_environment_and_the_command_line():
         cli.build_parser().parse_args(["collect", "--writers", "0"])
 
 
-def test_reads_queued_behind_a_busy_writer_become_one_transaction(redis_client, stream, database_url):
-    """One writer, held by a lock: the three reads that queue meanwhile are written as one transaction."""
+@pytest.mark.parametrize("writers", [1, 2])
+def test_reads_queued_behind_a_busy_writer_become_one_transaction(redis_client, stream, database_url, writers):
+    """A write held by a lock: the three short reads that queue meanwhile are written as one transaction,
+    with one writer, and with two while the reads wait for the running write (`join_wait_s`)."""
     q = _warm(redis_client, stream, database_url)
     with psycopg.connect(database_url) as blocker:
         _block_gpu_a(blocker)
-        c = _collector(redis_client, stream, database_url, read_count=10, writers=1)
+        c = _collector(redis_client, stream, database_url, read_count=10, writers=writers, join_wait_s=60)
         t = threading.Thread(target=c.run, kwargs={"drain": True})
         t.start()
         q.publish([codec.encode(_batch("GPU-a", 10))])  # its write waits on the blocker

@@ -67,8 +67,10 @@ class Collector:
     """Consume `queue` into the database at `database_url`; `run()` until stopped or drained."""
 
     def __init__(self, queue: Queue | Partitions, database_url: str, settings: Settings, *,
-                 metrics: PipelineMetrics | None = None, clock: Callable[[], float] = time.monotonic):
+                 metrics: PipelineMetrics | None = None, clock: Callable[[], float] = time.monotonic,
+                 join_wait_s: float = 0.2):
         self.partitions = as_partitions(queue)
+        self.join_wait_s = join_wait_s  # how long a short read waits for a running write to join the next one
         self.queue = self.partitions[0]  # the partition `process` acks to when it is not told which
         self.database_url = database_url
         self.settings = settings
@@ -342,6 +344,12 @@ class Collector:
         if item is None or not item[1]:
             return item
         source, entries = item
+        return source, self._merge_queued(source, entries, prefetched)
+
+    def _merge_queued(self, source: Queue, entries: list[Entry], prefetched: queue.Queue) -> list[Entry]:
+        """`entries` and the reads queued behind them from `source`, up to `read_count` in all."""
+        if self._held is not _NOTHING:
+            return entries
         while len(entries) < self.settings.read_count:
             try:
                 more = prefetched.get_nowait()
@@ -351,7 +359,7 @@ class Collector:
                 self._held = more
                 break
             entries = entries + more[1]
-        return source, entries
+        return entries
 
     def run(self, *, drain: bool = False) -> dict[str, int]:
         """Consume until `stop()`; with `drain`, until no undelivered or pending entries remain."""
@@ -381,6 +389,14 @@ class Collector:
                 if item is None:
                     break
                 source, entries = item
+                if entries and writing and len(entries) < self.settings.read_count:
+                    # a short read while a write runs: the stream is caught up and one writer keeps pace.
+                    # Waiting briefly for that write lets the reads behind this one join it in one
+                    # transaction (2 writers taking every short read cost more CPU per row); a write stuck
+                    # on a lock holds the next one up only for `join_wait_s`
+                    wait(writing, timeout=self.join_wait_s, return_when=FIRST_COMPLETED)
+                    writing = _settle(writing, full=False)
+                    entries = self._merge_queued(source, entries, prefetched)
                 if entries:
                     writing.add(self._pool.submit(self.process, entries, source))
                 writing = _settle(writing, full=len(writing) >= writers)

@@ -49,18 +49,34 @@ def _views(rows: bytes, plain: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check(rows: bytes, plain: int, n: int) -> str | None:
-    """What is wrong with `n` rows of which the first `plain` lack a workload, or None (no Python per row)."""
+    """What is wrong with `n` rows of which the first `plain` lack a workload, or None (no Python per row).
+
+    Every byte that is not data (field count and lengths) is compared with a well-formed row's at once.
+    """
     if not 0 <= plain <= n or len(rows) != plain * PLAIN_SIZE + (n - plain) * WITH_SIZE:
         return f"{len(rows)} bytes are not {plain} rows without and {n - plain} with a workload"
-    for a, last in zip(_views(rows, plain), (-1, 8), strict=True):
-        if not len(a):
+    cut, view = plain * PLAIN_SIZE, memoryview(rows)
+    for part, (width, at, expected) in zip((view[:cut], view[cut:]), _FRAMES, strict=True):
+        if not part:
             continue
-        ok = (a["nf"] == 5) & (a["l4"] == last)
-        for name, size in zip(("l0", "l1", "l2", "l3"), _LENGTHS, strict=True):
-            ok &= a[name] == size
+        ok = (np.frombuffer(part, np.uint8).reshape(-1, width)[:, at] == expected).all(axis=1)
         if not ok.all():
             return f"row {int(np.argmin(ok))} of a binary batch is not a telemetry row"
     return None
+
+
+def _frame(dtype: np.dtype, last: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(row size, offsets of its non-data bytes, their values in a well-formed row) of a row layout."""
+    model = np.zeros(1, dtype)
+    model["nf"], model["l4"] = 5, last
+    for name, size in zip(("l0", "l1", "l2", "l3"), _LENGTHS, strict=True):
+        model[name] = size
+    at = np.concatenate([np.arange(dtype.fields[name][1], dtype.fields[name][1] + dtype.fields[name][0].itemsize)
+                         for name in ("nf", "l0", "l1", "l2", "l3", "l4")])
+    return dtype.itemsize, at, np.frombuffer(model.tobytes(), np.uint8)[at]
+
+
+_FRAMES = (_frame(PLAIN, -1), _frame(WITH_WORKLOAD, 8))
 
 
 def timestamp(us: int) -> datetime:
