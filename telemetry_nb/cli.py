@@ -536,9 +536,9 @@ def _publish_args(p: argparse.ArgumentParser) -> None:
     """The flags every publisher (`stream`, `scrape`) shares: sharding, batch size, backpressure."""
     p.add_argument("--shard", help="I/N: publish only GPUs of shard I of N (default $TELEMETRY_SHARD_INDEX/"
                                    "$TELEMETRY_SHARD_COUNT or 0/1)")
-    p.add_argument("--batch-size", type=int, help="rows per stream entry (default 1000)")
+    p.add_argument("--batch-size", type=int, help="rows per stream entry (default 2000)")
     p.add_argument("--high-water", type=int, help="wait while more entries than this are unacknowledged "
-                                                  "(default 2000; 0 disables)")
+                                                  "(default 1000; 0 disables)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -663,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visibility-timeout", type=float, help="claim entries idle longer than this, seconds "
                                                             "(default 60)")
     p.add_argument("--max-deliveries", type=int, help="dead-letter entries delivered more often (default 5)")
-    p.add_argument("--read-count", type=int, help="entries per read and transaction (default 50)")
+    p.add_argument("--read-count", type=int, help="entries per read and transaction (default 25)")
     p.add_argument("--writers", type=_positive_int, help="PostgreSQL connections writing reads in parallel, one "
                                                          "transaction each (default $TELEMETRY_COLLECTOR_WRITERS "
                                                          "or 2)")

@@ -333,7 +333,7 @@ def test_app_containers_get_the_env_configmap(render):
     cm = rendered.env_configmap()
     assert cm["TELEMETRY_STREAM"] == "telemetry"
     assert cm["TELEMETRY_GROUP"] == "collectors"
-    assert cm["TELEMETRY_BATCH_SIZE"] == "1000"
+    assert cm["TELEMETRY_BATCH_SIZE"] == "2000"
     assert cm["TELEMETRY_METRICS_PORT"] == "9100"
     assert cm["TELEMETRY_NB_HOME"].startswith("/tmp/")
     assert cm["TELEMETRY_API_URL"] == f"http://{API_SVC}:8000"
