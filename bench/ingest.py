@@ -10,6 +10,7 @@ their ratio, and the streamer's peak RSS.
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import subprocess
 import sys
@@ -235,6 +236,9 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=0, metavar="N",
                         help="also run end to end across a local 3-master Redis Cluster with N stream partitions")
     args = parser.parse_args()
+    # bytecode as an installed package has it (pip compiles at install): where PYTHONDONTWRITEBYTECODE is set,
+    # an editable checkout would otherwise recompile every module in every timed process
+    compileall.compile_dir(ROOT / "telemetry_nb", quiet=1)
 
     with tempfile.TemporaryDirectory(prefix="tnb-bench-") as tmp:
         redis_url, db_url = os.environ.get("REDIS_URL", ""), os.environ.get("DATABASE_URL", "")
