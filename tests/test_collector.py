@@ -33,7 +33,7 @@ def _settings(stream: str, **kw) -> Settings:
     return Settings(**base)
 
 
-def _collector(redis_client, stream, database_url, consumer="c1", join_wait_s: float = 0.2, **kw) -> Collector:
+def _collector(redis_client, stream, database_url, consumer="c1", join_wait_s: float = 0.05, **kw) -> Collector:
     s = _settings(stream, **kw)
     q = Queue(redis_client, stream, s.group, consumer)
     return Collector(q, database_url, s, join_wait_s=join_wait_s)

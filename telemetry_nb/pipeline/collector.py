@@ -68,7 +68,7 @@ class Collector:
 
     def __init__(self, queue: Queue | Partitions, database_url: str, settings: Settings, *,
                  metrics: PipelineMetrics | None = None, clock: Callable[[], float] = time.monotonic,
-                 join_wait_s: float = 0.2):
+                 join_wait_s: float = 0.05):
         self.partitions = as_partitions(queue)
         self.join_wait_s = join_wait_s  # how long a short read waits for a running write to join the next one
         self.queue = self.partitions[0]  # the partition `process` acks to when it is not told which
