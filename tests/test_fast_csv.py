@@ -54,6 +54,9 @@ ODD_FIELDS = {  # accepted by the exact parser, but not plain: non-ASCII, paddin
 }
 JUNK = ["garbage line", "", "   ", "a,b,c", '"2025-07-18T20:42:34Z","M","0"', "\ufeffBOM in the middle,1,2",
         "x,y\tz"]
+# how labels_raw may spell `__name__` (the fast path works a GPU's series out once for all its metric names)
+NAMES = ['__name__="{m}"', '__name__=""', '__name__="a-b"', '__name__="x,y"', '__name__="say \\"hi\\""',
+         '__name__="a=b"', '__name__="{m}",__name__="other"', '__name__ = "{m}"', '__name__="{m}"x', '__name__="{m}']
 WEIRD = ['ab"c,d', '{row},ab"c', '"ab"c,{row}', 'x,"unclosed,{row}', "bare\rCR,{row}", "{row}\r"]
 
 
@@ -82,6 +85,13 @@ def _good(rng: random.Random, fleet: list[dict], tick: int) -> dict[str, str]:
     if metric == XID_METRIC:
         labels.append(f'err_code="{rng.choice(["13", "79"])}",err_msg="Graphics Engine Exception"')
         value = rng.choice(["0", "13", "79", "43.5", "48"])
+    r = rng.random()
+    if r < 0.15:  # other spellings and places of the name, first, last or in the middle
+        labels[3] = rng.choice(NAMES).format(m=metric)
+        labels.insert(rng.choice([0, 3, len(labels)]), labels.pop(3))
+    elif r < 0.17:  # as long as the exact parser takes (16,384 bytes), or a byte longer because of the name
+        filler = 'a="' + "x" * (16384 - len(",".join(labels)) - 5 - rng.choice([0, 1, 4000, 12200])) + '"'
+        labels.insert(rng.choice([0, len(labels)]), filler)
     if rng.random() < 0.1:
         labels = []
     workload = ("team-a", f"job-{rng.randint(1, 3)}", "main") if g["workload"] else ("", "", "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,11 +25,13 @@ import pyarrow.csv as pacsv
 
 from telemetry_nb.model import Rejected, Sample, static_labels
 from telemetry_nb.sources.dcgm_csv import (
+    _LABELS_MAX_BYTES,
     OPTIONAL,
     Chunk,
     HeaderError,
     _column_index,
     _labels_and_identity,
+    _plain_labels,
     _utcnow,
     read_chunk,
     read_samples,
@@ -43,9 +46,11 @@ _KEY_SEP = "\x1f"
 _BAD_KEY = (-1, -1, -1, -1)
 _PLAIN_NUMBER = r"^-?[0-9]{1,20}(\.[0-9]{1,20})?$"  # pyarrow's cast of these is exactly Python's float()
 _MISSING = object()
+_UNCARVED = object()  # `_key`: labels whose __name__ value counts (not the usual spelling): keyed whole
 _CACHE_MAX = 50_000  # distinct series, labels, GPUs… remembered across chunks (per process), then forgotten
 _KEYS_MAX_BYTES = 16 << 20  # the distinct keys' text (labels_raw can be long), then forgotten
 _TS_MAX = 20_000  # distinct timestamp and value texts remembered (they can be all distinct)
+_NAME_VALUE = re.compile(r"[A-Za-z0-9_:]*")  # a metric name: no quote, comma, equals sign or backslash
 
 
 @dataclass
@@ -154,9 +159,11 @@ class _Builder:
         self.idents: list[tuple] = []
         self.err_msg: list[str] = []
         self.cache: dict = {}
+        self.parts: dict[tuple[str, str], tuple[int, int, int] | None] = {}  # see `FastReader._key`
 
     def size(self) -> int:
-        return len(self.series_keys.values) + len(self.gpus.values) + len(self.workloads.values) + len(self.cache)
+        return (len(self.series_keys.values) + len(self.gpus.values) + len(self.workloads.values) + len(self.cache)
+                + len(self.parts))
 
     def series(self, uuid: str, ident: tuple, static: dict[str, str], err: str) -> int:
         """Code of a series: what every sample of it shares in an entry (GPU, identity, static labels, err_msg)."""
@@ -416,25 +423,48 @@ class FastReader:
         return table.column(f"c{i}").combine_chunks()
 
     def _key(self, b: _Builder, text: str) -> tuple[int, int, int, int]:
-        """(series, gpu, metric, workload) codes of a distinct key, all -1 when the exact parser rejects such rows."""
-        metric, uuid, gpu_id, host, dev, model, cont, pod, ns, labels = text.split(_KEY_SEP)
+        """(series, gpu, metric, workload) codes of a distinct key, all -1 when the exact parser rejects such rows.
+
+        A GPU's keys differ only in the metric, which labels_raw repeats as `__name__`: what the rest
+        decides is worked out once per GPU (`_name_carved`), the metric once per name.
+        """
+        metric, rest = text.split(_KEY_SEP, 1)
+        metric = metric.strip()
+        if not 0 < len(metric) <= self.limits.metric_bytes:
+            return _BAD_KEY
+        head, labels = rest.rsplit(_KEY_SEP, 1)
+        carved = _name_carved(labels)
+        part = b.parts.get((head, carved), _MISSING)
+        if part is _MISSING:
+            # the name leaves the rest as it was only where the labels have the usual spelling (parsed
+            # by `_plain_labels`); otherwise the exact parser's remainder can hold it
+            plain = carved is labels or _plain_labels(carved.strip()) is not None
+            part = b.parts[(head, carved)] = self._part(b, head, carved) if plain else _UNCARVED
+        if part is _UNCARVED:
+            part = b.parts.get((head, labels), _MISSING)
+            if part is _MISSING:
+                part = b.parts[(head, labels)] = self._part(b, head, labels)
+        if part is None:
+            return _BAD_KEY
+        series, gpu, workload = part
+        return series, gpu, b.metrics.code(metric), workload
+
+    def _part(self, b: _Builder, head: str, labels: str) -> tuple[int, int, int] | None:
+        """(series, gpu, workload) codes of a key's fields but the metric, None when the exact parser rejects them."""
+        uuid, gpu_id, host, dev, model, cont, pod, ns = head.split(_KEY_SEP)
         limits = self.limits
         text_ok = self._text_ok
-        metric = metric.strip()
-        if not 0 < len(metric) <= limits.metric_bytes:
-            return _BAD_KEY
         uuid, index, host, dev, model = text_ok(uuid) or None, self._gpu_id(gpu_id), text_ok(host), text_ok(dev), \
             text_ok(model)
         w = (text_ok(ns), text_ok(pod), text_ok(cont))
         if uuid is None or index is False or None in (host, dev, model) or None in w:
-            return _BAD_KEY
+            return None
         if len(w[0]) + len(w[1]) + len(w[2]) > limits.workload_bytes:
-            return _BAD_KEY
+            return None
         series = self._series(b, uuid, labels)
         if series < 0:
-            return _BAD_KEY
-        return (series, b.gpus.code((host, index, dev, model)), b.metrics.code(metric),
-                b.workloads.code(w) if (w[0] or w[1] or w[2]) else -1)
+            return None
+        return series, b.gpus.code((host, index, dev, model)), b.workloads.code(w) if (w[0] or w[1] or w[2]) else -1
 
     def _text_ok(self, value: str) -> str | None:
         """The stripped name, or None when it is longer than the limit (printable ASCII: bytes = characters)."""
@@ -542,6 +572,27 @@ class FastReader:
                 continue
             out.append(i)
         return out
+
+
+def _name_carved(labels: str) -> str:
+    """labels_raw with the value of its `__name__` label left out, where that changes nothing else it parses to.
+
+    The fast path keeps only the series a row belongs to: static labels (never `__name__`), identity and
+    err_msg. Taking a plain metric name out from between `__name__="` and its closing quote leaves every
+    other label as it was, and the checks `_labels_and_identity` makes, as long as the labels have the
+    usual spelling (`_key` checks that); anything less plain stays whole.
+    """
+    if labels.startswith('__name__="'):
+        cut = 10
+    else:
+        cut = labels.find('",__name__="') + 12
+        if cut < 12:
+            return labels
+    end = labels.find('"', cut)
+    if (end < 0 or "\\" in labels or len(labels) * 4 > _LABELS_MAX_BYTES
+            or _NAME_VALUE.fullmatch(labels, cut, end) is None):
+        return labels
+    return labels[:cut] + labels[end:]
 
 
 def _empty():
