@@ -175,8 +175,11 @@ def collector_alone(redis_url: str, admin_url: str, csv_path: Path, rows: int) -
                         "store.migrate(store.connect(os.environ['DATABASE_URL']))"], env=env, check=True)
         subprocess.run([sys.executable, "-m", "telemetry_nb.cli", "stream", "--csv", str(csv_path),
                         "--high-water", "0"], env=env, check=True, capture_output=True)
-        # timed inside the collector's process, after its imports (interpreter start-up is not the write path)
+        # timed inside the collector's process, after its imports (interpreter start-up is not the write path;
+        # `collect` imports its modules lazily, so they are imported here first)
         timed = subprocess.run([sys.executable, "-c", "import sys, time; from telemetry_nb import cli; "
+                                "import telemetry_nb.observability, telemetry_nb.pipeline.collector, "
+                                "telemetry_nb.pipeline.streams, telemetry_nb.store.schema, telemetry_nb.store.writer; "
                                 "t = time.perf_counter(); cli.main(['collect', '--drain']); "
                                 "print(time.perf_counter() - t, file=sys.stderr)"],
                                env=env, check=True, capture_output=True, text=True)
