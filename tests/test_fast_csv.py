@@ -18,7 +18,7 @@ from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.chunk_pool import encode_chunk
 from telemetry_nb.pipeline.codec_columns import encode_columns
 from telemetry_nb.pipeline.placement import shard_of
-from telemetry_nb.sources.dcgm_csv import HEADER, read_chunk, read_samples, split_records
+from telemetry_nb.sources.dcgm_csv import HEADER, _labels_and_identity, read_chunk, read_samples, split_records
 from telemetry_nb.sources.dcgm_fast import FastReader
 from telemetry_nb.sources.generate import generate_rows, write_csv
 from telemetry_nb.sources.limits import RowLimits
@@ -299,6 +299,19 @@ def test_clean_chunks_take_the_fast_path(tmp_path, real_csv):
     assert [(r.line, r.reason[:22]) for r in parsed.rejected] == [(6, "unparseable timestamp "),
                                                                   (10, "expected 12 fields, go")]
     assert reader.stats.exact_chunks == 0 and reader.stats.fast_rows == 4 * 4 * 30 * 10 + 2470 + len(text) - 3
+
+
+def test_labels_are_parsed_once_per_gpu_not_per_metric(tmp_path):
+    """labels_raw differs between a GPU's metrics only in `__name__`: the fast path parses it once per GPU."""
+    path = tmp_path / "fleet.csv"
+    write_csv(path, generate_rows(4, 4, 3, 1.0, seed=3, start=T0))
+    _labels_and_identity.cache_clear()
+    [chunk] = split_records(path)
+    parsed = FastReader(now=lambda: T0 + timedelta(days=1)).read(chunk)
+    assert parsed.fast_rows == 4 * 4 * 3 * 10
+    assert _labels_and_identity.cache_info().misses == 4 * 4  # the exact parser: once per GPU and metric
+    assert len(list(read_chunk(chunk, with_labels=True, now=lambda: T0 + timedelta(days=1)))) == 4 * 4 * 3 * 10
+    assert _labels_and_identity.cache_info().misses == 4 * 4 + 4 * 4 * 10
 
 
 def test_quoted_newline_chunk_is_read_exactly_whole(tmp_path):
