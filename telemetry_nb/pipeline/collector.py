@@ -311,9 +311,9 @@ class Collector:
                 break
             for eid, fields in entries:  # decoding here overlaps the write of the previous read
                 self._decoded[(q.stream, eid)] = _decode(fields)
-            while not self.stop_event.is_set():
+            while not self.stop_event.is_set():  # the queue is full while the writers are busy
                 try:
-                    out.put((q, entries), timeout=0.5)
+                    out.put((q, entries), timeout=0.05)  # short: a stop is noticed soon
                     break
                 except queue.Full:
                     continue
@@ -399,7 +399,9 @@ class Collector:
                     entries = self._merge_queued(source, entries, prefetched)
                 if entries:
                     writing.add(self._pool.submit(self.process, entries, source))
-                writing = _settle(writing, full=len(writing) >= writers)
+                # draining, an empty read waits for the writes in flight: the end is noticed at this read
+                writing = _settle(writing, full=len(writing) >= writers or (drain and not entries),
+                                  every=drain and not entries)
                 now = self.clock()
                 idle_reads = 0 if entries else idle_reads + 1
                 if idle_reads >= len(self.partitions) or now >= next_sweep:
