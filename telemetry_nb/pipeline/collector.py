@@ -370,7 +370,7 @@ class Collector:
         maintainer = self._start_maintainer()
         prefetched: queue.Queue = queue.Queue(maxsize=4)
         # while draining, a reader blocks briefly, so the end is noticed (and the readers joined) soon
-        block_ms = min(self.settings.block_ms, 50) if drain else self.settings.block_ms
+        block_ms = min(self.settings.block_ms, 10) if drain else self.settings.block_ms
         readers = [threading.Thread(target=self._reader, args=(q, prefetched, block_ms), daemon=True,
                                     name=f"stream-reader-{i}") for i, q in enumerate(self.partitions)]
         writing: set[Future] = set()  # reads being written, at most `writers`
