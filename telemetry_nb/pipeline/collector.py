@@ -369,7 +369,7 @@ class Collector:
         self._pool.submit(self._db_writer).result()  # reach PostgreSQL (and migrate) before reading
         maintainer = self._start_maintainer()
         prefetched: queue.Queue = queue.Queue(maxsize=4)
-        # while draining, a reader blocks briefly, so the end is noticed (and the readers joined) soon
+        # while draining, a reader blocks briefly (10 ms), so the end is noticed and the readers joined soon
         block_ms = min(self.settings.block_ms, 10) if drain else self.settings.block_ms
         readers = [threading.Thread(target=self._reader, args=(q, prefetched, block_ms), daemon=True,
                                     name=f"stream-reader-{i}") for i, q in enumerate(self.partitions)]
@@ -399,9 +399,7 @@ class Collector:
                     entries = self._merge_queued(source, entries, prefetched)
                 if entries:
                     writing.add(self._pool.submit(self.process, entries, source))
-                # draining, an empty read waits for the writes in flight: the end is noticed at this read
-                writing = _settle(writing, full=len(writing) >= writers or (drain and not entries),
-                                  every=drain and not entries)
+                writing = _settle(writing, full=len(writing) >= writers)
                 now = self.clock()
                 idle_reads = 0 if entries else idle_reads + 1
                 if idle_reads >= len(self.partitions) or now >= next_sweep:
