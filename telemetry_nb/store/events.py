@@ -54,7 +54,7 @@ def record_changes(cur: psycopg.Cursor, events: Sequence[EventRow]) -> int:
         if not mine:
             continue
         buckets = sorted({e.gpu_id % EVENT_BUCKETS for e in mine})  # in order: two writers never deadlock
-        cur.execute("SELECT pg_advisory_xact_lock(%s, b) FROM unnest(%s::int[]) AS b", (EVENT_LOCK, buckets))
+        cur.execute("SELECT pg_advisory_xact_lock(%s, b) FROM unnest(%b::int[]) AS b", (EVENT_LOCK, buckets))
         rows = cur.execute(_EVALUATE, {"gpu": [e.gpu_id for e in mine], "ts": [e.ts for e in mine],
                                        "msg": [e.message for e in mine], "metric": metric}).fetchall()
         keep, drop = [], []
@@ -62,12 +62,12 @@ def record_changes(cur: psycopg.Cursor, events: Sequence[EventRow]) -> int:
             changed = code != 0 and (prev is None or prev != code)
             (keep if changed else drop).append((gpu_id, ts, int(code), message or ""))
         if drop:
-            cur.execute("DELETE FROM gpu_events e USING unnest(%s::bigint[], %s::timestamptz[]) AS d(gpu_id, ts) "
+            cur.execute("DELETE FROM gpu_events e USING unnest(%b::bigint[], %b::timestamptz[]) AS d(gpu_id, ts) "
                         "WHERE e.gpu_id = d.gpu_id AND e.ts = d.ts AND e.kind = %s",
                         ([d[0] for d in drop], [d[1] for d in drop], kind))
         if keep:
             cur.execute("INSERT INTO gpu_events (gpu_id, ts, kind, code, message) "
-                        "SELECT g, t, %s, c, m FROM unnest(%s::bigint[], %s::timestamptz[], %s::int[], %s::text[]) "
+                        "SELECT g, t, %s, c, m FROM unnest(%b::bigint[], %b::timestamptz[], %b::int[], %b::text[]) "
                         "AS k(g, t, c, m) ON CONFLICT DO NOTHING",
                         (kind, *[list(c) for c in zip(*keep, strict=True)]))
             added += cur.rowcount

@@ -184,13 +184,13 @@ class Writer:
             if workloads:
                 w = sorted(workloads.values())
                 cur.execute("INSERT INTO workloads (id, namespace, pod, container) "
-                            "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) "
+                            "SELECT * FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[]) "
                             "ON CONFLICT DO NOTHING", [list(c) for c in zip(*w, strict=True)])
             if gpus:
                 cols = [list(c) for c in zip(*sorted(gpus.values()), strict=True)]
                 cur.execute(
                     "INSERT INTO gpus AS g (id, uuid, hostname, gpu_index, device, model_name) "
-                    "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[]) "
+                    "SELECT * FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::int[], %b::text[], %b::text[]) "
                     "ON CONFLICT (uuid) DO UPDATE SET hostname = EXCLUDED.hostname, gpu_index = EXCLUDED.gpu_index, "
                     "device = EXCLUDED.device, model_name = EXCLUDED.model_name "
                     "WHERE (g.hostname, g.gpu_index, g.device, g.model_name) IS DISTINCT FROM "
@@ -205,8 +205,8 @@ class Writer:
             slot = counts.add(cur, per_metric, self._slot)
             if stored:  # the rollup refresh recomputes these ranges; readers take them from raw rows until then
                 ranges = lifecycle.merge_ranges((a, b + timedelta(microseconds=1)) for a, b in spans)
-                cur.execute("INSERT INTO telemetry_changes (lo, hi) SELECT * FROM unnest(%s::timestamptz[], "
-                            "%s::timestamptz[])", ([a for a, _ in ranges],
+                cur.execute("INSERT INTO telemetry_changes (lo, hi) SELECT * FROM unnest(%b::timestamptz[], "
+                            "%b::timestamptz[])", ([a for a, _ in ranges],
                                                    [b - timedelta(microseconds=1) for _, b in ranges]))
             added = record_changes(cur, events) if events else 0
         # remember only what is committed, so a rolled-back transaction is redone in full
@@ -221,7 +221,7 @@ class Writer:
 
     def _upsert_metrics(self, cur: psycopg.Cursor, metrics: dict[int, str]) -> None:
         new = metrics
-        cur.execute("INSERT INTO metrics (id, name) SELECT * FROM unnest(%s::int[], %s::text[]) "
+        cur.execute("INSERT INTO metrics (id, name) SELECT * FROM unnest(%b::int[], %b::text[]) "
                     "ON CONFLICT DO NOTHING", (sorted(new), [new[i] for i in sorted(new)]))
         stored = dict(cur.execute("SELECT id, name FROM metrics WHERE id = ANY(%s)", (list(new),)).fetchall())
         for i, name in new.items():
@@ -311,7 +311,7 @@ def _update_inventory(cur: psycopg.Cursor, inventory: dict[int, InventoryRow]) -
         "COALESCE(NULLIF(u.par, ''), g0.parent_uuid) AS parent_uuid, "
         "COALESCE(NULLIF(u.prof, ''), g0.mig_profile) AS mig_profile, "
         "COALESCE(u.inst, g0.mig_instance) AS mig_instance "
-        "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[]) "
+        "FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::int[]) "
         "AS u(id, pci, drv, lab, par, prof, inst) JOIN gpus g0 ON g0.id = u.id ORDER BY g0.id) n "
         "WHERE g.id = n.id AND (g.pci_bus_id, g.driver_version, g.labels, g.parent_uuid, g.mig_profile, "
         "g.mig_instance) IS DISTINCT FROM (n.pci_bus_id, n.driver_version, n.labels, n.parent_uuid, n.mig_profile, "
