@@ -13,13 +13,20 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from telemetry_nb.model import XID_METRIC, Rejected
+from telemetry_nb.model import XID_METRIC, Rejected, static_labels
 from telemetry_nb.pipeline import codec
 from telemetry_nb.pipeline.chunk_pool import encode_chunk
 from telemetry_nb.pipeline.codec_columns import encode_columns
 from telemetry_nb.pipeline.placement import shard_of
-from telemetry_nb.sources.dcgm_csv import HEADER, _labels_and_identity, read_chunk, read_samples, split_records
-from telemetry_nb.sources.dcgm_fast import FastReader
+from telemetry_nb.sources.dcgm_csv import (
+    HEADER,
+    _labels_and_identity,
+    _plain_labels,
+    read_chunk,
+    read_samples,
+    split_records,
+)
+from telemetry_nb.sources.dcgm_fast import FastReader, _name_carved
 from telemetry_nb.sources.generate import generate_rows, write_csv
 from telemetry_nb.sources.limits import RowLimits
 from tests.conftest import run_cli
@@ -312,6 +319,32 @@ def test_labels_are_parsed_once_per_gpu_not_per_metric(tmp_path):
     assert _labels_and_identity.cache_info().misses == 4 * 4  # the exact parser: once per GPU and metric
     assert len(list(read_chunk(chunk, with_labels=True, now=lambda: T0 + timedelta(days=1)))) == 4 * 4 * 3 * 10
     assert _labels_and_identity.cache_info().misses == 4 * 4 + 4 * 4 * 10
+
+
+def test_carving_the_name_out_never_changes_what_the_labels_are_stored_as():
+    """Where the fast path keys a GPU's labels with `__name__`'s value taken out, the exact parser stores the
+    same static labels, identity and err_msg for them as for the whole text (random spellings of labels)."""
+    pairs = ['job="a"', 'GPU_I_ID="1"', 'GPU_I_ID="x"', 'err_msg="boom"', 'pci_bus_id="00:1"', 'UUID="GPU-1"',
+             '_unparsed="u"', 'DCGM_FI_DRIVER_VERSION="535"', 'k="é"', 'k="a,b"', 'k=""']
+    odd = ['"', ",", "=", '="', "\\", '\\"', " ", "x", "{", 'q="say \\"hi\\""', "k=v", '__name__="']
+    names = ["DCGM_FI_DEV_GPU_UTIL", "", "a:b_9", "a-b", "x,y", "a=b", 'a\\"b']
+    rng = random.Random(7)
+    carved = 0
+    for _ in range(20_000):
+        parts = [rng.choice(pairs) for _ in range(rng.randint(0, 6))]
+        parts.insert(rng.randint(0, len(parts)), f'__name__="{rng.choice(names)}"')
+        if rng.random() < 0.3:  # a second name, or something odd anywhere
+            parts.insert(rng.randint(0, len(parts)), rng.choice(odd + ['__name__="M"']))
+        raw = rng.choice(["", " "]) + ",".join(parts) + rng.choice(["", " ", ","])
+        text = _name_carved(raw)
+        if text is raw or _plain_labels(text.strip()) is None:
+            continue  # keyed whole, as before
+        carved += 1
+        (labels, ident), (want_labels, want_ident) = _labels_and_identity("GPU-u", text), \
+            _labels_and_identity("GPU-u", raw)
+        assert static_labels(labels) == static_labels(want_labels), raw
+        assert (labels.get("err_msg"), ident) == (want_labels.get("err_msg"), want_ident), raw
+    assert carved > 2000  # the shortcut was taken often enough to mean something
 
 
 def test_quoted_newline_chunk_is_read_exactly_whole(tmp_path):
