@@ -436,10 +436,8 @@ class FastReader:
         carved = _name_carved(labels)
         part = b.parts.get((head, carved), _MISSING)
         if part is _MISSING:
-            # the name leaves the rest as it was only where the labels have the usual spelling (parsed
-            # by `_plain_labels`); otherwise the exact parser's remainder can hold it
-            plain = carved is labels or _plain_labels(carved.strip()) is not None
-            part = b.parts[(head, carved)] = self._part(b, head, carved) if plain else _UNCARVED
+            part = b.parts[(head, carved)] = (self._part(b, head, carved) if _carving_holds(carved, labels)
+                                              else _UNCARVED)
         if part is _UNCARVED:
             part = b.parts.get((head, labels), _MISSING)
             if part is _MISSING:
@@ -593,6 +591,12 @@ def _name_carved(labels: str) -> str:
             or _NAME_VALUE.fullmatch(labels, cut, end) is None):
         return labels
     return labels[:cut] + labels[end:]
+
+
+def _carving_holds(carved: str, labels: str) -> bool:
+    """Whether `labels` may be keyed by `carved` (`_name_carved`): the name leaves the rest as it was only where
+    the labels have the usual spelling (`_plain_labels`); otherwise the exact parser's remainder can hold it."""
+    return carved is labels or _plain_labels(carved.strip()) is not None
 
 
 def _empty():
